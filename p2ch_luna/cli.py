@@ -1,0 +1,85 @@
+"""Helpers shared by every ``python -m p2ch_luna.<command>`` entry point.
+
+Each entry point builds its parser with :func:`make_parser` (which adds the path
+and logging options) and runs its body through :func:`run_command`, which
+configures logging once and turns :class:`~p2ch_luna.errors.LunaError` and
+Ctrl-C into one-line messages with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .errors import LunaError
+from .paths import add_path_arguments
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line (plus the usage) and exit 2."""
+
+
+def make_parser(prog: str, description: str, paths: bool = True) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    if paths:
+        add_path_arguments(parser)
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show full tracebacks on errors (default: one-line messages)",
+    )
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """Configure the root logger once, from the entry point (never at import)."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run_command(
+    body: Callable[[argparse.Namespace], int | None],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse ``argv``, run ``body(args)`` and map failures to exit codes.
+
+    Returns the exit code (0 on success) instead of calling ``sys.exit`` so tests
+    can call ``main([...])`` directly; ``__main__`` blocks pass it to ``sys.exit``.
+    """
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        result = body(args)
+    except LunaError as error:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return int(result or 0)

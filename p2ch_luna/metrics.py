@@ -1,0 +1,644 @@
+"""Pure metric functions over NumPy arrays and pandas tables.
+
+- classification: accuracy per class, precision/recall/F1, exact ROC AUC, curves;
+- segmentation: pixel dice/precision/recall from counts (rates as the book reports them);
+- LUNA16 detection scoring: FROC curve, CPM and a bootstrap confidence interval,
+  following the challenge's official ``noduleCADEvaluationLUNA16.py``;
+- the book's chapter-14 confusion table (non-nodule/benign/malignant against
+  miss/filtered/benign/malignant).
+
+Undefined ratios (0/0, a class absent) are ``nan``, never a warning or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLASSIFICATION_THRESHOLD = 0.5
+
+# LUNA16 evaluation constants (noduleCADEvaluationLUNA16.py).
+OPERATING_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # average false positives per scan
+EXCLUDED_DEFAULT_DIAMETER_MM = 10.0  # excluded findings with diameter < 0 get this diameter
+LUNA16_MAX_DETECTIONS_PER_SCAN = 100  # the official script keeps the 100 most suspicious marks
+DEFAULT_BOOTSTRAP_SAMPLES = 1000
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_BOOTSTRAP_SEED = 0
+BOOTSTRAP_GRID_POINTS = 64  # FPs-per-scan points of the bootstrap band drawn by plot_froc
+BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000  # bootstrap rows x FROC entries held in memory at once
+
+# LUNA16 CSV columns.
+SERIES_COLUMN = "seriesuid"
+XYZ_COLUMNS = ("coordX", "coordY", "coordZ")
+DIAMETER_COLUMN = "diameter_mm"
+PROBABILITY_COLUMN = "probability"
+
+# Book's confusion table (p2ch14/diagnose.py: match_and_score).
+BOOK_MATCH_DIAMETER_FRACTION = 0.7
+CONFUSION_ROWS = ("Non-nodule", "Benign", "Malignant")
+CONFUSION_COLUMNS = ("Complete miss", "Filtered out", "Pred. benign", "Pred. malignant")
+CENTER_COLUMNS = ("center_x", "center_y", "center_z")
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else float("nan")
+
+
+# --- classification ---------------------------------------------------------------
+
+
+def classification_metrics(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float = DEFAULT_CLASSIFICATION_THRESHOLD,
+) -> dict[str, float]:
+    """Confusion counts and the ratios the book logs, for binary predictions.
+
+    A sample is predicted positive when its probability is above ``threshold``
+    (the book's ``> threshold`` rule). ``positive_accuracy`` equals recall;
+    ``roc_auc`` is threshold-free.
+    """
+    labels = np.asarray(labels, dtype=bool).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
+    if labels.shape != probabilities.shape:
+        raise ValueError(f"labels {labels.shape} and probabilities {probabilities.shape} differ in shape")
+    predicted = probabilities > threshold
+    tp = int(np.count_nonzero(predicted & labels))
+    fp = int(np.count_nonzero(predicted & ~labels))
+    tn = int(np.count_nonzero(~predicted & ~labels))
+    fn = int(np.count_nonzero(~predicted & labels))
+    return {
+        "accuracy": _ratio(tp + tn, labels.size),
+        "negative_accuracy": _ratio(tn, tn + fp),
+        "positive_accuracy": _ratio(tp, tp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": roc_auc(labels, probabilities),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Exact area under the ROC curve (Mann-Whitney U, ties get the average rank).
+
+    Equals the probability that a random positive scores above a random negative,
+    ties counting one half; ``nan`` when only one class is present.
+    """
+    labels = np.asarray(labels, dtype=bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n_positive = int(np.count_nonzero(labels))
+    n_negative = labels.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = rankdata(scores, method="average")
+    rank_sum = float(ranks[labels].sum())
+    return (rank_sum - n_positive * (n_positive + 1) / 2.0) / (n_positive * n_negative)
+
+
+def _cumulative_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True/false positive counts at each distinct score, highest score first."""
+    labels = np.asarray(labels, dtype=bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    sorted_labels = labels[order]
+    last_of_tie = np.r_[np.diff(sorted_scores) != 0, True] if sorted_scores.size else np.zeros(0, bool)
+    tps = np.cumsum(sorted_labels)[last_of_tie]
+    fps = np.cumsum(~sorted_labels)[last_of_tie]
+    return tps, fps, sorted_scores[last_of_tie]
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC points for every distinct score, predicting positive when ``score >= threshold``.
+
+    Returns ``(fpr, tpr, thresholds)`` starting at ``(0, 0, inf)``; thresholds
+    decrease. A rate is ``nan`` when its class is absent.
+    """
+    tps, fps, thresholds = _cumulative_counts(labels, scores)
+    tps = np.r_[0, tps].astype(np.float64)
+    fps = np.r_[0, fps].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tps / tps[-1] if tps[-1] else np.full_like(tps, np.nan)
+        fpr = fps / fps[-1] if fps[-1] else np.full_like(fps, np.nan)
+    return fpr, tpr, np.r_[np.inf, thresholds]
+
+
+def precision_recall_curve(
+    labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall when predicting positive for ``score >= threshold``.
+
+    Returns ``(precision, recall, thresholds)`` with one entry per distinct score,
+    highest threshold first (recall increases along the arrays). Recall is ``nan``
+    when there are no positives.
+    """
+    tps, fps, thresholds = _cumulative_counts(labels, scores)
+    tps = tps.astype(np.float64)
+    n_positive = tps[-1] if tps.size else 0.0
+    precision = tps / (tps + fps)
+    recall = tps / n_positive if n_positive else np.full_like(tps, np.nan)
+    return precision, recall, thresholds
+
+
+# --- segmentation -----------------------------------------------------------------
+
+
+def segmentation_counts(pred_mask: np.ndarray, label_mask: np.ndarray) -> tuple[int, int, int]:
+    """Pixel ``(tp, fp, fn)`` of a predicted boolean mask against the label mask."""
+    pred_mask = np.asarray(pred_mask, dtype=bool)
+    label_mask = np.asarray(label_mask, dtype=bool)
+    if pred_mask.shape != label_mask.shape:
+        raise ValueError(f"mask shapes differ: {pred_mask.shape} vs {label_mask.shape}")
+    tp = int(np.count_nonzero(pred_mask & label_mask))
+    fp = int(np.count_nonzero(pred_mask & ~label_mask))
+    fn = int(np.count_nonzero(~pred_mask & label_mask))
+    return tp, fp, fn
+
+
+def dice_score(pred_mask: np.ndarray, label_mask: np.ndarray) -> float:
+    """Dice coefficient 2|P∩L| / (|P| + |L|); ``nan`` when both masks are empty."""
+    tp, fp, fn = segmentation_counts(pred_mask, label_mask)
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def segmentation_metrics(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """Pixel metrics from summed counts, with rates relative to label positives.
+
+    As in the book's segmentation training, ``tp_rate``, ``fn_rate`` and
+    ``fp_rate`` are all divided by the number of label pixels (``tp + fn``), so
+    ``fp_rate`` can exceed 1.
+    """
+    label_positives = tp + fn
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, label_positives),
+        "tp_rate": _ratio(tp, label_positives),
+        "fn_rate": _ratio(fn, label_positives),
+        "fp_rate": _ratio(fp, label_positives),
+    }
+
+
+# --- LUNA16 FROC ------------------------------------------------------------------
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {', '.join(missing)}")
+
+
+def _cap_detections(detections: pd.DataFrame, max_per_scan: int | None) -> pd.DataFrame:
+    """Keep at most ``max_per_scan`` marks per scan, as the official script does.
+
+    In a scan with more marks, only marks scoring strictly above the
+    ``(max_per_scan + 1)``-th highest probability are kept (ties at the cut go).
+    """
+    if not max_per_scan or detections.empty:
+        return detections
+    probabilities = detections[PROBABILITY_COLUMN].to_numpy(np.float64)
+    keep = np.ones(len(detections), dtype=bool)
+    for rows in detections.groupby(SERIES_COLUMN, sort=False).indices.values():
+        if len(rows) > max_per_scan:
+            cut = np.sort(probabilities[rows])[::-1][max_per_scan]
+            keep[rows] = probabilities[rows] > cut
+    return detections[keep]
+
+
+def _hits(nodules: pd.DataFrame, detections: pd.DataFrame, default_diameter: float | None) -> np.ndarray:
+    """Boolean (nodule, detection) matrix: detection centre strictly within the radius."""
+    nodule_xyz = nodules.loc[:, list(XYZ_COLUMNS)].to_numpy(np.float64)
+    detection_xyz = detections.loc[:, list(XYZ_COLUMNS)].to_numpy(np.float64)
+    diameters = nodules[DIAMETER_COLUMN].to_numpy(np.float64)
+    if default_diameter is not None:
+        diameters = np.where(diameters < 0.0, default_diameter, diameters)
+    squared = ((nodule_xyz[:, None, :] - detection_xyz[None, :, :]) ** 2).sum(axis=-1)
+    return squared < (diameters[:, None] / 2.0) ** 2
+
+
+def _match(
+    annotations: pd.DataFrame,
+    detections: pd.DataFrame,
+    excluded: pd.DataFrame | None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Match detections to nodules scan by scan; returns (detection table, nodule table)."""
+    _require_columns(annotations, [SERIES_COLUMN, *XYZ_COLUMNS, DIAMETER_COLUMN], "annotations")
+    _require_columns(detections, [SERIES_COLUMN, *XYZ_COLUMNS, PROBABILITY_COLUMN], "detections")
+    if excluded is None:
+        excluded = annotations.iloc[0:0]
+    _require_columns(excluded, [SERIES_COLUMN, *XYZ_COLUMNS, DIAMETER_COLUMN], "excluded annotations")
+
+    detections = detections.reset_index(drop=True)
+    probabilities = detections[PROBABILITY_COLUMN].to_numpy(np.float64)
+    n_detections = len(detections)
+    matched_nodule_id = np.full(n_detections, -1, dtype=np.int64)
+    is_hit = np.zeros(n_detections, dtype=bool)
+    on_excluded = np.zeros(n_detections, dtype=bool)
+    nodule_score = np.full(len(annotations), np.nan)
+    nodule_detection = np.full(len(annotations), -1, dtype=np.int64)
+
+    nodule_rows = annotations.reset_index(drop=True).groupby(SERIES_COLUMN, sort=False).indices
+    excluded_rows = excluded.reset_index(drop=True).groupby(SERIES_COLUMN, sort=False).indices
+    for series_uid, rows in detections.groupby(SERIES_COLUMN, sort=False).indices.items():
+        scan_detections = detections.iloc[rows]
+        if series_uid in nodule_rows:
+            nodule_ids = nodule_rows[series_uid]
+            hits = _hits(annotations.iloc[nodule_ids], scan_detections, default_diameter=None)
+            first_hit = np.where(hits.any(axis=0), hits.argmax(axis=0), -1)
+            matched_nodule_id[rows] = np.where(first_hit >= 0, nodule_ids[np.maximum(first_hit, 0)], -1)
+            for nodule_id, nodule_hits in zip(nodule_ids, hits):
+                if nodule_hits.any():
+                    hit_rows = rows[nodule_hits]
+                    best = hit_rows[np.argmax(probabilities[hit_rows])]
+                    is_hit[best] = True
+                    nodule_score[nodule_id] = probabilities[best]
+                    nodule_detection[nodule_id] = best
+        if series_uid in excluded_rows:
+            hits = _hits(excluded.iloc[excluded_rows[series_uid]], scan_detections, EXCLUDED_DEFAULT_DIAMETER_MM)
+            on_excluded[rows] = hits.any(axis=0)
+
+    matched = matched_nodule_id >= 0
+    ignored = (matched & ~is_hit) | (~matched & on_excluded)
+    detection_table = detections.assign(
+        is_hit=is_hit,
+        matched_nodule_id=matched_nodule_id,
+        ignored=ignored,
+        is_false_positive=~matched & ~on_excluded,
+    )
+    nodule_table = pd.DataFrame(
+        {
+            SERIES_COLUMN: annotations[SERIES_COLUMN].to_numpy(),
+            "is_detected": nodule_detection >= 0,
+            "probability": nodule_score,
+            "detection_id": nodule_detection,
+        }
+    )
+    return detection_table, nodule_table
+
+
+def match_detections(
+    annotations: pd.DataFrame,
+    detections: pd.DataFrame,
+    excluded: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Classify each detection against the LUNA16 annotations (official rules).
+
+    A detection hits a nodule when its centre lies strictly within the nodule's
+    radius (``distance < diameter_mm / 2``). Added columns, one row per detection
+    in input order:
+
+    - ``matched_nodule_id``: row position in ``annotations`` of the first nodule
+      it hits, or -1;
+    - ``is_hit``: it is the highest-scoring hit of a nodule, so it is that
+      nodule's true positive;
+    - ``ignored``: neither TP nor FP: a lower-scoring duplicate hit of a nodule,
+      or a mark on an excluded finding (``excluded``; a negative diameter there
+      means a fixed 10 mm diameter);
+    - ``is_false_positive``: everything else.
+    """
+    return _match(annotations, detections, excluded)[0]
+
+
+@dataclass(frozen=True)
+class FrocResult:
+    """A FROC curve, its CPM and the bootstrap confidence interval of the CPM."""
+
+    fps_per_scan: np.ndarray
+    sensitivity: np.ndarray
+    thresholds: np.ndarray
+    cpm: float
+    sensitivities_at_operating_points: dict[float, float]
+    n_nodules: int
+    n_detected_nodules: int
+    n_scans: int
+    n_false_positives: int
+    n_ignored: int
+    confidence: float
+    ci_low: float
+    ci_high: float
+    n_bootstrap: int
+    bootstrap_cpm: np.ndarray = field(repr=False)
+    bootstrap_fps_grid: np.ndarray = field(repr=False)
+    bootstrap_sensitivity_low: np.ndarray = field(repr=False)
+    bootstrap_sensitivity_high: np.ndarray = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures: CPM, CI, operating points and counts (no curves)."""
+        return {
+            "cpm": self.cpm,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "confidence": self.confidence,
+            "n_bootstrap": self.n_bootstrap,
+            "sensitivities_at_operating_points": {
+                str(point): value for point, value in self.sensitivities_at_operating_points.items()
+            },
+            "n_nodules": self.n_nodules,
+            "n_detected_nodules": self.n_detected_nodules,
+            "n_scans": self.n_scans,
+            "n_false_positives": self.n_false_positives,
+            "n_ignored": self.n_ignored,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`summary` plus the curve and the bootstrap band, as lists."""
+        return {
+            **self.summary(),
+            "curve": {
+                "fps_per_scan": self.fps_per_scan.tolist(),
+                "sensitivity": self.sensitivity.tolist(),
+                "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds],
+            },
+            "bootstrap_band": {
+                "fps_per_scan": self.bootstrap_fps_grid.tolist(),
+                "sensitivity_low": self.bootstrap_sensitivity_low.tolist(),
+                "sensitivity_high": self.bootstrap_sensitivity_high.tolist(),
+            },
+        }
+
+
+def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """``np.interp(x, xp[i], fp[i])`` for every row ``i`` at once.
+
+    ``xp`` rows must be non-decreasing and start at or below ``min(x)``. Like
+    ``np.interp``, at a repeated ``xp`` value the last (highest) point is used and
+    beyond the last point the last value is returned.
+    """
+    last = np.stack([(xp <= value).sum(axis=1) - 1 for value in x], axis=1)
+    following = np.minimum(last + 1, xp.shape[1] - 1)
+    x0 = np.take_along_axis(xp, last, axis=1)
+    x1 = np.take_along_axis(xp, following, axis=1)
+    y0 = np.take_along_axis(fp, last, axis=1)
+    y1 = np.take_along_axis(fp, following, axis=1)
+    span = x1 - x0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(span > 0, (y1 - y0) / np.where(span > 0, span, 1.0), 0.0)
+    return y0 + slope * (x[None, :] - x0)
+
+
+def _froc_curves(
+    weights: np.ndarray, is_true_positive: np.ndarray, tie_ends: np.ndarray, n_nodules: np.ndarray, n_scans: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """FROC curves (one per row of ``weights``) over score-sorted entries.
+
+    ``weights`` (rows x entries) counts how often each entry is present; the curve
+    starts at (0, 0) and has one point per distinct score, as the official
+    script's ``roc_curve`` call gives.
+    """
+    tp = np.cumsum(weights * is_true_positive, axis=1)[:, tie_ends]
+    fp = np.cumsum(weights * ~is_true_positive, axis=1)[:, tie_ends]
+    zeros = np.zeros((weights.shape[0], 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = np.hstack([zeros, tp]) / n_nodules[:, None]
+    return np.hstack([zeros, fp]) / n_scans, sensitivity
+
+
+def froc(
+    annotations: pd.DataFrame,
+    detections: pd.DataFrame,
+    series_uids: Sequence[str],
+    excluded: pd.DataFrame | None = None,
+    *,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP_SAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    rng: np.random.Generator | None = None,
+    max_detections_per_scan: int | None = LUNA16_MAX_DETECTIONS_PER_SCAN,
+) -> FrocResult:
+    """LUNA16 FROC analysis and CPM over the scans ``series_uids``.
+
+    Follows ``noduleCADEvaluationLUNA16.py``: only the listed scans count (FPs
+    per scan divide by their number, with or without detections); each scan
+    keeps its ``max_detections_per_scan`` most suspicious marks (official: 100;
+    None keeps all); hits, duplicates and excluded findings as in
+    :func:`match_detections`; a missed nodule lowers sensitivity at every
+    threshold. CPM is the mean sensitivity at 1/8 ... 8 FPs per scan, read from
+    the curve with linear interpolation (``np.interp``). The CI resamples scans
+    with replacement ``n_bootstrap`` times and takes the official percentile
+    indices of the sorted bootstrap CPMs.
+    """
+    rng = np.random.default_rng(DEFAULT_BOOTSTRAP_SEED) if rng is None else rng
+    scan_ids = list(dict.fromkeys(str(uid) for uid in series_uids))
+    n_scans = len(scan_ids)
+    if n_scans == 0:
+        raise ValueError("froc needs at least one scan")
+    _require_columns(detections, [SERIES_COLUMN, PROBABILITY_COLUMN], "detections")
+    in_scans = detections[SERIES_COLUMN].astype(str).isin(scan_ids)
+    if not in_scans.all():
+        log.warning("ignoring %d detection(s) on scans outside the evaluated list", int((~in_scans).sum()))
+    detections = _cap_detections(detections[in_scans], max_detections_per_scan)
+    annotations = annotations[annotations[SERIES_COLUMN].astype(str).isin(scan_ids)].reset_index(drop=True)
+    detection_table, nodule_table = _match(annotations, detections, excluded)
+
+    # FROC entries: one per detected nodule (its best score) and one per false positive.
+    false_positives = detection_table[detection_table["is_false_positive"]]
+    detected = nodule_table[nodule_table["is_detected"]]
+    scan_index = {uid: i for i, uid in enumerate(scan_ids)}
+    entry_scores = np.r_[detected["probability"].to_numpy(np.float64), false_positives[PROBABILITY_COLUMN].to_numpy(np.float64)]
+    entry_is_tp = np.r_[np.ones(len(detected), bool), np.zeros(len(false_positives), bool)]
+    entry_scans = np.r_[
+        detected[SERIES_COLUMN].astype(str).map(scan_index).to_numpy(np.int64),
+        false_positives[SERIES_COLUMN].astype(str).map(scan_index).to_numpy(np.int64),
+    ]
+    order = np.argsort(-entry_scores, kind="stable")
+    entry_scores, entry_is_tp, entry_scans = entry_scores[order], entry_is_tp[order], entry_scans[order]
+    tie_ends = np.flatnonzero(np.r_[np.diff(entry_scores) != 0, True]) if entry_scores.size else np.zeros(0, np.int64)
+    nodules_per_scan = np.bincount(
+        nodule_table[SERIES_COLUMN].astype(str).map(scan_index).to_numpy(np.int64), minlength=n_scans
+    ).astype(np.float64)
+
+    points = np.asarray(OPERATING_POINTS)
+    fps, sensitivity = _froc_curves(
+        np.ones((1, entry_scores.size)), entry_is_tp, tie_ends, np.array([nodules_per_scan.sum()]), n_scans
+    )
+    at_points = _interp_rows(points, fps, sensitivity)[0]
+    grid = np.geomspace(OPERATING_POINTS[0], OPERATING_POINTS[-1], BOOTSTRAP_GRID_POINTS)
+    bootstrap_cpm, band = _bootstrap(
+        rng, n_bootstrap, entry_is_tp, entry_scans, tie_ends, nodules_per_scan, np.r_[points, grid]
+    )
+    ci_low, ci_high = _percentile_interval(bootstrap_cpm, confidence)
+    band_low = np.array([_percentile_interval(column, confidence)[0] for column in band.T])
+    band_high = np.array([_percentile_interval(column, confidence)[1] for column in band.T])
+    return FrocResult(
+        fps_per_scan=fps[0],
+        sensitivity=sensitivity[0],
+        thresholds=np.r_[np.inf, entry_scores[tie_ends]],
+        cpm=float(at_points.mean()),
+        sensitivities_at_operating_points={p: float(s) for p, s in zip(OPERATING_POINTS, at_points)},
+        n_nodules=len(nodule_table),
+        n_detected_nodules=len(detected),
+        n_scans=n_scans,
+        n_false_positives=len(false_positives),
+        n_ignored=int(detection_table["ignored"].sum()),
+        confidence=confidence,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        n_bootstrap=n_bootstrap,
+        bootstrap_cpm=bootstrap_cpm,
+        bootstrap_fps_grid=grid,
+        bootstrap_sensitivity_low=band_low[len(points):],
+        bootstrap_sensitivity_high=band_high[len(points):],
+    )
+
+
+def _bootstrap(
+    rng: np.random.Generator,
+    n_bootstrap: int,
+    entry_is_tp: np.ndarray,
+    entry_scans: np.ndarray,
+    tie_ends: np.ndarray,
+    nodules_per_scan: np.ndarray,
+    x: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap CPMs and sensitivities at ``x`` (the operating points first).
+
+    Each replicate draws ``n_scans`` scans with replacement; a scan drawn k times
+    contributes its entries k times, which is the official script's concatenation.
+    """
+    n_points = len(OPERATING_POINTS)
+    n_scans = nodules_per_scan.size
+    if n_bootstrap <= 0:
+        return np.zeros(0), np.zeros((0, x.size))
+    counts = rng.multinomial(n_scans, np.full(n_scans, 1.0 / n_scans), size=n_bootstrap).astype(np.float64)
+    chunk = max(1, BOOTSTRAP_CHUNK_ELEMENTS // max(1, entry_scans.size))
+    sensitivities = []
+    for start in range(0, n_bootstrap, chunk):
+        scan_counts = counts[start : start + chunk]
+        fps, sensitivity = _froc_curves(
+            scan_counts[:, entry_scans], entry_is_tp, tie_ends, scan_counts @ nodules_per_scan, n_scans
+        )
+        sensitivities.append(_interp_rows(x, fps, sensitivity))
+    at_x = np.vstack(sensitivities)
+    return at_x[:, :n_points].mean(axis=1), at_x
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Official LUNA16 bounds: sorted[floor(a n)] and sorted[floor((1 - a) n)], a = (1 - confidence) / 2.
+
+    Replicates with an undefined value (no nodule drawn) are left out.
+    """
+    finite = np.sort(values[np.isfinite(values)])
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - confidence) / 2.0
+    low = finite[int(np.floor(tail * finite.size))]
+    high = finite[min(int(np.floor((1.0 - tail) * finite.size)), finite.size - 1)]
+    return float(low), float(high)
+
+
+def plot_froc(result: FrocResult, path: str | Path, title: str = "FROC") -> None:
+    """Draw the FROC curve (log-2 x axis, operating points marked, bootstrap band) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    try:
+        positive = result.fps_per_scan > 0
+        axes.plot(result.fps_per_scan[positive], result.sensitivity[positive], lw=2, label=f"CPM {result.cpm:.3f}")
+        points = list(result.sensitivities_at_operating_points)
+        axes.plot(points, list(result.sensitivities_at_operating_points.values()), "o", color="C0")
+        if result.n_bootstrap > 0:
+            axes.fill_between(
+                result.bootstrap_fps_grid,
+                result.bootstrap_sensitivity_low,
+                result.bootstrap_sensitivity_high,
+                alpha=0.2,
+                color="C0",
+                label=f"{result.confidence:.0%} bootstrap band",
+            )
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(points, [f"{p:g}" for p in points])
+        axes.set_xlim(points[0] / 1.5, points[-1] * 1.5)
+        axes.set_ylim(0.0, 1.0)
+        axes.set_xlabel("Average number of false positives per scan")
+        axes.set_ylabel("Sensitivity")
+        axes.set_title(f"{title} ({result.n_nodules} nodules, {result.n_scans} scans)")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(loc="lower right")
+        figure.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp_path:
+            figure.savefig(tmp_path, format="png", dpi=120)
+    finally:
+        plt.close(figure)
+
+
+# --- the book's confusion table ----------------------------------------------------
+
+
+def confusion_table(
+    truth: pd.DataFrame,
+    detections: pd.DataFrame,
+    nodule_threshold: float = DEFAULT_CLASSIFICATION_THRESHOLD,
+    malignancy_threshold: float = DEFAULT_CLASSIFICATION_THRESHOLD,
+) -> np.ndarray:
+    """The book's chapter-14 3x4 diagnosis table (``p2ch14/diagnose.py: match_and_score``).
+
+    Rows (truth): non-nodule, benign, malignant. Columns: complete miss, filtered
+    out (nodule probability below ``nodule_threshold``), predicted benign,
+    predicted malignant (malignancy probability at or above ``malignancy_threshold``).
+
+    ``truth`` holds one row per nodule annotation (``center_x/y/z``,
+    ``diameter_mm``, ``is_malignant``; rows with ``is_nodule`` False are dropped
+    when that column exists); ``detections`` holds ``center_x/y/z``,
+    ``nodule_probability``, ``malignancy_probability``. With a ``series_uid``
+    column in both, matching stays within a scan.
+
+    Matching uses the book's looser rule: a detection matches a nodule when
+    its centre is closer than 0.7 x the diameter (the LUNA16 FROC of
+    :func:`froc` uses the radius, 0.5 x diameter). A nodule goes to the column
+    of its most advanced matching detection (complete miss when none); a
+    detection matching several nodules counts for each; detections matching no
+    nodule fill the non-nodule row, whose complete-miss cell stays 0. Unlike
+    the book, the malignancy threshold really is ``malignancy_threshold`` (the
+    book compares against the nodule threshold).
+    """
+    _require_columns(truth, [*CENTER_COLUMNS, "diameter_mm", "is_malignant"], "truth")
+    _require_columns(detections, [*CENTER_COLUMNS, "nodule_probability", "malignancy_probability"], "detections")
+    if "is_nodule" in truth.columns:
+        truth = truth[truth["is_nodule"].astype(bool)]
+    detected_class = np.where(
+        detections["nodule_probability"].to_numpy(np.float64) < nodule_threshold,
+        1,
+        np.where(detections["malignancy_probability"].to_numpy(np.float64) < malignancy_threshold, 2, 3),
+    )
+    truth_row = np.where(truth["is_malignant"].fillna(False).to_numpy(bool), 2, 1)
+    truth_xyz = truth.loc[:, list(CENTER_COLUMNS)].to_numpy(np.float64)
+    detection_xyz = detections.loc[:, list(CENTER_COLUMNS)].to_numpy(np.float64)
+    distances = np.linalg.norm(truth_xyz[:, None, :] - detection_xyz[None, :, :], axis=-1)
+    matches = distances < BOOK_MATCH_DIAMETER_FRACTION * truth["diameter_mm"].to_numpy(np.float64)[:, None]
+    if "series_uid" in truth.columns and "series_uid" in detections.columns:
+        matches &= truth["series_uid"].to_numpy()[:, None] == detections["series_uid"].to_numpy()[None, :]
+
+    table = np.zeros((len(CONFUSION_ROWS), len(CONFUSION_COLUMNS)), dtype=np.int64)
+    nodule_class = np.where(matches, detected_class[None, :], 0).max(axis=1, initial=0)
+    np.add.at(table, (truth_row, nodule_class), 1)
+    unmatched = ~matches.any(axis=0)
+    np.add.at(table, (0, detected_class[unmatched]), 1)
+    return table
+
+
+def format_confusion_table(table: np.ndarray) -> str:
+    """The confusion table as aligned text (the non-nodule complete-miss cell is blank)."""
+    table = np.asarray(table)
+    width = max(len(name) for name in (*CONFUSION_ROWS, *CONFUSION_COLUMNS, str(table.max(initial=0))))
+    cell = f"{{:>{width}}}"
+    lines = [" | ".join(cell.format(text) for text in ("", *CONFUSION_COLUMNS))]
+    for i, (name, counts) in enumerate(zip(CONFUSION_ROWS, table)):
+        values = ["" if i == 0 and j == 0 else str(int(count)) for j, count in enumerate(counts)]
+        lines.append(" | ".join(cell.format(text) for text in (name, *values)))
+    return "\n".join(lines)

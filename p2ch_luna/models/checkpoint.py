@@ -1,0 +1,261 @@
+"""Self-describing checkpoints shared by every task, and loading of the book's files.
+
+A checkpoint is a dict saved with ``torch.save`` holding the weights, the model's
+registry name and constructor arguments, optimizer state, progress counters,
+config, metrics and code version, so inference rebuilds the model with no
+architecture literals. Loading always uses ``torch.load(weights_only=True)``:
+files that need arbitrary pickled objects are refused, never executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..atomic import atomic_path
+from ..errors import DataError
+from .registry import build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "p2ch_luna-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+TASKS = ("nodule", "malignancy", "segmentation")
+BEST_SUFFIX = ".best.state"
+LAST_SUFFIX = ".last.state"
+
+BOOK_SEGMENTATION_KWARGS: dict[str, Any] = {
+    "in_channels": 7,
+    "n_classes": 1,
+    "depth": 3,
+    "wf": 4,
+    "padding": True,
+    "batch_norm": True,
+    "up_mode": "upconv",
+}
+"""The architecture of the book's ``seg_*.state`` files (p2ch13 training.py)."""
+
+BOOK_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "LunaModel": ("nodule", "luna", {}),
+    "UNetWrapper": ("segmentation", "unet", BOOK_SEGMENTATION_KWARGS),
+}
+"""Book ``model_name`` -> (task, our registry name, constructor arguments)."""
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A loaded checkpoint: the rebuilt model (in eval mode) and what the file says about it."""
+
+    path: Path
+    model: nn.Module
+    task: str
+    model_name: str
+    model_kwargs: dict[str, Any]
+    epoch: int | None
+    samples_seen: int | None
+    optimizer_name: str | None
+    optimizer_state: dict[str, Any] | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    is_book: bool
+    raw: dict[str, Any]
+
+
+def checkpoint_path(models_dir: str | os.PathLike, task: str, timestamp: str, comment: str, best: bool) -> Path:
+    """``{models_dir}/{task}_{timestamp}_{comment}.best.state`` (or ``.last.state``)."""
+    _check_task(task)
+    suffix = BEST_SUFFIX if best else LAST_SUFFIX
+    return Path(models_dir) / f"{task}_{timestamp}_{comment}{suffix}"
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_name: str,
+    model_kwargs: Mapping[str, Any],
+    task: str,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int,
+    samples_seen: int,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically; a reader never sees half a file.
+
+    ``config``, ``metrics`` and ``extra`` may hold only plain values (numbers,
+    strings, lists, dicts, tensors); paths and NumPy scalars are converted.
+    """
+    _check_task(task)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model_state": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "model_name": model_name,
+        "model_kwargs": _plain(dict(model_kwargs)),
+        "task": task,
+        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer_name": type(optimizer).__name__ if optimizer is not None else None,
+        "epoch": int(epoch),
+        "samples_seen": int(samples_seen),
+        "totalTrainingSamples_count": int(samples_seen),
+        "config": _plain(dict(config)),
+        "metrics": _plain(dict(metrics)),
+        "code_version": code_version(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        state.update(_plain(dict(extra)))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    log.info("saved %s checkpoint %s (epoch %d, %d samples)", task, path, epoch, samples_seen)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    expected_task: str | tuple[str, ...] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> LoadedCheckpoint:
+    """Load one of our checkpoints or one of the book's, rebuilding its model.
+
+    ``expected_task`` (one task or a tuple of accepted ones) guards against
+    passing, say, a segmentation file where a classifier is wanted. Every
+    failure is a one-line :class:`DataError` naming the file.
+    """
+    path = Path(path)
+    raw = _torch_load(path, map_location)
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_state"), Mapping):
+        raise DataError(f"{path} is not a p2ch_luna or book checkpoint")
+    is_book = raw.get("format") != CHECKPOINT_FORMAT
+    if is_book:
+        if raw.get("model_name") not in BOOK_MODELS:
+            raise DataError(f"{path} is not a p2ch_luna or book checkpoint (model_name {raw.get('model_name')!r})")
+        task, model_name, model_kwargs = BOOK_MODELS[raw["model_name"]]
+        model_kwargs = dict(model_kwargs)
+    else:
+        if raw.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+            raise DataError(f"{path} has checkpoint format version {raw.get('format_version')!r}, "
+                            f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
+        task, model_name, model_kwargs = raw.get("task"), raw.get("model_name"), dict(raw.get("model_kwargs") or {})
+    accepted = (expected_task,) if isinstance(expected_task, str) else expected_task
+    if accepted is not None and task not in accepted:
+        raise DataError(f"{path} is a {task} checkpoint, expected {' or '.join(accepted)}")
+    model = _build_and_load(path, model_name, model_kwargs, raw["model_state"])
+    samples_seen = raw.get("samples_seen", raw.get("totalTrainingSamples_count"))
+    return LoadedCheckpoint(
+        path=path,
+        model=model.to(map_location).eval(),
+        task=task,
+        model_name=model_name,
+        model_kwargs=model_kwargs,
+        epoch=raw.get("epoch"),
+        samples_seen=samples_seen,
+        optimizer_name=raw.get("optimizer_name"),
+        optimizer_state=raw.get("optimizer_state"),
+        config=dict(raw.get("config") or {}),
+        metrics=dict(raw.get("metrics") or {}),
+        is_book=is_book,
+        raw=raw,
+    )
+
+
+def find_latest_checkpoint(models_dir: str | os.PathLike, task: str) -> Path | None:
+    """The newest (by modification time) ``{task}_*.best.state`` under ``models_dir``, or None."""
+    _check_task(task)
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return None
+    candidates = [path for path in models_dir.rglob(f"{task}_*{BEST_SUFFIX}") if path.is_file()]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda path: (path.stat().st_mtime, path.name))
+
+
+def code_version() -> str:
+    """``p2ch_luna.__version__``, plus the git commit when the package sits in a checkout."""
+    commit = _git_commit(Path(__file__).resolve().parents[2] / ".git")
+    return f"{__version__}+g{commit[:12]}" if commit else __version__
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "unsupported global" in str(error).lower():
+            raise DataError(f"{path} was refused: it contains pickled objects (weights_only)") from error
+        raise DataError(f"{path} is not a p2ch_luna or book checkpoint") from error
+    except Exception as error:  # torch.load raises many types on foreign files (KeyError, EOFError, ...)
+        raise DataError(f"{path} is not a p2ch_luna or book checkpoint ({_first_line(error)})") from error
+
+
+def _build_and_load(path: Path, model_name: Any, model_kwargs: dict[str, Any], model_state: Mapping) -> nn.Module:
+    try:
+        model = build_model(model_name, **model_kwargs)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{path} describes a model that cannot be built: {_first_line(error)}") from error
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as error:
+        raise DataError(f"{path} does not fit model {model_name!r}: {_first_line(error, 200)}") from error
+    return model
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with paths as strings and NumPy scalars as Python numbers, so weights_only can load it."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool, torch.Tensor)):
+        return value
+    raise TypeError(f"checkpoint fields must be plain values, not {type(value).__name__}: {value!r}")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+
+
+def _git_commit(git_dir: Path) -> str | None:
+    """The commit HEAD points at, read from the files (no subprocess); None if unknown."""
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        ref_file = git_dir / ref
+        if ref_file.is_file():
+            return ref_file.read_text().strip()
+        packed = git_dir / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def _first_line(error: BaseException, limit: int = 120) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

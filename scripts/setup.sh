@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (idempotent) and installs p2ch_luna with its dev extra.
+# torch is installed first as the CPU build where one is available; set
+# P2CH_TORCH_SPEC (e.g. "torch==2.6.0 --index-url https://download.pytorch.org/whl/cu124")
+# to choose a CUDA build instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    # shellcheck disable=SC2086
+    .venv/bin/pip install --quiet ${P2CH_TORCH_SPEC:-torch==2.13.0}
+fi
+.venv/bin/pip install --quiet -e '.[dev]'
