@@ -33,6 +33,8 @@ DEFAULT_BOOTSTRAP_SAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_BOOTSTRAP_SEED = 0
 BOOTSTRAP_GRID_POINTS = 64  # FPs-per-scan points of the bootstrap band drawn by plot_froc
+PLOT_CURVE_POINTS = 512
+PLOT_MARGIN = 1.5  # x axis extends this factor beyond 1/8 and 8 FPs per scan
 BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000  # bootstrap rows x FROC entries held in memory at once
 
 # LUNA16 CSV columns.
@@ -376,7 +378,7 @@ def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     ``np.interp``, at a repeated ``xp`` value the last (highest) point is used and
     beyond the last point the last value is returned.
     """
-    last = np.stack([(xp <= value).sum(axis=1) - 1 for value in x], axis=1)
+    last = np.stack([np.searchsorted(row, x, side="right") - 1 for row in xp])
     following = np.minimum(last + 1, xp.shape[1] - 1)
     x0 = np.take_along_axis(xp, last, axis=1)
     x1 = np.take_along_axis(xp, following, axis=1)
@@ -388,21 +390,58 @@ def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     return y0 + slope * (x[None, :] - x0)
 
 
-def _froc_curves(
-    weights: np.ndarray, is_true_positive: np.ndarray, tie_ends: np.ndarray, n_nodules: np.ndarray, n_scans: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """FROC curves (one per row of ``weights``) over score-sorted entries.
+@dataclass(frozen=True)
+class _FrocEntries:
+    """FROC entries sorted by decreasing score: each detected nodule (its best score) and each FP."""
 
-    ``weights`` (rows x entries) counts how often each entry is present; the curve
-    starts at (0, 0) and has one point per distinct score, as the official
-    script's ``roc_curve`` call gives.
+    scores: np.ndarray
+    is_true_positive: np.ndarray
+    scan: np.ndarray  # index into the evaluated scans
+    tie_ends: np.ndarray  # last entry of each run of equal scores
+    nodules_per_scan: np.ndarray  # detected or not
+
+
+def _froc_entries(detection_table: pd.DataFrame, nodule_table: pd.DataFrame, scan_ids: list[str]) -> _FrocEntries:
+    false_positives = detection_table[detection_table["is_false_positive"]]
+    detected = nodule_table[nodule_table["is_detected"]]
+    scan_index = {uid: i for i, uid in enumerate(scan_ids)}
+    scores = np.r_[
+        detected["probability"].to_numpy(np.float64),
+        false_positives[PROBABILITY_COLUMN].to_numpy(np.float64),
+    ]
+    is_true_positive = np.r_[np.ones(len(detected), bool), np.zeros(len(false_positives), bool)]
+    scan = np.r_[
+        detected[SERIES_COLUMN].map(scan_index).to_numpy(np.int64),
+        false_positives[SERIES_COLUMN].map(scan_index).to_numpy(np.int64),
+    ]
+    order = np.argsort(-scores, kind="stable")
+    scores = scores[order]
+    nodule_scans = nodule_table[SERIES_COLUMN].map(scan_index).to_numpy(np.int64)
+    return _FrocEntries(
+        scores=scores,
+        is_true_positive=is_true_positive[order],
+        scan=scan[order],
+        tie_ends=np.flatnonzero(np.r_[np.diff(scores) != 0, True]) if scores.size else np.zeros(0, np.int64),
+        nodules_per_scan=np.bincount(nodule_scans, minlength=len(scan_ids)).astype(np.float64),
+    )
+
+
+def _froc_curves(
+    entry_weights: np.ndarray, entries: _FrocEntries, scan_counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """FROC curves, one per row of ``scan_counts`` (how often each scan is drawn).
+
+    ``entry_weights`` is ``scan_counts`` per entry. A curve starts at (0, 0) and
+    has one point per distinct score, as the official script's ``roc_curve``
+    call gives; FPs are averaged over the number of scans drawn.
     """
-    tp = np.cumsum(weights * is_true_positive, axis=1)[:, tie_ends]
-    fp = np.cumsum(weights * ~is_true_positive, axis=1)[:, tie_ends]
-    zeros = np.zeros((weights.shape[0], 1))
+    tp = np.cumsum(entry_weights * entries.is_true_positive, axis=1)[:, entries.tie_ends]
+    fp = np.cumsum(entry_weights * ~entries.is_true_positive, axis=1)[:, entries.tie_ends]
+    zeros = np.zeros((entry_weights.shape[0], 1))
+    n_nodules = np.atleast_2d(scan_counts) @ entries.nodules_per_scan
     with np.errstate(invalid="ignore", divide="ignore"):
         sensitivity = np.hstack([zeros, tp]) / n_nodules[:, None]
-    return np.hstack([zeros, fp]) / n_scans, sensitivity
+    return np.hstack([zeros, fp]) / entries.nodules_per_scan.size, sensitivity
 
 
 def froc(
@@ -434,52 +473,37 @@ def froc(
     if n_scans == 0:
         raise ValueError("froc needs at least one scan")
     _require_columns(detections, [SERIES_COLUMN, PROBABILITY_COLUMN], "detections")
-    in_scans = detections[SERIES_COLUMN].astype(str).isin(scan_ids)
+    _require_columns(annotations, [SERIES_COLUMN], "annotations")
+    detections = detections.assign(**{SERIES_COLUMN: detections[SERIES_COLUMN].astype(str)})
+    annotations = annotations.assign(**{SERIES_COLUMN: annotations[SERIES_COLUMN].astype(str)})
+    if excluded is not None:
+        _require_columns(excluded, [SERIES_COLUMN], "excluded annotations")
+        excluded = excluded.assign(**{SERIES_COLUMN: excluded[SERIES_COLUMN].astype(str)})
+    in_scans = detections[SERIES_COLUMN].isin(scan_ids)
     if not in_scans.all():
         log.warning("ignoring %d detection(s) on scans outside the evaluated list", int((~in_scans).sum()))
     detections = _cap_detections(detections[in_scans], max_detections_per_scan)
-    annotations = annotations[annotations[SERIES_COLUMN].astype(str).isin(scan_ids)].reset_index(drop=True)
+    annotations = annotations[annotations[SERIES_COLUMN].isin(scan_ids)].reset_index(drop=True)
     detection_table, nodule_table = _match(annotations, detections, excluded)
-
-    # FROC entries: one per detected nodule (its best score) and one per false positive.
-    false_positives = detection_table[detection_table["is_false_positive"]]
-    detected = nodule_table[nodule_table["is_detected"]]
-    scan_index = {uid: i for i, uid in enumerate(scan_ids)}
-    entry_scores = np.r_[detected["probability"].to_numpy(np.float64), false_positives[PROBABILITY_COLUMN].to_numpy(np.float64)]
-    entry_is_tp = np.r_[np.ones(len(detected), bool), np.zeros(len(false_positives), bool)]
-    entry_scans = np.r_[
-        detected[SERIES_COLUMN].astype(str).map(scan_index).to_numpy(np.int64),
-        false_positives[SERIES_COLUMN].astype(str).map(scan_index).to_numpy(np.int64),
-    ]
-    order = np.argsort(-entry_scores, kind="stable")
-    entry_scores, entry_is_tp, entry_scans = entry_scores[order], entry_is_tp[order], entry_scans[order]
-    tie_ends = np.flatnonzero(np.r_[np.diff(entry_scores) != 0, True]) if entry_scores.size else np.zeros(0, np.int64)
-    nodules_per_scan = np.bincount(
-        nodule_table[SERIES_COLUMN].astype(str).map(scan_index).to_numpy(np.int64), minlength=n_scans
-    ).astype(np.float64)
-
+    entries = _froc_entries(detection_table, nodule_table, scan_ids)
     points = np.asarray(OPERATING_POINTS)
-    fps, sensitivity = _froc_curves(
-        np.ones((1, entry_scores.size)), entry_is_tp, tie_ends, np.array([nodules_per_scan.sum()]), n_scans
-    )
+    fps, sensitivity = _froc_curves(np.ones((1, entries.scores.size)), entries, np.ones(n_scans))
     at_points = _interp_rows(points, fps, sensitivity)[0]
     grid = np.geomspace(OPERATING_POINTS[0], OPERATING_POINTS[-1], BOOTSTRAP_GRID_POINTS)
-    bootstrap_cpm, band = _bootstrap(
-        rng, n_bootstrap, entry_is_tp, entry_scans, tie_ends, nodules_per_scan, np.r_[points, grid]
-    )
+    bootstrap_cpm, band = _bootstrap(rng, n_bootstrap, entries, np.r_[points, grid])
     ci_low, ci_high = _percentile_interval(bootstrap_cpm, confidence)
     band_low = np.array([_percentile_interval(column, confidence)[0] for column in band.T])
     band_high = np.array([_percentile_interval(column, confidence)[1] for column in band.T])
     return FrocResult(
         fps_per_scan=fps[0],
         sensitivity=sensitivity[0],
-        thresholds=np.r_[np.inf, entry_scores[tie_ends]],
+        thresholds=np.r_[np.inf, entries.scores[entries.tie_ends]],
         cpm=float(at_points.mean()),
         sensitivities_at_operating_points={p: float(s) for p, s in zip(OPERATING_POINTS, at_points)},
         n_nodules=len(nodule_table),
-        n_detected_nodules=len(detected),
+        n_detected_nodules=int(nodule_table["is_detected"].sum()),
         n_scans=n_scans,
-        n_false_positives=len(false_positives),
+        n_false_positives=int(detection_table["is_false_positive"].sum()),
         n_ignored=int(detection_table["ignored"].sum()),
         confidence=confidence,
         ci_low=ci_low,
@@ -493,34 +517,25 @@ def froc(
 
 
 def _bootstrap(
-    rng: np.random.Generator,
-    n_bootstrap: int,
-    entry_is_tp: np.ndarray,
-    entry_scans: np.ndarray,
-    tie_ends: np.ndarray,
-    nodules_per_scan: np.ndarray,
-    x: np.ndarray,
+    rng: np.random.Generator, n_bootstrap: int, entries: _FrocEntries, x: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bootstrap CPMs and sensitivities at ``x`` (the operating points first).
 
-    Each replicate draws ``n_scans`` scans with replacement; a scan drawn k times
+    Each replicate draws the scans with replacement; a scan drawn k times
     contributes its entries k times, which is the official script's concatenation.
     """
-    n_points = len(OPERATING_POINTS)
-    n_scans = nodules_per_scan.size
+    n_scans = entries.nodules_per_scan.size
     if n_bootstrap <= 0:
         return np.zeros(0), np.zeros((0, x.size))
     counts = rng.multinomial(n_scans, np.full(n_scans, 1.0 / n_scans), size=n_bootstrap).astype(np.float64)
-    chunk = max(1, BOOTSTRAP_CHUNK_ELEMENTS // max(1, entry_scans.size))
+    chunk = max(1, BOOTSTRAP_CHUNK_ELEMENTS // max(1, entries.scan.size))
     sensitivities = []
     for start in range(0, n_bootstrap, chunk):
         scan_counts = counts[start : start + chunk]
-        fps, sensitivity = _froc_curves(
-            scan_counts[:, entry_scans], entry_is_tp, tie_ends, scan_counts @ nodules_per_scan, n_scans
-        )
+        fps, sensitivity = _froc_curves(scan_counts[:, entries.scan], entries, scan_counts)
         sensitivities.append(_interp_rows(x, fps, sensitivity))
     at_x = np.vstack(sensitivities)
-    return at_x[:, :n_points].mean(axis=1), at_x
+    return at_x[:, : len(OPERATING_POINTS)].mean(axis=1), at_x
 
 
 def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -538,43 +553,46 @@ def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, 
 
 
 def plot_froc(result: FrocResult, path: str | Path, title: str = "FROC") -> None:
-    """Draw the FROC curve (log-2 x axis, operating points marked, bootstrap band) to a PNG."""
-    import matplotlib
+    """Draw the FROC curve (log-2 x axis, operating points marked, bootstrap band) to a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Renders with the Agg canvas of a bare ``Figure``, so it works headless and
+    leaves pyplot's backend alone; the file is written atomically.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     from .atomic import atomic_path
 
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    try:
-        positive = result.fps_per_scan > 0
-        axes.plot(result.fps_per_scan[positive], result.sensitivity[positive], lw=2, label=f"CPM {result.cpm:.3f}")
-        points = list(result.sensitivities_at_operating_points)
-        axes.plot(points, list(result.sensitivities_at_operating_points.values()), "o", color="C0")
-        if result.n_bootstrap > 0:
-            axes.fill_between(
-                result.bootstrap_fps_grid,
-                result.bootstrap_sensitivity_low,
-                result.bootstrap_sensitivity_high,
-                alpha=0.2,
-                color="C0",
-                label=f"{result.confidence:.0%} bootstrap band",
-            )
-        axes.set_xscale("log", base=2)
-        axes.set_xticks(points, [f"{p:g}" for p in points])
-        axes.set_xlim(points[0] / 1.5, points[-1] * 1.5)
-        axes.set_ylim(0.0, 1.0)
-        axes.set_xlabel("Average number of false positives per scan")
-        axes.set_ylabel("Sensitivity")
-        axes.set_title(f"{title} ({result.n_nodules} nodules, {result.n_scans} scans)")
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend(loc="lower right")
-        figure.tight_layout()
-        with atomic_path(path, suffix=".png") as tmp_path:
-            figure.savefig(tmp_path, format="png", dpi=120)
-    finally:
-        plt.close(figure)
+    figure = Figure(figsize=(6, 4.5))
+    axes = figure.subplots()
+    points = list(result.sensitivities_at_operating_points)
+    x_range = (points[0] / PLOT_MARGIN, points[-1] * PLOT_MARGIN)
+    fps = np.geomspace(*x_range, PLOT_CURVE_POINTS)
+    sensitivity = np.interp(fps, result.fps_per_scan, result.sensitivity)
+    axes.plot(fps, sensitivity, lw=2, label=f"CPM {result.cpm:.3f}")
+    axes.plot(points, list(result.sensitivities_at_operating_points.values()), "o", color="C0")
+    if result.n_bootstrap > 0:
+        axes.fill_between(
+            result.bootstrap_fps_grid,
+            result.bootstrap_sensitivity_low,
+            result.bootstrap_sensitivity_high,
+            alpha=0.2,
+            color="C0",
+            label=f"{result.confidence:.0%} bootstrap band",
+        )
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(points, [f"{p:g}" for p in points])
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlim(*x_range)
+    axes.set_ylim(0.0, 1.0)
+    axes.set_xlabel("Average number of false positives per scan")
+    axes.set_ylabel("Sensitivity")
+    axes.set_title(f"{title} ({result.n_nodules} nodules, {result.n_scans} scans)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp_path:
+        figure.savefig(tmp_path, format="png", dpi=120)
 
 
 # --- the book's confusion table ----------------------------------------------------

@@ -117,6 +117,9 @@ def save_checkpoint(
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if extra:
+        clashes = sorted(set(extra) & set(state))
+        if clashes:
+            raise ValueError(f"extra checkpoint fields would overwrite {clashes}")
         state.update(_plain(dict(extra)))
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -201,7 +204,8 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
             raise DataError(f"{path} was refused: it contains pickled objects (weights_only)") from error
         raise DataError(f"{path} is not a p2ch_luna or book checkpoint") from error
     except Exception as error:  # torch.load raises many types on foreign files (KeyError, EOFError, ...)
-        raise DataError(f"{path} is not a p2ch_luna or book checkpoint ({_first_line(error)})") from error
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        raise DataError(f"{path} is not a p2ch_luna or book checkpoint ({reason})") from error
 
 
 def _build_and_load(path: Path, model_name: Any, model_kwargs: dict[str, Any], model_state: Mapping) -> nn.Module:

@@ -1,0 +1,170 @@
+"""Score a findings CSV against LUNA16 annotations: FROC, CPM and its bootstrap CI.
+
+    python -m p2ch_luna.evaluate findings.csv --annotations annotations.csv \\
+        [--excluded annotations_excluded.csv] [--series-list seriesuids.csv] [--output DIR]
+
+The findings CSV has ``seriesuid,coordX,coordY,coordZ,probability`` (LUNA16's
+submission format). Scoring follows the official ``noduleCADEvaluationLUNA16.py``
+(see :func:`p2ch_luna.metrics.froc`). The scans evaluated matter: FPs are
+averaged over them, so pass the list of scans the detector ran on; by default
+it is every scan named in the annotations or the findings, which leaves out
+scans that have neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .cli import make_parser, run_command
+from .errors import DataError
+from .luna import read_csv_checked
+from .metrics import (
+    DEFAULT_BOOTSTRAP_SAMPLES,
+    DEFAULT_BOOTSTRAP_SEED,
+    DIAMETER_COLUMN,
+    LUNA16_MAX_DETECTIONS_PER_SCAN,
+    PROBABILITY_COLUMN,
+    SERIES_COLUMN,
+    XYZ_COLUMNS,
+    FrocResult,
+    froc,
+    plot_froc,
+)
+
+log = logging.getLogger(__name__)
+
+FROC_PLOT_FILE = "froc.png"
+FROC_JSON_FILE = "froc.json"
+
+
+def read_series_list(path: Path) -> list[str]:
+    """Series UIDs, one per line (LUNA16's ``seriesuids.csv``); a ``seriesuid`` header line is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"series list {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"series list {path} could not be read: {error}") from None
+    uids = [line.split(",")[0].strip() for line in lines if line.strip()]
+    if uids and uids[0] == SERIES_COLUMN:
+        uids = uids[1:]
+    if not uids:
+        raise DataError(f"series list {path} names no series")
+    return uids
+
+
+def format_report(result: FrocResult) -> str:
+    """The command's printed report: CPM with CI, the seven operating points, counts."""
+    lines = [
+        f"CPM: {result.cpm:.4f}"
+        + (
+            f"  ({result.confidence:.0%} CI {result.ci_low:.4f} - {result.ci_high:.4f}, "
+            f"{result.n_bootstrap} bootstrap samples over scans)"
+            if result.n_bootstrap > 0
+            else ""
+        ),
+        "Sensitivity at average FPs per scan:",
+    ]
+    lines += [f"  {point:>6g}: {value:.4f}" for point, value in result.sensitivities_at_operating_points.items()]
+    lines.append(
+        f"Nodules detected: {result.n_detected_nodules}/{result.n_nodules}; "
+        f"false positives: {result.n_false_positives}; ignored marks: {result.n_ignored}; "
+        f"scans: {result.n_scans}"
+    )
+    return "\n".join(lines)
+
+
+def _series_uids(args: argparse.Namespace, annotation_uids: Sequence[str], finding_uids: Sequence[str]) -> list[str]:
+    if args.series_list is not None:
+        return read_series_list(args.series_list)
+    if args.series_uids:
+        return list(dict.fromkeys(args.series_uids))
+    return sorted(set(annotation_uids) | set(finding_uids))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    location_columns = [SERIES_COLUMN, *XYZ_COLUMNS]
+    findings = read_csv_checked(
+        args.findings, [*location_columns, PROBABILITY_COLUMN], [*XYZ_COLUMNS, PROBABILITY_COLUMN], what="findings"
+    )
+    annotations = read_csv_checked(
+        args.annotations, [*location_columns, DIAMETER_COLUMN], [*XYZ_COLUMNS, DIAMETER_COLUMN], what="annotations"
+    )
+    excluded = None
+    if args.excluded is not None:
+        excluded = read_csv_checked(
+            args.excluded,
+            [*location_columns, DIAMETER_COLUMN],
+            [*XYZ_COLUMNS, DIAMETER_COLUMN],
+            what="excluded annotations",
+        )
+    series_uids = _series_uids(args, annotations[SERIES_COLUMN].tolist(), findings[SERIES_COLUMN].tolist())
+    result = froc(
+        annotations,
+        findings,
+        series_uids,
+        excluded,
+        n_bootstrap=args.bootstrap,
+        rng=np.random.default_rng(args.seed),
+        max_detections_per_scan=args.max_per_scan or None,
+    )
+    print(format_report(result))
+    if args.output is not None:
+        plot_froc(result, args.output / FROC_PLOT_FILE, title=Path(args.findings).stem)
+        atomic_write_text(args.output / FROC_JSON_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+        log.info("wrote %s and %s", args.output / FROC_PLOT_FILE, args.output / FROC_JSON_FILE)
+    return 0
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "p2ch_luna.evaluate",
+        "Score LUNA16 findings (seriesuid,coordX,coordY,coordZ,probability): FROC, CPM and bootstrap CI.",
+        paths=False,
+    )
+    parser.add_argument("findings", type=Path, help="findings CSV to score")
+    parser.add_argument("--annotations", type=Path, required=True, help="LUNA16 annotations.csv")
+    parser.add_argument(
+        "--excluded", type=Path, help="LUNA16 annotations_excluded.csv: marks on these findings are ignored"
+    )
+    scans = parser.add_mutually_exclusive_group()
+    scans.add_argument("--series-list", type=Path, help="file with the evaluated series UIDs, one per line")
+    scans.add_argument("--series-uids", nargs="+", metavar="UID", help="the evaluated series UIDs")
+    parser.add_argument(
+        "--bootstrap",
+        type=_non_negative_int,
+        default=DEFAULT_BOOTSTRAP_SAMPLES,
+        help="bootstrap samples over scans for the CPM confidence interval (0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_BOOTSTRAP_SEED, help="bootstrap random seed")
+    parser.add_argument(
+        "--max-per-scan",
+        type=_non_negative_int,
+        default=LUNA16_MAX_DETECTIONS_PER_SCAN,
+        help="keep only the most suspicious marks per scan, as the official script does (0: keep all)",
+    )
+    parser.add_argument("--output", type=Path, help=f"folder for {FROC_PLOT_FILE} and {FROC_JSON_FILE}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(evaluate, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Tests for p2ch_luna.models: classifier, U-Net, registry and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2ch_luna.errors import DataError
+from p2ch_luna.models import (
+    MODEL_REGISTRY,
+    LunaModel,
+    UNet,
+    UNetWrapper,
+    build_model,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from p2ch_luna.models.checkpoint import checkpoint_path
+
+BOOK_CHECKPOINTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "book-checkpoints"
+TINY_CHUNK = (16, 16, 16)
+
+
+def book_checkpoint(prefix: str) -> Path:
+    found = sorted(BOOK_CHECKPOINTS.glob(f"{prefix}_*.state")) if BOOK_CHECKPOINTS.is_dir() else []
+    if not found:
+        pytest.skip(f"no book {prefix}_*.state checkpoint under {BOOK_CHECKPOINTS}")
+    return found[0]
+
+
+@pytest.mark.parametrize("input_shape", [(32, 48, 48), (16, 24, 32)])
+def test_luna_model_logits_shape(input_shape: tuple[int, int, int]) -> None:
+    model = LunaModel(input_shape=input_shape).eval()
+    logits = model(torch.randn(3, 1, *input_shape))
+    assert logits.shape == (3, 2)
+
+
+def test_luna_model_head_size_derived_from_input_shape() -> None:
+    assert LunaModel().head_linear.in_features == 1152
+    assert LunaModel(input_shape=(16, 24, 32), conv_channels=4).head_linear.in_features == 32 * 1 * 1 * 2
+    with pytest.raises(ValueError):
+        LunaModel(input_shape=(8, 8, 8))
+
+
+def test_luna_model_accepts_channels_last_3d() -> None:
+    torch.manual_seed(0)
+    model = LunaModel(input_shape=TINY_CHUNK).eval()
+    batch = torch.randn(2, 1, *TINY_CHUNK)
+    expected = model(batch)
+    got = model.to(memory_format=torch.channels_last_3d)(batch.to(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_registry_builds_wide_variant() -> None:
+    assert {"luna", "luna-wide", "unet"} <= set(MODEL_REGISTRY)
+    wide = build_model("luna-wide", input_shape=TINY_CHUNK)
+    assert wide.block1.conv1.out_channels == 16
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("no-such-model")
+
+
+def test_book_classifier_checkpoint_loads_strict() -> None:
+    path = book_checkpoint("cls")
+    state = torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+    LunaModel().load_state_dict(state, strict=True)
+    loaded = load_checkpoint(path, expected_task="nodule")
+    assert loaded.is_book and loaded.task == "nodule" and isinstance(loaded.model, LunaModel)
+    assert loaded.samples_seen == 4_500_000
+    assert loaded.model(torch.zeros(1, 1, 32, 48, 48)).shape == (1, 2)
+
+
+def test_book_segmentation_checkpoint_loads_strict() -> None:
+    path = book_checkpoint("seg")
+    state = torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+    UNetWrapper().load_state_dict(state, strict=True)
+    loaded = load_checkpoint(path, expected_task="segmentation")
+    assert loaded.task == "segmentation" and isinstance(loaded.model, UNetWrapper)
+    with pytest.raises(DataError, match="is a segmentation checkpoint, expected nodule or malignancy"):
+        load_checkpoint(path, expected_task=("nodule", "malignancy"))
+
+
+@pytest.mark.parametrize("height, width", [(65, 77), (7, 9), (16, 16)])
+def test_unet_wrapper_keeps_odd_sizes(height: int, width: int) -> None:
+    model = UNetWrapper().eval()
+    assert model(torch.randn(2, 7, height, width)).shape == (2, 1, height, width)
+
+
+def test_unet_valid_convolutions_shrink_output() -> None:
+    # depth 2 on 20x20: 20 -conv-> 16 -pool-> 8 -conv-> 4 -up-> 8 -conv-> 4
+    model = UNet(in_channels=1, n_classes=2, depth=2, wf=1, padding=False).eval()
+    assert model(torch.randn(1, 1, 20, 20)).shape == (1, 2, 4, 4)
+
+
+def test_unet_block_layout_matches_book_keys() -> None:
+    keys = set(UNet(depth=2, wf=1, padding=True, batch_norm=True, up_mode="upsample").state_dict())
+    assert {"down_path.0.block.0.weight", "down_path.0.block.2.running_mean", "down_path.0.block.3.weight",
+            "down_path.0.block.5.weight", "up_path.0.up.1.weight", "last.weight"} <= keys
+
+
+@pytest.mark.parametrize(
+    "model_name, model_kwargs, task, input_shape",
+    [
+        ("luna-wide", {"input_shape": TINY_CHUNK}, "malignancy", (2, 1, *TINY_CHUNK)),
+        ("unet", {"in_channels": 3, "depth": 2, "wf": 2}, "segmentation", (2, 3, 9, 11)),
+    ],
+)
+def test_checkpoint_round_trip(tmp_path: Path, model_name: str, model_kwargs: dict, task: str,
+                               input_shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(model_name, **model_kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batch = torch.randn(*input_shape)
+    model(batch).sum().backward()
+    optimizer.step()
+    model.eval()
+    path = save_checkpoint(
+        tmp_path / "models" / "ckpt.best.state", model, model_name=model_name, model_kwargs=model_kwargs,
+        task=task, optimizer=optimizer, epoch=3, samples_seen=96,
+        config={"data_root": tmp_path, "lr": 0.01}, metrics={"loss": 0.5},
+    )
+    loaded = load_checkpoint(path, expected_task=task)
+    assert not loaded.is_book and loaded.model_name == model_name and loaded.task == task
+    assert (loaded.epoch, loaded.samples_seen, loaded.optimizer_name) == (3, 96, "SGD")
+    assert loaded.raw["totalTrainingSamples_count"] == 96
+    assert loaded.config["data_root"] == str(tmp_path) and loaded.metrics == {"loss": 0.5}
+    torch.testing.assert_close(loaded.model(batch), model(batch), atol=0, rtol=0)
+    fresh_optimizer = torch.optim.SGD(loaded.model.parameters(), lr=0.01, momentum=0.9)
+    fresh_optimizer.load_state_dict(loaded.optimizer_state)
+    assert list(tmp_path.joinpath("models").iterdir()) == [path]  # no temporary files left
+
+
+def test_non_checkpoint_files_give_data_error(tmp_path: Path) -> None:
+    text = tmp_path / "notes.state"
+    text.write_text("hello world\n")
+    empty = tmp_path / "empty.state"
+    empty.write_bytes(b"")
+    no_model = tmp_path / "dict.state"
+    torch.save({"weights": torch.zeros(2)}, no_model)
+    for path in (text, empty, no_model):
+        with pytest.raises(DataError, match="is not a p2ch_luna or book checkpoint"):
+            load_checkpoint(path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.state")
+
+
+class _CreatesMarker:
+    """Unpickling this runs ``open(marker, 'w')``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_pickled_code_is_refused_not_run(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.state"
+    payload = {"model_state": {}, "model_name": "LunaModel", "hook": _CreatesMarker(marker)}
+    if writer == "torch":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(DataError, match="was refused: it contains pickled objects"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_wrong_architecture_gives_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.state"
+    model = LunaModel(input_shape=TINY_CHUNK)
+    save_checkpoint(path, model, model_name="luna", model_kwargs={}, task="nodule",
+                    epoch=0, samples_seen=0, config={}, metrics={})
+    with pytest.raises(DataError, match="does not fit model 'luna'"):
+        load_checkpoint(path)
+
+
+def test_find_latest_checkpoint(tmp_path: Path) -> None:
+    assert find_latest_checkpoint(tmp_path, "nodule") is None
+    older = checkpoint_path(tmp_path, "nodule", "2026-01-01_10.00.00", "a", best=True)
+    newer = checkpoint_path(tmp_path / "sub", "nodule", "2026-01-02_10.00.00", "b", best=True)
+    last = checkpoint_path(tmp_path, "nodule", "2026-01-03_10.00.00", "c", best=False)
+    other_task = checkpoint_path(tmp_path, "malignancy", "2026-01-03_10.00.00", "d", best=True)
+    for mtime, path in enumerate([older, newer, last, other_task]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 + mtime, 1_000_000 + mtime))
+    assert find_latest_checkpoint(tmp_path, "nodule") == newer
+    assert find_latest_checkpoint(tmp_path, "malignancy") == other_task
