@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -267,7 +268,7 @@ def _check_metaimage_header(path: Path) -> None:
         raise DataError(f"CT header {path}: unknown ElementType {element_type!r}")
     if element_type not in _METAIMAGE_HU_TYPES:
         raise DataError(f"CT header {path}: ElementType {element_type} cannot hold Hounsfield units (expected MET_SHORT)")
-    if int(header.get("ElementNumberOfChannels", "1") or 1) != 1:
+    if "ElementNumberOfChannels" in header and _parse_numbers(path, header, "ElementNumberOfChannels", 1, int) != [1]:
         raise DataError(f"CT header {path}: more than one channel per voxel")
     data_file = header.get("ElementDataFile")
     if not data_file:
@@ -278,8 +279,8 @@ def _check_metaimage_header(path: Path) -> None:
     raw_path = path.parent / data_file
     if not raw_path.is_file():
         raise DataError(f"CT {path}: its data file {raw_path} is missing")
-    expected = int(np.prod(dims, dtype=np.int64)) * _METAIMAGE_ELEMENT_BYTES[element_type]
-    header_size = int(header.get("HeaderSize", "0") or 0)
+    expected = math.prod(dims) * _METAIMAGE_ELEMENT_BYTES[element_type]  # Python ints: no overflow
+    header_size = _parse_numbers(path, header, "HeaderSize", 1, int)[0] if "HeaderSize" in header else 0
     actual = raw_path.stat().st_size - max(header_size, 0)
     if actual < expected:
         raise DataError(f"CT {path}: data file {raw_path} holds {actual} bytes, expected {expected} (truncated)")

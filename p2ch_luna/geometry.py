@@ -12,6 +12,7 @@ book's ``(xyz - origin) @ inv(direction)`` is only right for symmetric matrices.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -126,7 +127,8 @@ def chunk_bounds(center_irc: Sequence[float], width_irc: Sequence[int],
     """
     bounds = []
     for center, width, size in zip(center_irc, width_irc, shape_irc):
-        start = int(round(float(center) - width / 2))
+        # Round half up (not Python's half-to-even) so odd widths stay centred on the voxel.
+        start = math.floor(float(center) - width / 2 + 0.5)
         end = start + int(width)
         if start < 0:
             start, end = 0, int(width)

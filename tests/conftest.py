@@ -1,0 +1,48 @@
+"""Shared fixtures: the real data under /work/shared/data and a tiny synthetic LUNA16 set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"{what} not available at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder (skips the test when it is absent)."""
+    return _existing(SHARED_DATA, "shared data folder")
+
+
+@pytest.fixture(scope="session")
+def cptac_dir(shared_data: Path) -> Path:
+    """A real chest CT as a DICOM folder (99 slices of 512 x 512)."""
+    return _existing(shared_data / "cptac-chest-ct", "CPTAC chest CT")
+
+
+@pytest.fixture(scope="session")
+def luna16_dir(shared_data: Path) -> Path:
+    """The LUNA16 CSVs (annotations.csv, annotations_with_malignancy.csv)."""
+    return _existing(shared_data / "luna16", "LUNA16 CSVs")
+
+
+@pytest.fixture(scope="session")
+def book_checkpoints_dir(shared_data: Path) -> Path:
+    """The book's trained classifier and segmentation checkpoints."""
+    return _existing(shared_data / "book-checkpoints", "book checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic LUNA16 dataset (5 series), written once per session."""
+    synth = pytest.importorskip("p2ch_luna.synth", reason="p2ch_luna.synth is not written yet")
+    root = tmp_path_factory.mktemp("tiny_luna")
+    synth.generate_dataset(root, series=5, seed=0, shape=(96, 96), slices=(40, 50))
+    return root
