@@ -25,11 +25,26 @@ class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors are one line (plus the usage) and exit 2."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default unless it is empty or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or default in (None, False, argparse.SUPPRESS)
+            or action.option_strings == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def make_parser(prog: str, description: str, paths: bool = True) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     if paths:
         add_path_arguments(parser)

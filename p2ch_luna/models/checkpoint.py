@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import logging
 import os
 import pickle
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..atomic import atomic_path
+from ..atomic import atomic_write_bytes
 from ..errors import DataError
 from .registry import build_model
 
@@ -122,8 +123,11 @@ def save_checkpoint(
             raise ValueError(f"extra checkpoint fields would overwrite {clashes}")
         state.update(_plain(dict(extra)))
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Serialise in memory first: torch.save reports a failed write (disk full, file-size
+    # limit) as a RuntimeError, a plain write gives the OSError atomic writes turn into LunaError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     log.info("saved %s checkpoint %s (epoch %d, %d samples)", task, path, epoch, samples_seen)
     return path
 

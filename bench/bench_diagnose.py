@@ -1,0 +1,142 @@
+"""Time diagnosis of one synthetic 512x512x~130 CT on the CPU: ours against a book-style path.
+
+    python bench/bench_diagnose.py [--slices 130] [--segmentation-path F --classification-path F] [--threads N]
+
+Book-style path (p2ch14/diagnose.py): a DataLoader yields one 7-channel
+float32 512x512 slice stack at a time, batch 4, every slice is segmented,
+sigmoid > 0.5, erosion, labelling, HU-weighted centres, then a DataLoader of
+32x48x48 chunks (batch 4) through the classifier. Ours: lung mask, slices
+holding lung only, cropped to the lungs, batched slices gathered from one
+tensor, inference mode, candidates inside the lungs only. Both run in this
+process on the same CT and models; the ratio is what to compare. Without
+checkpoints, seeded untrained models with the book's architectures are used
+(the timing then depends on how many candidates they happen to produce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from p2ch_luna import diagnose, synth  # noqa: E402
+from p2ch_luna.ct import HU_MAX, HU_MIN, extract_chunk, load_ct  # noqa: E402
+from p2ch_luna.models import build_model  # noqa: E402
+from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, LoadedCheckpoint, load_checkpoint  # noqa: E402
+
+BOOK_BATCH_SIZE = 4
+CHUNK_SHAPE = (32, 48, 48)
+
+
+class BookSlices(Dataset):
+    """The book's Luna2dSegmentationDataset(fullCt_bool=True): a 7-slice float32 stack per item."""
+
+    def __init__(self, hu: np.ndarray) -> None:
+        self.hu = hu
+
+    def __len__(self) -> int:
+        return self.hu.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        stack = torch.zeros((2 * diagnose.CONTEXT_SLICES + 1, *self.hu.shape[1:]))
+        for channel, context in enumerate(range(index - diagnose.CONTEXT_SLICES, index + diagnose.CONTEXT_SLICES + 1)):
+            context = min(max(context, 0), self.hu.shape[0] - 1)
+            stack[channel] = torch.from_numpy(self.hu[context].astype(np.float32))
+        return stack, index
+
+
+class BookChunks(Dataset):
+    """The book's LunaDataset on candidate centres: one float32 (1, 32, 48, 48) chunk per item."""
+
+    def __init__(self, hu: np.ndarray, centers: np.ndarray) -> None:
+        self.hu, self.centers = hu, centers
+
+    def __len__(self) -> int:
+        return len(self.centers)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(extract_chunk(self.hu, self.centers[index], CHUNK_SHAPE).astype(np.float32))[None]
+
+
+def book_style(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.nn.Module) -> int:
+    """The book's diagnosis of one CT; returns the number of candidates classified."""
+    clipped = np.clip(hu, HU_MIN, HU_MAX)
+    output = np.zeros(hu.shape, dtype=np.float32)
+    with torch.no_grad():
+        for inputs, indices in DataLoader(BookSlices(clipped), batch_size=BOOK_BATCH_SIZE):
+            output[indices.numpy()] = torch.sigmoid(segmentation(inputs))[:, 0].numpy()
+        mask = ndimage.binary_erosion(output > 0.5, iterations=1)
+        labels, count = ndimage.label(mask)
+        centers = ndimage.center_of_mass(clipped + 1001, labels, np.arange(1, count + 1))
+        centers = np.rint(np.asarray(centers, dtype=np.float64).reshape(-1, 3)).astype(np.int64)
+        for chunks in DataLoader(BookChunks(clipped, centers), batch_size=BOOK_BATCH_SIZE):
+            torch.softmax(classifier(chunks), dim=1)
+    return count
+
+
+def load_or_build(path: Path | None, task: str) -> LoadedCheckpoint | torch.nn.Module:
+    if path is not None:
+        return load_checkpoint(path, task)
+    if task == "segmentation":
+        return build_model("unet", **BOOK_SEGMENTATION_KWARGS).eval()
+    return build_model("luna").eval()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=130)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--segmentation-path", type=Path)
+    parser.add_argument("--classification-path", type=Path)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--skip-book", action="store_true", help="time only our path")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    segmentation = load_or_build(args.segmentation_path, "segmentation")
+    classifier = load_or_build(args.classification_path, "nodule")
+    models = diagnose.DiagnosisModels(
+        segmentation=segmentation if isinstance(segmentation, LoadedCheckpoint) else _wrap(segmentation, "segmentation"),
+        nodule=classifier if isinstance(classifier, LoadedCheckpoint) else _wrap(classifier, "nodule"),
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        infos = synth.generate_dataset(folder, series=1, seed=args.seed, subsets=1, shape=(512, 512),
+                                       slices=(args.slices, args.slices), progress=False)
+        ct = load_ct(infos[0].path)
+    print(f"CT {ct.shape} spacing_irc {tuple(round(float(v), 3) for v in ct.geometry.spacing_irc)}, "
+          f"{torch.get_num_threads()} torch thread(s)")
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    result, lungs, _ = diagnose.diagnose_ct(ct, models, diagnose.DiagnoseConfig(), device)
+    ours_s = time.perf_counter() - started
+    lung_slices = int(lungs.any(axis=(1, 2)).sum())
+    print(f"ours:       {ours_s:7.1f} s  ({len(result.candidates)} candidates, {lung_slices}/{ct.shape[0]} slices "
+          f"hold lung; " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()) + ")")
+    if args.skip_book:
+        return 0
+    started = time.perf_counter()
+    count = book_style(ct.hu, models.segmentation.model, models.nodule.model)
+    book_s = time.perf_counter() - started
+    print(f"book-style: {book_s:7.1f} s  ({count} candidates, every slice, full 512x512, batch {BOOK_BATCH_SIZE})")
+    print(f"speed-up:   {book_s / ours_s:7.2f}x")
+    return 0
+
+
+def _wrap(model: torch.nn.Module, task: str) -> LoadedCheckpoint:
+    return LoadedCheckpoint(path=Path("untrained"), model=model, task=task, model_name=type(model).__name__,
+                            model_kwargs={}, epoch=None, samples_seen=None, optimizer_name=None,
+                            optimizer_state=None, config={}, metrics={}, is_book=False, raw={})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Candidate datasets for the nodule and malignancy classifiers.
+
+Rows come from the LUNA16 candidate table (:func:`p2ch_luna.luna.read_candidate_table`),
+chunks from the chunk cache (:class:`p2ch_luna.cache.ChunkCache`). A sample is a
+dict::
+
+    image       int16 tensor (1, I, R, C) of clipped HU (converted to float on the device)
+    label       int64 tensor (): 1 = positive (nodule / malignant)
+    series_uid  str
+    center_irc  int64 tensor (3,)
+    index       int64 tensor (): row of the dataset's table
+
+Chunks stay int16 until they reach the training device: a quarter of the
+bytes to copy, and the float conversion runs batched where the model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .cache import ChunkCache
+from .errors import DataError
+from .luna import VALIDATION_STRIDE, split_by_series
+from .models.classifier import CHUNK_SHAPE_IRC
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMN = "label"
+CENTER_COLUMNS = ["center_x", "center_y", "center_z"]
+
+
+def nodule_table(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Nodule-vs-non-nodule rows (book ch. 14): annotations are positives, class-0 candidates negatives."""
+    positives = candidates[candidates["source"] == "annotation"]
+    negatives = candidates[(candidates["source"] == "candidate") & ~candidates["is_nodule"].astype(bool)]
+    table = pd.concat([positives, negatives], ignore_index=True)
+    table[LABEL_COLUMN] = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
+    return table
+
+
+def malignancy_table(
+    candidates: pd.DataFrame, non_nodules_per_benign: float = 0.0, seed: int = 0
+) -> pd.DataFrame:
+    """Malignant (positive) vs benign annotated nodules with known malignancy.
+
+    With ``non_nodules_per_benign`` > 0, that many non-nodule candidates per
+    benign nodule (a seeded random pick) join the benign class, as the book's
+    ch. 14 mix of benign nodules and non-nodules.
+    """
+    annotations = candidates[(candidates["source"] == "annotation") & candidates["is_malignant"].notna()]
+    table = annotations.copy()
+    table[LABEL_COLUMN] = table["is_malignant"].astype(bool).to_numpy()
+    if non_nodules_per_benign > 0:
+        pool = candidates[(candidates["source"] == "candidate") & ~candidates["is_nodule"].astype(bool)]
+        count = min(len(pool), int(round(non_nodules_per_benign * int((~table[LABEL_COLUMN]).sum()))))
+        rng = np.random.default_rng(seed)
+        picked = pool.iloc[np.sort(rng.choice(len(pool), size=count, replace=False))].copy()
+        picked[LABEL_COLUMN] = False
+        table = pd.concat([table, picked], ignore_index=True)
+    return table.reset_index(drop=True)
+
+
+def split_table(table: pd.DataFrame, val_stride: int = VALIDATION_STRIDE) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Book split by series: every ``val_stride``-th series (sorted by UID) is validation."""
+    train_uids, val_uids = split_by_series(table["series_uid"], val_stride)
+    is_val = table["series_uid"].isin(set(val_uids)).to_numpy()
+    if not train_uids or not val_uids:
+        raise DataError(
+            f"{table['series_uid'].nunique()} series are too few to split into training and "
+            f"validation with --val-stride {val_stride}"
+        )
+    return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
+
+
+class CandidateDataset(Dataset):
+    """Chunks around the table's centres with the table's ``label`` column.
+
+    Picklable (the cache reopens itself in each DataLoader worker).
+    """
+
+    def __init__(self, table: pd.DataFrame, cache: ChunkCache,
+                 chunk_shape_irc: Sequence[int] = CHUNK_SHAPE_IRC) -> None:
+        if LABEL_COLUMN not in table:
+            raise ValueError(f"table needs a {LABEL_COLUMN!r} column")
+        self.table = table.reset_index(drop=True)
+        self.cache = cache
+        self.chunk_shape_irc = tuple(int(n) for n in chunk_shape_irc)
+        self.series_uids = self.table["series_uid"].astype(str).tolist()
+        self.centers_xyz = self.table[CENTER_COLUMNS].to_numpy(dtype=np.float64)
+        self.labels = self.table[LABEL_COLUMN].to_numpy(dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        series_uid = self.series_uids[index]
+        chunk, center_irc = self.cache.chunk(series_uid, self.centers_xyz[index], self.chunk_shape_irc)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(chunk)).unsqueeze(0),
+            "label": torch.tensor(int(self.labels[index]), dtype=torch.long),
+            "series_uid": series_uid,
+            "center_irc": torch.as_tensor(np.asarray(center_irc, dtype=np.int64)),
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """A whole collated batch at once (the DataLoader's batched-fetch hook): one stack, no per-item collate."""
+        items = [self[index] for index in indices]
+        return {
+            "image": torch.stack([item["image"] for item in items]),
+            "label": torch.stack([item["label"] for item in items]),
+            "series_uid": [item["series_uid"] for item in items],
+            "center_irc": torch.stack([item["center_irc"] for item in items]),
+            "index": torch.as_tensor(list(indices), dtype=torch.long),
+        }
+
+
+def positive_count(dataset: CandidateDataset) -> tuple[int, int]:
+    """(positives, negatives) of a dataset, for log lines."""
+    positives = int(dataset.labels.sum())
+    return positives, len(dataset) - positives

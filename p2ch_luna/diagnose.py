@@ -1,0 +1,572 @@
+"""Diagnose CTs end to end: lungs, segmentation, candidates, nodule and malignancy scores.
+
+    python -m p2ch_luna.diagnose --series-uid UID[,UID...]   # LUNA16 series under --data-root
+    python -m p2ch_luna.diagnose --ct PATH                    # .mhd, NIfTI or a DICOM folder
+    python -m p2ch_luna.diagnose --validation [--include-train] --output DIR
+
+Pipeline per CT (the book's chapter 14, kept inside the lungs):
+
+1. lung mask from HU (:mod:`p2ch_luna.lungs`); every later step stays inside it;
+2. U-Net on every slice that holds lung (7-slice context, clamped at the ends),
+   cropped to the lungs' bounding box, batched, sigmoid > threshold;
+3. restrict to the lungs, erode, label connected components, HU-weighted centre
+   of mass per component (the book's grouping); estimated size = equivalent
+   diameter of the component;
+4. nodule probability per candidate (softmax of the classifier on a 32x48x48
+   chunk), malignancy probability for those above the nodule threshold.
+
+Truth, when annotations exist, scores the run: the book's confusion table per
+series and in total, and the LUNA16 FROC/CPM. Under ``torchrun`` the series are
+split across ranks and rank 0 merges the results and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from scipy import ndimage
+from tqdm import tqdm
+
+from . import lungs as lungs_module
+from .cli import make_parser, run_command
+from .ct import HU_MAX, HU_MIN, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct
+from .distributed import DistributedInfo, distributed_info_from_env, resolve_device
+from .errors import DataError, UsageError
+from .geometry import Geometry
+from .luna import (
+    ANNOTATIONS_FILE,
+    COORD_COLUMNS,
+    MALIGNANCY_FILE,
+    attach_malignancy,
+    read_annotations,
+    read_csv_checked,
+    read_malignancy,
+    split_by_series,
+)
+from .metrics import FrocResult, confusion_table, froc
+from .models.checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
+from .paths import Paths, paths_from_args
+
+log = logging.getLogger(__name__)
+
+CONTEXT_SLICES = 3
+"""Slices above and below the one segmented (7 input channels, as in the book)."""
+SEGMENTATION_PAD = 16
+"""Pixels added around the lungs' bounding box before segmenting (U-Net context)."""
+HU_WEIGHT_OFFSET = HU_MIN - 1
+"""Centre of mass weights are HU - this (>= 1 after clipping), as in the book."""
+CPU_SEGMENTATION_BATCH = 4
+"""Slices per U-Net batch on the CPU: larger batches measured slower (cache)."""
+CUDA_SEGMENTATION_BATCH = 32
+CLASSIFICATION_BATCH = 64
+"""Candidate chunks per classifier batch (64 measured fastest on the CPU)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnoseConfig:
+    """Thresholds and post-processing (book defaults) and how to run the models."""
+
+    segmentation_threshold: float = 0.5
+    erosion_iterations: int = 1
+    nodule_threshold: float = 0.5
+    malignancy_threshold: float = 0.5
+    batch_size: int = CPU_SEGMENTATION_BATCH
+    amp: bool = False
+    lung_margin_mm: float = lungs_module.DEFAULT_MARGIN_MM
+
+
+@dataclasses.dataclass
+class DiagnosisModels:
+    """The loaded models; ``malignancy`` is optional."""
+
+    segmentation: LoadedCheckpoint
+    nodule: LoadedCheckpoint
+    malignancy: LoadedCheckpoint | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description of each model (file, task, architecture, book or ours)."""
+        described: dict[str, Any] = {}
+        for name in ("segmentation", "nodule", "malignancy"):
+            loaded = getattr(self, name)
+            described[name] = None if loaded is None else {
+                "path": str(loaded.path), "task": loaded.task, "model_name": loaded.model_name,
+                "is_book": loaded.is_book, "epoch": loaded.epoch, "samples_seen": loaded.samples_seen,
+            }
+        return described
+
+
+@dataclasses.dataclass
+class SeriesDiagnosis:
+    """Everything found in one CT: one row per candidate, plus what the report needs."""
+
+    series_uid: str
+    source: str
+    shape_irc: tuple[int, int, int]
+    spacing_irc: tuple[float, float, float]
+    lung_volume_ml: float
+    candidates: pd.DataFrame
+    timings: dict[str, float]
+    geometry: Geometry | None = None
+    figures: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    """PNG bytes per finding, keyed by file name."""
+    mask_bits: np.ndarray | None = None
+    """The segmentation mask inside the lungs, ``np.packbits``-ed (``--save-mask``)."""
+
+
+CANDIDATE_COLUMNS = [
+    "series_uid", "center_x", "center_y", "center_z", "index", "row", "col",
+    "voxel_count", "diameter_mm", "nodule_probability", "malignancy_probability",
+]
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+
+def load_models(paths: Paths, segmentation_path: Path | None, classification_path: Path | None,
+                malignancy_path: Path | None, device: torch.device) -> DiagnosisModels:
+    """Load the three models: given files, else the newest best checkpoint of each task."""
+
+    def resolve(path: Path | None, task: str, flag: str, required: bool) -> Path | None:
+        if path is not None:
+            return path
+        found = find_latest_checkpoint(paths.models_dir, task)
+        if found is None and required:
+            raise DataError(f"no {task} checkpoint ({task}_*.best.state) under {paths.models_dir}; "
+                            f"pass {flag} FILE or --models-dir DIR")
+        if found is not None:
+            log.info("using the newest %s checkpoint %s", task, found)
+        return found
+
+    segmentation_file = resolve(segmentation_path, "segmentation", "--segmentation-path", True)
+    nodule_file = resolve(classification_path, "nodule", "--classification-path", True)
+    malignancy_file = resolve(malignancy_path, "malignancy", "--malignancy-path", False)
+    models = DiagnosisModels(
+        segmentation=load_checkpoint(segmentation_file, "segmentation", map_location=device),
+        nodule=load_checkpoint(nodule_file, "nodule", map_location=device),
+        malignancy=None if malignancy_file is None else load_checkpoint(malignancy_file, "malignancy",
+                                                                          map_location=device),
+    )
+    if models.malignancy is None:
+        log.info("no malignancy model: malignancy is not estimated")
+    return models
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """float16 autocast on CUDA, bfloat16 elsewhere; nothing when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# Pipeline steps
+
+
+def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, threshold: float,
+               batch_size: int, device: torch.device, amp: bool = False) -> np.ndarray:
+    """Boolean nodule mask: the U-Net on every slice that ``region`` touches.
+
+    The clipped HU of the region's bounding box (plus context slices) go to
+    the device once; each batch of consecutive slices is cropped to the
+    region's box within those slices (padded in-plane by ``SEGMENTATION_PAD``),
+    and its 7-slice stacks are gathered there by index.
+    """
+    mask = np.zeros(hu.shape, dtype=bool)
+    box = lungs_module.mask_bounding_box(region)
+    if box is None:
+        return mask
+    slices = box[0]
+    n_slices = hu.shape[0]
+    first = max(slices.start - CONTEXT_SLICES, 0)
+    last = min(slices.stop + CONTEXT_SLICES, n_slices)
+    volume = torch.from_numpy(np.clip(hu[first:last], HU_MIN, HU_MAX).astype(np.float32)).to(device)
+    offsets = np.arange(-CONTEXT_SLICES, CONTEXT_SLICES + 1)
+    slice_indices = np.arange(slices.start, slices.stop)
+    with torch.inference_mode(), autocast(device, amp):
+        for start in range(0, len(slice_indices), batch_size):
+            batch_slices = slice_indices[start : start + batch_size]
+            crop = lungs_module.mask_bounding_box(region[batch_slices], (0, SEGMENTATION_PAD, SEGMENTATION_PAD))
+            if crop is None:
+                continue
+            _, rows, cols = crop
+            context = np.clip(batch_slices[:, None] + offsets[None, :], 0, n_slices - 1) - first
+            logits = model(volume[torch.from_numpy(context).to(device), rows, cols])
+            predicted = torch.sigmoid(logits[:, 0].float()) > threshold
+            mask[batch_slices, rows, cols] = predicted.cpu().numpy()
+    return mask
+
+
+def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray, ct: Ct,
+                     erosion_iterations: int) -> pd.DataFrame:
+    """Connected components of the (restricted, eroded) mask as candidate rows.
+
+    Centre: HU-weighted centre of mass (the book's); size: the equivalent
+    diameter of the component before erosion. Candidates whose centre falls
+    outside ``region`` are dropped, so every finding lies inside the lungs.
+    """
+    restricted = nodule_mask & region
+    box = lungs_module.mask_bounding_box(restricted)
+    if box is None:
+        return _empty_candidates()
+    restricted = restricted[box]
+    eroded = ndimage.binary_erosion(restricted, iterations=erosion_iterations) if erosion_iterations else restricted
+    labels, count = ndimage.label(eroded)
+    if count == 0:
+        return _empty_candidates()
+    index = np.arange(1, count + 1)
+    weights = np.clip(hu[box], HU_MIN, HU_MAX).astype(np.float32) - HU_WEIGHT_OFFSET
+    centers = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64).reshape(-1, 3)
+    centers += [s.start for s in box]
+    whole, _ = ndimage.label(restricted)
+    owner = np.asarray(ndimage.maximum(whole, labels, index), dtype=np.int64)
+    voxel_count = np.bincount(whole.ravel())[owner]
+    voxel_volume = float(np.prod(ct.geometry.spacing_xyz))
+    diameters = np.cbrt(6.0 * voxel_count * voxel_volume / np.pi)
+
+    nearest = np.rint(centers).astype(np.int64)
+    inside = region[tuple(nearest.T)]
+    if not inside.all():
+        log.debug("%s: %d candidate centre(s) outside the lungs dropped", ct.series_uid, int((~inside).sum()))
+    centers, voxel_count, diameters = centers[inside], voxel_count[inside], diameters[inside]
+    xyz = ct.geometry.irc_to_xyz(centers).reshape(-1, 3)
+    return pd.DataFrame({
+        "series_uid": ct.series_uid,
+        "center_x": xyz[:, 0], "center_y": xyz[:, 1], "center_z": xyz[:, 2],
+        "index": centers[:, 0], "row": centers[:, 1], "col": centers[:, 2],
+        "voxel_count": voxel_count.astype(np.int64), "diameter_mm": diameters,
+        "nodule_probability": np.nan, "malignancy_probability": np.nan,
+    }, columns=CANDIDATE_COLUMNS)
+
+
+def _empty_candidates() -> pd.DataFrame:
+    frame = pd.DataFrame({column: pd.Series(dtype=np.float64) for column in CANDIDATE_COLUMNS})
+    return frame.astype({"series_uid": str, "voxel_count": np.int64})
+
+
+def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Module, batch_size: int,
+                    device: torch.device, amp: bool = False) -> np.ndarray:
+    """Probability of class 1 (softmax of the logits) for a chunk around each voxel centre."""
+    shape = tuple(getattr(model, "input_shape", (32, 48, 48)))
+    probabilities = np.zeros(len(centers_irc), dtype=np.float64)
+    with torch.inference_mode(), autocast(device, amp):
+        for start in range(0, len(centers_irc), batch_size):
+            batch = centers_irc[start : start + batch_size]
+            chunks = np.stack([extract_chunk(hu, center, shape) for center in batch])
+            inputs = torch.from_numpy(chunks).to(device).unsqueeze(1).float()
+            logits = model(inputs).float()
+            probabilities[start : start + len(batch)] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+    return probabilities
+
+
+def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device: torch.device,
+                source: str = "") -> tuple[SeriesDiagnosis, np.ndarray, np.ndarray]:
+    """Run the whole pipeline on one CT; returns the diagnosis, the lung mask and the nodule mask."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    spacing_irc = tuple(float(v) for v in ct.geometry.spacing_irc)
+    lungs = lungs_module.find_lungs(ct.hu, spacing_irc, margin_mm=config.lung_margin_mm)
+    lap("lungs_s")
+    nodule_mask = segment_ct(ct.hu, lungs.mask, models.segmentation.model, config.segmentation_threshold,
+                             config.batch_size, device, config.amp)
+    lap("segmentation_s")
+    candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations)
+    lap("grouping_s")
+    centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
+    batch = max(config.batch_size, CLASSIFICATION_BATCH)
+    candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device, config.amp)
+    if models.malignancy is not None:
+        suspicious = candidates["nodule_probability"].to_numpy() >= config.nodule_threshold
+        candidates.loc[suspicious, "malignancy_probability"] = classify_chunks(
+            ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp)
+    lap("classification_s")
+    candidates = candidates.sort_values("nodule_probability", ascending=False, kind="mergesort")
+    diagnosis = SeriesDiagnosis(
+        series_uid=ct.series_uid, source=source or str(ct.source or ""), shape_irc=ct.shape,
+        spacing_irc=spacing_irc, lung_volume_ml=lungs.volume_ml,
+        candidates=candidates.reset_index(drop=True), timings=timings, geometry=ct.geometry,
+    )
+    return diagnosis, lungs.mask, nodule_mask & lungs.mask
+
+
+def findings(diagnosis: SeriesDiagnosis, config: DiagnoseConfig) -> pd.DataFrame:
+    """Candidates at or above the nodule threshold (the report's findings)."""
+    candidates = diagnosis.candidates
+    return candidates[candidates["nodule_probability"] >= config.nodule_threshold]
+
+
+# ---------------------------------------------------------------------------
+# Truth and scoring
+
+
+@dataclasses.dataclass
+class Truth:
+    """Annotated nodules (``series_uid, center_x/y/z, diameter_mm, is_malignant``) and excluded findings."""
+
+    nodules: pd.DataFrame
+    excluded: pd.DataFrame | None = None
+
+    def for_series(self, series_uid: str) -> pd.DataFrame:
+        return self.nodules[self.nodules["series_uid"] == series_uid]
+
+    def has_series(self, series_uid: str) -> bool:
+        return bool((self.nodules["series_uid"] == series_uid).any())
+
+
+def read_truth(data_root: Path, excluded_path: Path | None = None) -> Truth | None:
+    """Annotations of ``data_root`` with malignancy attached; None when it has no annotations.csv."""
+    annotations_path = data_root / ANNOTATIONS_FILE
+    if not annotations_path.is_file():
+        return None
+    nodules = read_annotations(annotations_path)
+    malignancy_path = data_root / MALIGNANCY_FILE
+    malignancy = read_malignancy(malignancy_path) if malignancy_path.is_file() else None
+    nodules["is_malignant"] = attach_malignancy(nodules, malignancy)
+    excluded = None
+    if excluded_path is not None:
+        excluded = read_csv_checked(excluded_path, ["seriesuid", *COORD_COLUMNS, "diameter_mm"],
+                                    [*COORD_COLUMNS, "diameter_mm"], what="excluded annotations")
+    return Truth(nodules=nodules, excluded=excluded)
+
+
+def series_confusion(truth: pd.DataFrame, candidates: pd.DataFrame, config: DiagnoseConfig) -> np.ndarray:
+    """The book's confusion table for one series (no malignancy model: predicted benign, as the book)."""
+    detections = candidates.assign(malignancy_probability=candidates["malignancy_probability"].fillna(0.0))
+    return confusion_table(truth, detections, config.nodule_threshold, config.malignancy_threshold)
+
+
+def luna_detections(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Candidates in the LUNA16 submission format (probability = nodule probability)."""
+    return pd.DataFrame({
+        "seriesuid": candidates["series_uid"].astype(str),
+        "coordX": candidates["center_x"], "coordY": candidates["center_y"], "coordZ": candidates["center_z"],
+        "probability": candidates["nodule_probability"],
+    })
+
+
+def luna_froc(truth: Truth, candidates: pd.DataFrame, series_uids: Sequence[str]) -> FrocResult:
+    """LUNA16 FROC/CPM (with bootstrap CI) of all candidates over the series evaluated."""
+    nodules = truth.nodules
+    annotations = pd.DataFrame({
+        "seriesuid": nodules["series_uid"], "coordX": nodules["center_x"], "coordY": nodules["center_y"],
+        "coordZ": nodules["center_z"], "diameter_mm": nodules["diameter_mm"],
+    })
+    return froc(annotations, luna_detections(candidates), list(series_uids), truth.excluded)
+
+
+# ---------------------------------------------------------------------------
+# Series selection and distribution
+
+
+def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Path]]:
+    """``(series_uid, path)`` to diagnose from exactly one of --series-uid/--ct/--validation."""
+    # With --ct, --series-uid picks one series of a DICOM folder that holds several.
+    given = [name for name in ("series_uid", "ct", "validation")
+             if getattr(args, name) and not (name == "series_uid" and args.ct is not None)]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --series-uid, --ct or --validation"
+                         + (f" (got {', '.join('--' + n.replace('_', '-') for n in given)})" if given else ""))
+    if args.include_train and not args.validation:
+        raise UsageError("--include-train only goes with --validation")
+    if args.ct is not None:
+        return [(args.series_uid or "", Path(args.ct))]
+    data_root = paths.require_data_root()
+    if args.series_uid:
+        uids = [uid.strip() for uid in args.series_uid.split(",") if uid.strip()]
+        if not uids:
+            raise UsageError("--series-uid names no series")
+        return [(uid, find_series_path(data_root, uid)) for uid in dict.fromkeys(uids)]
+    on_disk = list_series_on_disk(data_root)
+    if not on_disk:
+        raise DataError(f"no series (subset*/*.mhd) under {data_root}")
+    train, validation = split_by_series(on_disk)
+    uids = sorted(on_disk) if args.include_train else validation
+    return [(uid, on_disk[uid]) for uid in uids]
+
+
+def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """This rank's share of the work: every ``world_size``-th item from ``rank``."""
+    return list(items[rank::world_size])
+
+
+def merge_shards(shards: Sequence[Sequence[SeriesDiagnosis]], order: Sequence[str]) -> list[SeriesDiagnosis]:
+    """All ranks' diagnoses in the order the series were asked for."""
+    position = {uid: i for i, uid in enumerate(order)}
+    merged = [diagnosis for part in shards for diagnosis in part]
+    return sorted(merged, key=lambda d: position.get(d.series_uid, len(position)))
+
+
+def gather_to_main(value: Any, info: DistributedInfo) -> list[Any] | None:
+    """Every rank's ``value`` in rank order on rank 0, None on the other ranks."""
+    if not info.is_distributed:
+        return [value]
+    gathered: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+@contextlib.contextmanager
+def process_group(info: DistributedInfo) -> Iterator[None]:
+    """A gloo process group (results are gathered as Python objects) for torchrun runs."""
+    created = False
+    if info.is_distributed and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# Command
+
+
+def diagnose_series(selection: Sequence[tuple[str, Path]], models: DiagnosisModels, config: DiagnoseConfig,
+                    device: torch.device, figures: bool, save_mask: bool) -> list[SeriesDiagnosis]:
+    """Load and diagnose each CT, rendering the per-finding figures (and the mask) as bytes."""
+    from . import report
+
+    results = []
+    for uid, path in tqdm(selection, desc="diagnose", unit="CT", disable=len(selection) < 2):
+        started = time.perf_counter()
+        ct = load_ct(path, series_uid=uid or None)
+        load_s = time.perf_counter() - started
+        diagnosis, lung_mask, nodule_mask = diagnose_ct(ct, models, config, device, source=str(path))
+        diagnosis.timings = {"load_s": load_s, **diagnosis.timings}
+        if figures:
+            diagnosis.figures = report.render_findings(ct, findings(diagnosis, config), lung_mask)
+        if save_mask:
+            diagnosis.mask_bits = np.packbits(nodule_mask)
+        diagnosis.timings["total_s"] = time.perf_counter() - started
+        log.info("%s: %d candidates, %d findings in %.1f s", diagnosis.series_uid, len(diagnosis.candidates),
+                 len(findings(diagnosis, config)), diagnosis.timings["total_s"])
+        results.append(diagnosis)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("python -m p2ch_luna.diagnose",
+                         "Find lung nodules in CTs and estimate their malignancy (book chapter 14).")
+    source = parser.add_argument_group("what to diagnose (exactly one)")
+    source.add_argument("--series-uid", metavar="UID[,UID...]", help="LUNA16 series under --data-root (with --ct: the series of a DICOM folder)")
+    source.add_argument("--ct", type=Path, metavar="PATH", help="a .mhd/.mha, a NIfTI file or a DICOM series folder")
+    source.add_argument("--validation", action="store_true", help="every validation series on disk")
+    source.add_argument("--include-train", action="store_true", help="with --validation: every series on disk")
+    models = parser.add_argument_group("models (default: newest best checkpoint per task in --models-dir)")
+    models.add_argument("--segmentation-path", type=Path, metavar="FILE")
+    models.add_argument("--classification-path", type=Path, metavar="FILE")
+    models.add_argument("--malignancy-path", type=Path, metavar="FILE", help="optional")
+    tuning = parser.add_argument_group("thresholds and post-processing")
+    tuning.add_argument("--segmentation-threshold", type=_probability, default=0.5)
+    tuning.add_argument("--erosion-iterations", type=_non_negative_int, default=1)
+    tuning.add_argument("--nodule-threshold", type=_probability, default=0.5)
+    tuning.add_argument("--malignancy-threshold", type=_probability, default=0.5)
+    tuning.add_argument("--lung-margin-mm", type=float, default=lungs_module.DEFAULT_MARGIN_MM,
+                        help="dilation of the lung mask that findings must lie in")
+    running = parser.add_argument_group("running")
+    running.add_argument("--batch-size", type=_positive_int, default=None,
+                         help=f"slices per segmentation batch (default {CPU_SEGMENTATION_BATCH} on the CPU, "
+                              f"{CUDA_SEGMENTATION_BATCH} on CUDA)")
+    running.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    running.add_argument("--amp", action="store_true",
+                         help="float16 autocast on CUDA (ignored on the CPU, where bfloat16 measured far slower)")
+    output = parser.add_argument_group("outputs")
+    output.add_argument("--output", type=Path, metavar="DIR",
+                        help="write report.json, findings.csv, a PNG per finding (and froc.png) here")
+    output.add_argument("--save-mask", action="store_true", help="with --output: the segmentation mask per series")
+    output.add_argument("--annotations-excluded", type=Path, metavar="FILE",
+                        help="LUNA16 annotations_excluded.csv for the FROC")
+    return parser
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import report
+
+    paths = paths_from_args(args)
+    if args.save_mask and args.output is None:
+        raise UsageError("--save-mask needs --output DIR")
+    if args.output is not None and args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"--output {args.output} exists and is not a folder")
+    selection = select_series(args, paths)
+    info = distributed_info_from_env()
+    device = resolve_device(args.device, info)
+    if args.amp and device.type != "cuda":
+        log.warning("--amp is ignored on %s: bfloat16 autocast measured many times slower than float32", device)
+    default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
+    config = DiagnoseConfig(
+        segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
+        nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
+        batch_size=args.batch_size or default_batch, amp=args.amp and device.type == "cuda",
+        lung_margin_mm=args.lung_margin_mm,
+    )
+    models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path, device)
+    truth = read_truth(paths.data_root, args.annotations_excluded)
+    started = time.perf_counter()
+    with process_group(info):
+        mine = shard(selection, info.rank, info.world_size)
+        results = diagnose_series(mine, models, config, device, figures=args.output is not None,
+                                  save_mask=args.save_mask)
+        gathered = gather_to_main(results, info)
+    if gathered is None:
+        return 0
+    results = merge_shards(gathered, [uid for uid, _ in selection])
+    scored = [uid for uid, _ in selection if uid] or [
+        r.series_uid for r in results if truth is not None and truth.has_series(r.series_uid)]
+    scores = report.score(results, truth, scored, config)
+    summary = report.Summary(config=config, models=models.describe(), device=str(device),
+                             world_size=info.world_size, wall_s=time.perf_counter() - started)
+    print(report.format_report(results, scores, config, summary))
+    if args.output is not None:
+        report.write_outputs(args.output, results, scores, config, summary)
+        log.info("wrote the report to %s", args.output)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

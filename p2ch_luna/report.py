@@ -1,0 +1,282 @@
+"""Outputs of ``p2ch_luna.diagnose``: the console report, report.json, findings.csv and figures.
+
+Files are staged in a temporary folder next to the output folder and then moved
+in one by one with ``os.replace``: an error before the move leaves the output
+folder untouched, and no file in it is ever half written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .ct import HU_MAX, HU_MIN, Ct
+from .errors import LunaError
+from .evaluate import format_report as format_froc
+from .metrics import FrocResult, format_confusion_table, plot_froc
+
+if TYPE_CHECKING:
+    from .diagnose import DiagnoseConfig, SeriesDiagnosis, Truth
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+FINDINGS_FILE = "findings.csv"
+FROC_FILE = "froc.png"
+MAX_FIGURES_PER_SERIES = 20
+"""Figures are drawn for the most probable findings only (a poor model may report hundreds)."""
+FIGURE_DPI = 80
+FIGURE_WINDOW_HU = (-1000, 400)
+"""Display window of the figures (lung window)."""
+FIGURE_VIEW_MM = 80.0
+"""Side of the region shown around a finding, in millimetres."""
+
+
+@dataclasses.dataclass
+class Scores:
+    """Scores against truth: the book's confusion table per series and in total, and the FROC."""
+
+    per_series: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    total: np.ndarray | None = None
+    froc: FrocResult | None = None
+
+
+@dataclasses.dataclass
+class Summary:
+    """Run-wide facts for the report: settings, models, device, wall time."""
+
+    config: DiagnoseConfig
+    models: dict[str, Any]
+    device: str
+    world_size: int
+    wall_s: float
+
+
+def score(results: Sequence[SeriesDiagnosis], truth: Truth | None, scored_uids: Sequence[str],
+          config: DiagnoseConfig) -> Scores:
+    """Confusion tables for the series in ``scored_uids`` and the FROC over them (when nodules exist)."""
+    from .diagnose import luna_froc, series_confusion
+
+    wanted = set(scored_uids)
+    scored = [result for result in results if result.series_uid in wanted]
+    if truth is None or not scored:
+        return Scores()
+    per_series = {r.series_uid: series_confusion(truth.for_series(r.series_uid), r.candidates, config)
+                  for r in scored}
+    total = np.sum(list(per_series.values()), axis=0)
+    uids = [r.series_uid for r in scored]
+    has_nodules = truth.nodules["series_uid"].isin(uids).any()
+    froc = luna_froc(truth, pd.concat([r.candidates for r in scored]), uids) if has_nodules else None
+    return Scores(per_series=per_series, total=total, froc=froc)
+
+
+# ---------------------------------------------------------------------------
+# Console
+
+
+def format_finding(number: int, row: pd.Series) -> str:
+    malignancy = row["malignancy_probability"]
+    malignancy_text = "   n/a" if pd.isna(malignancy) else f"{malignancy:6.3f}"
+    return (f"  #{number:<3d} nodule {row['nodule_probability']:.3f}  malignancy {malignancy_text}  "
+            f"at ({row['center_x']:7.1f}, {row['center_y']:7.1f}, {row['center_z']:7.1f}) mm  "
+            f"voxel ({row['index']:.0f}, {row['row']:.0f}, {row['col']:.0f})  ~{row['diameter_mm']:.1f} mm")
+
+
+def format_report(results: Sequence[SeriesDiagnosis], scores: Scores, config: DiagnoseConfig,
+                  summary: Summary) -> str:
+    """The printed report: findings per series, confusion tables, FROC, one summary line."""
+    from .diagnose import findings
+
+    lines = []
+    n_findings = n_malignant = n_candidates = 0
+    for result in results:
+        found = findings(result, config)
+        malignant = int((found["malignancy_probability"] >= config.malignancy_threshold).sum())
+        n_findings += len(found)
+        n_malignant += malignant
+        n_candidates += len(result.candidates)
+        lines.append(f"{result.series_uid} ({result.source}): {len(found)} finding(s) of {len(result.candidates)} "
+                     f"candidate(s), lungs {result.lung_volume_ml / 1000:.2f} l, {result.timings['total_s']:.1f} s")
+        lines += [format_finding(number, row) for number, (_, row) in enumerate(found.iterrows(), start=1)]
+        if result.series_uid in scores.per_series and len(results) > 1:
+            lines.append(_indent(format_confusion_table(scores.per_series[result.series_uid])))
+    if scores.total is not None:
+        lines.append(f"Confusion table ({len(scores.per_series)} series scored, book's 0.7 x diameter rule):")
+        lines.append(_indent(format_confusion_table(scores.total)))
+    if scores.froc is not None:
+        lines.append("LUNA16 FROC (all candidates, probability = nodule probability):")
+        lines.append(_indent(format_froc(scores.froc)))
+    malignancy_text = f", {n_malignant} suspected malignant" if summary.models.get("malignancy") else ""
+    lines.append(f"Summary: {len(results)} CT(s), {n_candidates} candidate(s), {n_findings} finding(s) with "
+                 f"nodule probability >= {config.nodule_threshold:g}{malignancy_text}; {summary.wall_s:.1f} s "
+                 f"on {summary.device}" + (f" x {summary.world_size}" if summary.world_size > 1 else ""))
+    return "\n".join(lines)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def report_dict(results: Sequence[SeriesDiagnosis], scores: Scores, summary: Summary) -> dict[str, Any]:
+    """report.json: settings, models, every candidate with every score, confusion tables, FROC, timings."""
+    series = []
+    for result in results:
+        series.append({
+            "series_uid": result.series_uid,
+            "source": result.source,
+            "shape_irc": list(result.shape_irc),
+            "spacing_irc": list(result.spacing_irc),
+            "lung_volume_ml": result.lung_volume_ml,
+            "timings": result.timings,
+            "candidates": json.loads(result.candidates.to_json(orient="records")),
+            "confusion_table": _table(scores.per_series.get(result.series_uid)),
+        })
+    return {
+        "config": dataclasses.asdict(summary.config),
+        "models": summary.models,
+        "device": summary.device,
+        "world_size": summary.world_size,
+        "wall_s": summary.wall_s,
+        "series": series,
+        "confusion_table": _table(scores.total),
+        "froc": None if scores.froc is None else scores.froc.summary(),
+    }
+
+
+def _table(table: np.ndarray | None) -> list[list[int]] | None:
+    return None if table is None else np.asarray(table).astype(int).tolist()
+
+
+def findings_csv(results: Sequence[SeriesDiagnosis]) -> str:
+    """Every candidate in the LUNA16 submission format."""
+    from .diagnose import luna_detections
+
+    frames = [luna_detections(result.candidates) for result in results]
+    frame = pd.concat(frames) if frames else pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ",
+                                                                     "probability"])
+    return frame.to_csv(index=False, float_format="%.6g")
+
+
+def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: Scores, config: DiagnoseConfig,
+                  summary: Summary) -> None:
+    """Write every output into a staging folder, then move each file into ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    except OSError as error:
+        raise LunaError(f"could not write into {output_dir.parent}: {error.strerror or error}") from error
+    try:
+        for result in results:
+            for name, data in result.figures.items():
+                (staging / name).write_bytes(data)
+            if result.mask_bits is not None:
+                _write_mask(staging / f"{result.series_uid}_mask.mhd", result)
+        if scores.froc is not None:
+            plot_froc(scores.froc, staging / FROC_FILE)
+        (staging / FINDINGS_FILE).write_text(findings_csv(results))
+        (staging / REPORT_FILE).write_text(json.dumps(report_dict(results, scores, summary), indent=2) + "\n")
+        output_dir.mkdir(exist_ok=True)
+        # Data files before the headers that name them; the report last.
+        names = sorted(os.listdir(staging), key=lambda n: (n == REPORT_FILE, n.endswith(".mhd"), n))
+        for name in names:
+            os.replace(staging / name, output_dir / name)
+    except OSError as error:
+        raise LunaError(f"could not write the outputs to {output_dir}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_mask(path: Path, result: SeriesDiagnosis) -> None:
+    import SimpleITK as sitk
+
+    count = int(np.prod(result.shape_irc))
+    mask = np.unpackbits(result.mask_bits, count=count).reshape(result.shape_irc)
+    image = sitk.GetImageFromArray(mask)
+    geometry = result.geometry
+    image.SetOrigin(tuple(float(v) for v in geometry.origin_xyz))
+    image.SetSpacing(tuple(float(v) for v in geometry.spacing_xyz))
+    image.SetDirection(tuple(float(v) for v in geometry.direction.ravel()))
+    try:
+        sitk.WriteImage(image, str(path))
+    except RuntimeError as error:  # SimpleITK reports a failed write (disk full ...) as a multi-line RuntimeError
+        reason = next((line.removeprefix("Reason: ") for line in str(error).splitlines()
+                       if line.startswith("Reason: ")), "SimpleITK could not write it")
+        raise OSError(f"{path.name}: {reason}") from error
+
+
+# ---------------------------------------------------------------------------
+# Figures
+
+
+def render_findings(ct: Ct, found: pd.DataFrame, lung_mask: np.ndarray | None = None) -> dict[str, bytes]:
+    """A PNG per finding (the most probable first, at most ``MAX_FIGURES_PER_SERIES``), keyed by file name."""
+    if len(found) > MAX_FIGURES_PER_SERIES:
+        log.info("%s: figures for the %d most probable of %d findings", ct.series_uid, MAX_FIGURES_PER_SERIES,
+                 len(found))
+    figures = {}
+    for number, (_, row) in enumerate(found.head(MAX_FIGURES_PER_SERIES).iterrows(), start=1):
+        figures[f"{ct.series_uid}_finding{number:03d}.png"] = render_finding(ct, row, number, lung_mask)
+    return figures
+
+
+def render_finding(ct: Ct, row: pd.Series, number: int, lung_mask: np.ndarray | None = None) -> bytes:
+    """Axial, coronal and sagittal views through a finding, marked with a circle of its size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
+
+    center = np.clip(np.rint([row["index"], row["row"], row["col"]]).astype(int), 0, np.array(ct.shape) - 1)
+    spacing = ct.geometry.spacing_irc
+    # (image, vertical axis, horizontal axis) per view: axial (row, col), coronal (index, col), sagittal (index, row)
+    views = [
+        ("axial", ct.hu[center[0]], 1, 2, None if lung_mask is None else lung_mask[center[0]]),
+        ("coronal", ct.hu[:, center[1], :], 0, 2, None if lung_mask is None else lung_mask[:, center[1], :]),
+        ("sagittal", ct.hu[:, :, center[2]], 0, 1, None if lung_mask is None else lung_mask[:, :, center[2]]),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    try:
+        radius_mm = max(float(row["diameter_mm"]), 3.0) / 2 + 2.0
+        for axis, (name, image, vertical, horizontal, lungs) in zip(axes, views):
+            axis.imshow(np.clip(image, HU_MIN, HU_MAX), cmap="gray", vmin=FIGURE_WINDOW_HU[0],
+                        vmax=FIGURE_WINDOW_HU[1], aspect=spacing[vertical] / spacing[horizontal],
+                        origin="lower" if vertical == 0 else "upper", interpolation="nearest")
+            if lungs is not None and lungs.any():
+                axis.contour(lungs, levels=[0.5], colors="tab:blue", linewidths=0.6)
+            axis.add_patch(Ellipse((center[horizontal], center[vertical]), 2 * radius_mm / spacing[horizontal],
+                                   2 * radius_mm / spacing[vertical], fill=False, color="red", linewidth=1.2))
+            half = [FIGURE_VIEW_MM / spacing[a] for a in (horizontal, vertical)]
+            axis.set_xlim(center[horizontal] - half[0], center[horizontal] + half[0])
+            low, high = center[vertical] - half[1], center[vertical] + half[1]
+            axis.set_ylim((low, high) if vertical == 0 else (high, low))
+            axis.set_title(name)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        malignancy = row["malignancy_probability"]
+        figure.suptitle(
+            f"{ct.series_uid} finding {number}: nodule {row['nodule_probability']:.2f}"
+            + ("" if pd.isna(malignancy) else f", malignancy {malignancy:.2f}")
+            + f", ~{row['diameter_mm']:.1f} mm at ({row['center_x']:.1f}, {row['center_y']:.1f}, "
+            f"{row['center_z']:.1f}) mm", fontsize=9)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+    finally:
+        plt.close(figure)
+    return buffer.getvalue()

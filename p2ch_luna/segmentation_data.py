@@ -1,0 +1,289 @@
+"""Segmentation samples: CT slices with context slices as channels, and their nodule masks.
+
+Input of the book's U-Net (chapter 13): one slice plus ``context`` slices on
+each side as channels (7 channels for the default 3), HU clipped to
+``[HU_MIN, HU_MAX]``; slice indices beyond the first or last slice are clamped,
+so edge slices repeat. The label is the nodule mask of the centre slice.
+
+- Training (:class:`SegmentationTrainDataset`): the book's 64×64 crops at a
+  random offset inside the 96×96 window centred on a nodule, plus a share of
+  64×64 crops at random places of random slices, so the model also sees slices
+  without nodules. Each draw is a ``(nodule_index, crop_seed)`` pair made by
+  :class:`SegmentationTrainSampler` from ``(seed, epoch)``; ``nodule_index``
+  ``-1`` asks for a random crop. The dataset itself holds no random state, so
+  DataLoader workers (persistent or not) give the same samples for a seed.
+- Validation (:class:`SegmentationValDataset`): full slices of validation
+  series: every slice with a mask voxel plus a seeded sample of the others.
+  :class:`SameShapeBatchSampler` keeps series of different sizes in separate batches.
+
+Samples are dicts: ``image`` int16 ``(2*context+1, H, W)`` (converted to float
+on the device), ``mask`` bool ``(1, H, W)``, ``series_uid``, ``slice_index``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Iterator, Sequence, TypedDict
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from .cache import ChunkCache
+from .ct import HU_MIN
+from .geometry import chunk_bounds
+from .masks import MASK_THRESHOLD_HU, annotation_rows, cached_packed_mask, cached_positive_slices, unpack_mask
+from .sampling import epoch_seed
+
+log = logging.getLogger(__name__)
+
+CONTEXT_SLICES = 3
+"""Slices on each side of the labelled slice given as extra channels (book: 3, so 7 channels)."""
+TRAIN_WINDOW = 96
+"""Side of the window around a nodule inside which the training crop is placed (book ch. 13)."""
+TRAIN_CROP = 64
+"""Side of a training crop."""
+DEFAULT_RANDOM_CROP_FRACTION = 0.3
+"""Share of training samples cut at random places instead of around a nodule."""
+DEFAULT_VAL_NEGATIVE_FRACTION = 0.05
+"""Share of the validation series' slices without nodule voxels that are validated too."""
+_SEED_BOUND = 2**63
+
+
+class SegmentationSample(TypedDict):
+    image: np.ndarray
+    mask: np.ndarray
+    series_uid: str
+    slice_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskOptions:
+    """How nodule masks are built from annotations (see :mod:`p2ch_luna.masks`)."""
+
+    mode: str = "grow"
+    threshold_hu: float = MASK_THRESHOLD_HU
+
+
+class SegmentationSeries:
+    """Clipped volumes, nodule masks and nodule centres of some series, read through a :class:`ChunkCache`.
+
+    Volumes and (bit-packed) masks are read-only memory maps opened lazily in
+    each process; pickling (for DataLoader workers) carries only the cache's
+    folders. Building it makes every mask that is not cached yet.
+    """
+
+    def __init__(self, cache: ChunkCache, series_uids: Sequence[str], annotations: pd.DataFrame,
+                 mask_options: MaskOptions = MaskOptions(), progress: bool = True) -> None:
+        self.cache = cache
+        self.series_uids = list(series_uids)
+        self.annotations = annotation_rows(annotations)
+        self.annotations = self.annotations[self.annotations["series_uid"].isin(self.series_uids)]
+        self.mask_options = mask_options
+        self._masks: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple[int, int, int]] = {}
+        self.positive_slices: dict[str, np.ndarray] = {}
+        centers = []
+        for uid in tqdm(self.series_uids, desc="nodule masks", unit="series", disable=not progress):
+            geometry = cache.geometry(uid)
+            self.shapes[uid] = geometry.shape_irc
+            self.positive_slices[uid] = np.asarray(cached_positive_slices(
+                cache, uid, self.annotations, mask_options.mode, mask_options.threshold_hu))
+            rows = self.annotations[self.annotations["series_uid"] == uid]
+            irc = geometry.xyz_to_irc(rows[["center_x", "center_y", "center_z"]].to_numpy(dtype=float))
+            irc = irc.reshape(-1, 3)
+            centers += [(uid, tuple(int(v) for v in point)) for point in irc[geometry.contains_irc(irc).reshape(-1)]]
+        self.nodules: list[tuple[str, tuple[int, int, int]]] = centers
+        """``(series_uid, center_irc)`` of every annotated nodule inside its CT."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_masks": {}}
+
+    def volume(self, series_uid: str) -> np.ndarray:
+        return self.cache.volume(series_uid)
+
+    def mask_slice(self, series_uid: str, slice_index: int) -> np.ndarray:
+        """Boolean ``(R, C)`` nodule mask of one slice."""
+        packed = self._masks.get(series_uid)
+        if packed is None:
+            packed = cached_packed_mask(self.cache, series_uid, self.annotations, self.mask_options.mode,
+                                        self.mask_options.threshold_hu)
+            self._masks[series_uid] = packed
+        return unpack_mask(packed[slice_index], self.shapes[series_uid][2])
+
+
+def context_indices(slice_index: int, n_slices: int, context: int = CONTEXT_SLICES) -> np.ndarray:
+    """The ``2 * context + 1`` slice indices around ``slice_index``, clamped to the volume."""
+    return np.clip(np.arange(slice_index - context, slice_index + context + 1), 0, n_slices - 1)
+
+
+def read_sample(series: SegmentationSeries, series_uid: str, slice_index: int,
+                rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+                context: int = CONTEXT_SLICES) -> SegmentationSample:
+    """Image and mask of one slice (or of its ``rows`` × ``cols`` window, ``(start, end)`` each).
+
+    Parts of the window outside the CT are filled with air and no mask.
+    """
+    volume = series.volume(series_uid)
+    n_slices, height, width = volume.shape
+    rows = rows or (0, height)
+    cols = cols or (0, width)
+    inside = tuple(slice(max(start, 0), min(end, size)) for (start, end), size in ((rows, height), (cols, width)))
+    image = np.array(volume[(context_indices(slice_index, n_slices, context), *inside)], dtype=np.int16)
+    label = np.array(series.mask_slice(series_uid, slice_index)[inside][None], dtype=bool)
+    window = (rows[1] - rows[0], cols[1] - cols[0])
+    if image.shape[1:] != window:
+        placed = tuple(slice(region.start - start, region.stop - start)
+                       for region, (start, _) in zip(inside, (rows, cols)))
+        padded_image = np.full((image.shape[0], *window), HU_MIN, dtype=np.int16)
+        padded_image[(slice(None), *placed)] = image
+        padded_label = np.zeros((1, *window), dtype=bool)
+        padded_label[(slice(None), *placed)] = label
+        image, label = padded_image, padded_label
+    return {"image": image, "mask": label, "series_uid": series_uid, "slice_index": int(slice_index)}
+
+
+def crop_start(center: int, size: int, rng: np.random.Generator,
+               window: int = TRAIN_WINDOW, crop: int = TRAIN_CROP) -> int:
+    """Start of a random ``crop`` inside the ``window`` around ``center`` (book border rule)."""
+    ((start, end),) = chunk_bounds([center], [window], [size])
+    return start + int(rng.integers(0, max(end - start - crop, 0) + 1))
+
+
+class SegmentationTrainDataset(Dataset):
+    """Training crops; items are ``(nodule_index, crop_seed)`` pairs (``-1``: a random crop)."""
+
+    def __init__(self, series: SegmentationSeries, context: int = CONTEXT_SLICES, crop: int = TRAIN_CROP,
+                 window: int = TRAIN_WINDOW) -> None:
+        if not series.series_uids:
+            raise ValueError("no training series")
+        self.series = series
+        self.context = context
+        self.crop = crop
+        self.window = window
+
+    def __len__(self) -> int:
+        return len(self.series.nodules)
+
+    def __getitem__(self, item: tuple[int, int]) -> SegmentationSample:
+        nodule_index, crop_seed = item
+        rng = np.random.default_rng(crop_seed)
+        if nodule_index >= 0:
+            series_uid, center = self.series.nodules[nodule_index]
+        else:
+            series_uid = self.series.series_uids[int(rng.integers(len(self.series.series_uids)))]
+            center = tuple(int(rng.integers(n)) for n in self.series.shapes[series_uid])
+        shape = self.series.shapes[series_uid]
+        row = crop_start(center[1], shape[1], rng, self.window, self.crop)
+        col = crop_start(center[2], shape[2], rng, self.window, self.crop)
+        return read_sample(self.series, series_uid, center[0], (row, row + self.crop), (col, col + self.crop),
+                           self.context)
+
+
+class SegmentationTrainSampler(Sampler[tuple[int, int]]):
+    """Each epoch's ``(nodule_index, crop_seed)`` draws, seeded by ``(seed, epoch)`` and sharded by rank.
+
+    A ``random_crop_fraction`` of the draws are random crops (``nodule_index``
+    -1); the rest cycle through the shuffled nodules. ``epoch_size`` counts
+    draws over all ranks (default: enough for every nodule once) and is
+    rounded down to a multiple of ``world_size``.
+    """
+
+    def __init__(self, n_nodules: int, random_crop_fraction: float = DEFAULT_RANDOM_CROP_FRACTION,
+                 epoch_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= random_crop_fraction <= 1:
+            raise ValueError(f"random_crop_fraction must be in [0, 1], not {random_crop_fraction}")
+        if n_nodules == 0 and random_crop_fraction < 1:
+            raise ValueError("the training series have no annotated nodules to centre crops on")
+        if epoch_size is None:
+            if random_crop_fraction == 1:
+                raise ValueError("an epoch of only random crops needs an explicit epoch_size")
+            epoch_size = math.ceil(n_nodules / (1 - random_crop_fraction))
+        self.global_size = (int(epoch_size) // world_size) * world_size
+        if self.global_size <= 0:
+            raise ValueError(f"epoch size {epoch_size} is smaller than the {world_size} processes")
+        self.n_nodules = n_nodules
+        self.random_crop_fraction = random_crop_fraction
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_draws(self) -> list[tuple[int, int]]:
+        """This epoch's draws over all ranks."""
+        rng = np.random.default_rng(epoch_seed(self.seed, self.epoch))
+        n_random = int(round(self.random_crop_fraction * self.global_size))
+        nodules = np.resize(rng.permutation(self.n_nodules), self.global_size - n_random) if self.n_nodules else []
+        items = rng.permutation(np.concatenate([np.asarray(nodules, dtype=np.int64),
+                                                np.full(n_random, -1, dtype=np.int64)]))
+        seeds = rng.integers(0, _SEED_BOUND, size=self.global_size, dtype=np.int64)
+        return list(zip(items.tolist(), seeds.tolist()))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.global_draws()[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return self.global_size // self.world_size
+
+
+def validation_slices(series: SegmentationSeries, negative_fraction: float = DEFAULT_VAL_NEGATIVE_FRACTION,
+                      seed: int = 0) -> list[tuple[str, int]]:
+    """``(series_uid, slice_index)`` of every positive slice plus a seeded share of the others."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for uid in series.series_uids:
+        positive = series.positive_slices[uid]
+        negative = np.setdiff1d(np.arange(series.shapes[uid][0]), positive)
+        n_negative = int(round(negative_fraction * negative.size))
+        chosen = np.sort(np.concatenate([positive, rng.choice(negative, n_negative, replace=False)]))
+        items += [(uid, int(index)) for index in chosen]
+    return items
+
+
+class SegmentationValDataset(Dataset):
+    """Full validation slices (``items`` from :func:`validation_slices`)."""
+
+    def __init__(self, series: SegmentationSeries, items: Sequence[tuple[str, int]],
+                 context: int = CONTEXT_SLICES) -> None:
+        self.series = series
+        self.items = list(items)
+        self.context = context
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> SegmentationSample:
+        series_uid, slice_index = self.items[index]
+        return read_sample(self.series, series_uid, slice_index, context=self.context)
+
+    def slice_shapes(self) -> list[tuple[int, int]]:
+        """``(rows, cols)`` of every item, for :class:`SameShapeBatchSampler`."""
+        return [self.series.shapes[uid][1:] for uid, _ in self.items]
+
+
+class SameShapeBatchSampler(Sampler[list[int]]):
+    """Batches of up to ``batch_size`` consecutive indices of ``sampler`` that share a shape."""
+
+    def __init__(self, sampler: Sampler[int], shapes: Sequence[Any], batch_size: int) -> None:
+        self.sampler = sampler
+        self.shapes = list(shapes)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for index in self.sampler:
+            if batch and (len(batch) == self.batch_size or self.shapes[index] != self.shapes[batch[0]]):
+                yield batch
+                batch = []
+            batch.append(index)
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.__iter__())

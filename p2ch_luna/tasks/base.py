@@ -1,0 +1,213 @@
+"""The interface between a training task and the shared engine.
+
+A task (nodule classification, malignancy, segmentation) says *what* is
+trained: its model, its data, its loss and its metrics. The engine
+(:mod:`p2ch_luna.engine`) and the entry point (:mod:`p2ch_luna.training`) say
+*how*: devices, AMP, DDP, progress, checkpoints and TensorBoard.
+
+Life of a run, as the engine drives it::
+
+    task = TaskClass(context)                       # cheap: no data read yet
+    model, model_name, model_kwargs = task.build_model()
+    train_loader, val_loader = task.train_loader(), task.val_loader()
+    for epoch in 1..epochs:
+        sampler.set_epoch(epoch); task.set_epoch(epoch)   # reseed the sampler by (seed, epoch)
+        for batch in train_loader:                  # dict batches, moved to the device
+            loss_per_sample, outputs = task.compute_loss(model, batch, augment=True, generator=g)
+        metrics = task.epoch_metrics(concatenated outputs)      # pure
+        task.log_extra(writer, "trn", epoch, outputs, samples_seen)   # rank 0 only
+        ... same for validation with augment=False; task.score(val_metrics) picks the best checkpoint
+
+Batches are dicts, never positional tuples: tensors (``image``, ``label``,
+``center_irc``, masks...) are moved to the device by the engine; other values
+(``series_uid`` lists) stay as they are.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import dataclasses
+import math
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from ..augment import AugmentConfig
+from ..config import TrainConfig
+
+Batch = dict[str, Any]
+"""One batch: ``{"image": Tensor, "label": Tensor, "series_uid": list[str], ...}``."""
+Outputs = dict[str, torch.Tensor]
+"""Per-sample values kept for metrics: detached CPU tensors, first axis = sample."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What a task needs to know about the run it is part of.
+
+    ``rank``/``world_size`` describe the DDP process group (0/1 without one):
+    a task's loaders give each rank its own shard of every epoch.
+    """
+
+    config: TrainConfig
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A freshly built model and how to rebuild it from a checkpoint."""
+
+    model: nn.Module
+    model_name: str
+    model_kwargs: dict[str, Any]
+
+
+class Task(abc.ABC):
+    """One kind of training, run by :func:`p2ch_luna.engine.train_one_epoch`/``evaluate``.
+
+    Subclasses set the class attributes and implement the abstract methods.
+    ``task_name`` is what checkpoints record (``"nodule"``, ``"malignancy"``
+    or ``"segmentation"``); ``score_name`` names the validation metric that
+    :meth:`score` returns (higher is better) and that picks the ``.best``
+    checkpoint.
+    """
+
+    task_name: ClassVar[str]
+    score_name: ClassVar[str]
+    default_model: ClassVar[str]
+    default_optimizer: ClassVar[str] = "sgd"
+    summary_keys: ClassVar[Sequence[str]] = ("loss",)
+    """Metric keys shown in the one-line per-epoch summary."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+        self.config = context.config
+
+    # --- command line -----------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the task's own options to its sub-command parser (none by default)."""
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> Any:
+        """A frozen dataclass of the task's own options, stored as ``TrainConfig.task_options``."""
+        return None
+
+    @classmethod
+    def book_augment(cls) -> AugmentConfig:
+        """What ``--augmented`` turns on for this task (the book's classifier augmentation)."""
+        return AugmentConfig.book()
+
+    # --- model and data ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def build_model(self) -> ModelSpec:
+        """The model to train (on the CPU; the engine moves it), with its registry name and kwargs."""
+
+    @abc.abstractmethod
+    def train_loader(self) -> Iterable[Batch]:
+        """Training batches of this rank's shard; built once and iterated once per epoch.
+
+        Its length must be the number of batches per epoch and equal on every rank.
+        """
+
+    @abc.abstractmethod
+    def val_loader(self) -> Iterable[Batch]:
+        """Validation batches of this rank's shard (every sample once over all ranks, not padded)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (1-based), after the engine has called
+        ``set_epoch`` on the training loader's sampler (see :func:`p2ch_luna.sampling.set_sampler_epoch`)."""
+
+    # --- loss and metrics ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, augment: bool, generator: torch.Generator
+    ) -> tuple[torch.Tensor, Outputs]:
+        """Forward one batch (already on the device): per-sample loss and per-sample outputs.
+
+        ``augment`` is True for training batches; augmentation is drawn from
+        ``generator`` (on the batch's device). The returned loss has shape (B,)
+        and carries gradients; the outputs are small per-sample values
+        (labels, probabilities, pixel counts), detached and on the CPU.
+        """
+
+    @abc.abstractmethod
+    def epoch_metrics(self, outputs: Outputs) -> dict[str, float]:
+        """Metrics of one epoch from the concatenated outputs of every batch and rank.
+
+        ``outputs["loss"]`` holds the per-sample losses (added by the engine).
+        Must include ``"loss"`` and ``score_name``.
+        """
+
+    def score(self, metrics: Mapping[str, float]) -> float:
+        """The value that picks the best checkpoint (higher is better); NaN counts as worst."""
+        value = float(metrics.get(self.score_name, math.nan))
+        return -math.inf if math.isnan(value) else value
+
+    def tensorboard_scalars(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Scalar tags (``"loss/all"``, ``"pr/f1"``...) for TensorBoard; default ``metrics/<key>``."""
+        return {f"metrics/{key}": float(value) for key, value in metrics.items()}
+
+    def log_extra(self, writer: Any, mode: str, epoch: int, outputs: Outputs, samples_seen: int) -> None:
+        """Extra TensorBoard output (curves, histograms, images); ``mode`` is "trn" or "val"."""
+
+    def hparams(self) -> dict[str, Any]:
+        """Task-specific hyperparameters for TensorBoard's HParams view."""
+        return {}
+
+
+def build_loader(
+    dataset: Dataset,
+    sampler: Sampler[int],
+    context: RunContext,
+    batch_size: int | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader of dict batches with pinned memory on CUDA and persistent workers.
+
+    ``sampler`` decides the order and the rank's shard; the dataset items are
+    dicts collated by ``default_collate`` (strings become lists), or whole
+    batches from a dataset's ``__getitems__`` (passed through).
+    """
+    config = context.config
+    workers = config.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or config.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=context.device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=drop_last,
+        collate_fn=collate_batch,
+    )
+
+
+def collate_batch(batch: Any) -> Any:
+    """``default_collate``, except that a batch a dataset collated itself (a dict) passes through."""
+    if isinstance(batch, dict):
+        return batch
+    return default_collate(batch)
+
+
+def to_memory_format(tensor: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``tensor`` in channels-last layout (3D or 2D by its rank) when asked, else unchanged."""
+    if not channels_last:
+        return tensor
+    if tensor.dim() == 5:
+        return tensor.contiguous(memory_format=torch.channels_last_3d)
+    if tensor.dim() == 4:
+        return tensor.contiguous(memory_format=torch.channels_last)
+    return tensor

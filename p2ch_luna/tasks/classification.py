@@ -1,0 +1,235 @@
+"""Nodule-vs-non-nodule and malignant-vs-benign classification of candidate chunks.
+
+Both tasks read 1×32×48×48 int16 chunks from the chunk cache, convert them to
+float and augment them batched on the training device, and train the book's
+:class:`~p2ch_luna.models.LunaModel` with cross-entropy. The best checkpoint
+is the one with the highest **validation ROC AUC**: threshold-free, so it is not
+moved by the training ratio's effect on calibration (the book used F1 for
+nodules, AUC for malignancy).
+
+Malignancy can fine-tune a nodule classifier (ours or the book's ``cls_*.state``),
+as the book's chapter 14: ``--finetune PATH --finetune-depth N`` loads it,
+re-initialises the head and trains only the last N parameterised blocks
+(N = 1: the head only; 2: the head and the last convolution block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import augment_batch_3d
+from ..cache import open_cache
+from ..datasets import CandidateDataset, malignancy_table, nodule_table, positive_count, split_table
+from ..errors import DataError, UsageError
+from ..luna import read_candidate_table
+from ..metrics import classification_metrics
+from ..models import build_model, load_checkpoint
+from ..models.classifier import CHUNK_SHAPE_IRC
+from ..models.weights import init_book_weights
+from ..sampling import BalancedSampler, ShardedSequentialSampler
+from ..tblog import add_classification_curves
+from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, to_memory_format
+
+log = logging.getLogger(__name__)
+
+HEAD_NAME = "head_linear"
+BOOK_NON_NODULES_PER_BENIGN = 1.0
+"""The book's malignancy mix: as many non-nodule candidates as benign nodules in the benign class."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationOptions:
+    """Options of both classification tasks; the fine-tuning ones apply to malignancy only."""
+
+    chunk_shape: tuple[int, int, int] = CHUNK_SHAPE_IRC
+    finetune: Path | None = None
+    finetune_depth: int = 1
+    non_nodules_per_benign: float = 0.0
+
+
+class ClassificationTask(Task):
+    """Shared machinery: chunk datasets, balanced sampling, cross-entropy, binary metrics."""
+
+    score_name: ClassVar[str] = "roc_auc"
+    default_model: ClassVar[str] = "luna"
+    default_optimizer: ClassVar[str] = "sgd"
+    summary_keys: ClassVar[tuple[str, ...]] = ("loss", "accuracy", "negative_accuracy", "positive_accuracy",
+                                               "precision", "recall", "f1", "roc_auc")
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        self.options: ClassificationOptions = self.config.task_options or ClassificationOptions()
+        self._datasets: tuple[CandidateDataset, CandidateDataset] | None = None
+
+    # --- command line -----------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--chunk-shape", type=int, nargs=3, default=list(CHUNK_SHAPE_IRC),
+                            metavar=("I", "R", "C"), help="candidate chunk size in voxels (index, row, col)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> ClassificationOptions:
+        if min(args.chunk_shape) < 1:
+            raise UsageError(f"--chunk-shape {args.chunk_shape}: every size must be >= 1")
+        return ClassificationOptions(chunk_shape=tuple(args.chunk_shape))
+
+    # --- model and data ---------------------------------------------------------------
+
+    def build_model(self) -> ModelSpec:
+        name = self.config.model or self.default_model
+        kwargs = {"input_shape": list(self.options.chunk_shape), **self.config.model_kwargs}
+        try:
+            model = build_model(name, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--model {name} with {kwargs}: {error}") from None
+        return ModelSpec(model, name, kwargs)
+
+    def candidate_table(self, candidates: pd.DataFrame) -> pd.DataFrame:
+        """The labelled rows this task trains on."""
+        raise NotImplementedError
+
+    def datasets(self) -> tuple[CandidateDataset, CandidateDataset]:
+        """Training and validation datasets (built once, on first use)."""
+        if self._datasets is None:
+            paths = self.config.paths
+            candidates = read_candidate_table(paths.require_data_root())
+            table = self.candidate_table(candidates)
+            if table.empty:
+                raise DataError(f"no {self.task_name} samples under {paths.data_root}")
+            train_table, val_table = split_table(table, self.config.val_stride)
+            cache = open_cache(paths)
+            shape = self.options.chunk_shape
+            self._datasets = (CandidateDataset(train_table, cache, shape), CandidateDataset(val_table, cache, shape))
+            for mode, dataset in zip(("training", "validation"), self._datasets):
+                positives, negatives = positive_count(dataset)
+                log.info("%s %s: %d samples (%d positive, %d negative) from %d series", self.task_name, mode,
+                         len(dataset), positives, negatives, dataset.table["series_uid"].nunique())
+        return self._datasets
+
+    def train_loader(self) -> Iterable[Batch]:
+        dataset = self.datasets()[0]
+        config, context = self.config, self.context
+        sampler = BalancedSampler(dataset.labels, ratio=config.ratio, epoch_size=config.epoch_size,
+                                  seed=config.seed, rank=context.rank, world_size=context.world_size)
+        return build_loader(dataset, sampler, context)
+
+    def val_loader(self) -> Iterable[Batch]:
+        dataset = self.datasets()[1]
+        sampler = ShardedSequentialSampler(len(dataset), limit=self.config.val_size,
+                                           rank=self.context.rank, world_size=self.context.world_size)
+        return build_loader(dataset, sampler, self.context)
+
+    # --- loss and metrics -------------------------------------------------------------
+
+    def compute_loss(self, model: nn.Module, batch: Batch, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, Outputs]:
+        images = batch["image"].to(torch.float32)
+        if augment and (self.config.augment.is_spatial or self.config.augment.noise):
+            images = augment_batch_3d(images, self.config.augment, generator)
+        images = to_memory_format(images, self.config.channels_last)
+        labels = batch["label"]
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        probabilities = torch.softmax(logits.detach().float(), dim=1)[:, 1]
+        return loss, {"label": labels.detach().cpu(), "probability": probabilities.cpu()}
+
+    def epoch_metrics(self, outputs: Outputs) -> dict[str, float]:
+        labels = outputs["label"].numpy().astype(bool)
+        losses = outputs["loss"].numpy()
+        metrics = classification_metrics(labels, outputs["probability"].numpy())
+        metrics["loss"] = float(losses.mean()) if losses.size else float("nan")
+        metrics["loss_negative"] = float(losses[~labels].mean()) if (~labels).any() else float("nan")
+        metrics["loss_positive"] = float(losses[labels].mean()) if labels.any() else float("nan")
+        return metrics
+
+    def tensorboard_scalars(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        tags = {
+            "loss/all": "loss", "loss/neg": "loss_negative", "loss/pos": "loss_positive",
+            "correct/all": "accuracy", "correct/neg": "negative_accuracy", "correct/pos": "positive_accuracy",
+            "pr/precision": "precision", "pr/recall": "recall", "pr/f1": "f1", "auc/roc": "roc_auc",
+        }
+        return {tag: float(metrics[key]) for tag, key in tags.items() if key in metrics}
+
+    def log_extra(self, writer: Any, mode: str, epoch: int, outputs: Outputs, samples_seen: int) -> None:
+        add_classification_curves(writer, outputs["label"].numpy(), outputs["probability"].numpy(), samples_seen)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"chunk_shape": "x".join(str(n) for n in self.options.chunk_shape)}
+
+
+class NoduleTask(ClassificationTask):
+    """Nodule (annotation) vs non-nodule candidate."""
+
+    task_name: ClassVar[str] = "nodule"
+
+    def candidate_table(self, candidates: pd.DataFrame) -> pd.DataFrame:
+        return nodule_table(candidates)
+
+
+class MalignancyTask(ClassificationTask):
+    """Malignant vs benign nodule, optionally fine-tuned from a nodule classifier."""
+
+    task_name: ClassVar[str] = "malignancy"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--finetune", type=Path, default=None, metavar="PATH",
+                            help="start from this nodule classifier checkpoint (ours or the book's cls_*.state)")
+        parser.add_argument("--finetune-depth", type=int, default=1, metavar="N",
+                            help="train only the last N parameterised blocks (1: head only)")
+        parser.add_argument("--non-nodules-per-benign", type=float, default=0.0, metavar="K",
+                            help=f"add K non-nodule candidates per benign nodule to the benign class "
+                                 f"(the book's mix: {BOOK_NON_NODULES_PER_BENIGN:g})")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> ClassificationOptions:
+        if args.finetune_depth < 1:
+            raise UsageError(f"--finetune-depth {args.finetune_depth} must be >= 1")
+        if args.non_nodules_per_benign < 0:
+            raise UsageError("--non-nodules-per-benign must be >= 0")
+        base = super().options_from_args(args)
+        finetune = args.finetune.expanduser().resolve() if args.finetune else None
+        return dataclasses.replace(base, finetune=finetune, finetune_depth=args.finetune_depth,
+                                   non_nodules_per_benign=args.non_nodules_per_benign)
+
+    def candidate_table(self, candidates: pd.DataFrame) -> pd.DataFrame:
+        return malignancy_table(candidates, self.options.non_nodules_per_benign, seed=self.config.seed)
+
+    def build_model(self) -> ModelSpec:
+        if self.options.finetune is None:
+            return super().build_model()
+        loaded = load_checkpoint(self.options.finetune, expected_task=("nodule", "malignancy"))
+        model = loaded.model.train()
+        depth = self.options.finetune_depth
+        trainable = finetune_model(model, depth)
+        log.info("fine-tuning %s from %s: training %s", loaded.model_name, self.options.finetune,
+                 ", ".join(trainable))
+        return ModelSpec(model, loaded.model_name, dict(loaded.model_kwargs))
+
+
+def finetune_model(model: nn.Module, depth: int) -> list[str]:
+    """Freeze all but the last ``depth`` parameterised child modules and re-initialise the head.
+
+    Returns the names of the children left trainable (book ch. 14 ``--finetune-depth``).
+    """
+    blocks = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    if depth > len(blocks):
+        raise UsageError(f"--finetune-depth {depth}: the model has only {len(blocks)} blocks ({', '.join(blocks)})")
+    trainable = blocks[-depth:]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.split(".")[0] in trainable)
+    head = getattr(model, HEAD_NAME, None) or getattr(model, blocks[-1])
+    init_book_weights(head)
+    return trainable
+

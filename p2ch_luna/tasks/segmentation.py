@@ -1,0 +1,285 @@
+"""Nodule segmentation (book chapter 13): a 2D U-Net on CT slices with context slices as channels.
+
+``python -m p2ch_luna.training segmentation`` runs this task through the shared
+engine. Loss: the book's soft Dice loss plus ``--fn-loss-weight`` times the
+Dice loss restricted to nodule pixels (:func:`p2ch_luna.losses.segmentation_loss`).
+Pixel counts use probability > 0.5. The best checkpoint is picked by
+validation pixel recall by default, as in the book (``--score-metric dice``
+picks by Dice instead). Each validation epoch writes a few slices to
+TensorBoard as images: CT in grey, true positives green, false negatives
+orange, false positives red.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from typing import Any, ClassVar, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..augment import AugmentConfig, augment_batch_2d
+from ..cache import open_cache
+from ..ct import HU_MAX, HU_MIN, list_series_on_disk
+from ..errors import DataError, UsageError
+from ..losses import BOOK_FN_LOSS_WEIGHT, dice_loss, segmentation_loss
+from ..luna import ANNOTATIONS_FILE, read_annotations, split_by_series
+from ..masks import MASK_MODES, MASK_THRESHOLD_HU
+from ..metrics import segmentation_metrics
+from ..models.checkpoint import BOOK_SEGMENTATION_KWARGS
+from ..models.registry import build_model
+from ..sampling import ShardedSequentialSampler
+from ..segmentation_data import (
+    CONTEXT_SLICES,
+    DEFAULT_RANDOM_CROP_FRACTION,
+    DEFAULT_VAL_NEGATIVE_FRACTION,
+    MaskOptions,
+    SameShapeBatchSampler,
+    SegmentationSeries,
+    SegmentationTrainDataset,
+    SegmentationTrainSampler,
+    SegmentationValDataset,
+    validation_slices,
+)
+from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader
+
+log = logging.getLogger(__name__)
+
+PREDICTION_THRESHOLD = 0.5
+"""A pixel is predicted nodule when its probability exceeds this."""
+DEFAULT_IMAGE_COUNT = 6
+"""Validation slices written to TensorBoard each epoch."""
+SCORE_METRICS = ("recall", "dice")
+OVERLAY_COLORS = {
+    "tp": (0.0, 1.0, 0.0),
+    "fn": (1.0, 0.5, 0.0),
+    "fp": (1.0, 0.0, 0.0),
+}
+"""RGB of true positives, false negatives and false positives in the TensorBoard images (book colours)."""
+OVERLAY_ALPHA = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationOptions:
+    """Options of the segmentation task (``TrainConfig.task_options``)."""
+
+    mask_mode: str = "grow"
+    mask_threshold_hu: float = MASK_THRESHOLD_HU
+    fn_loss_weight: float = BOOK_FN_LOSS_WEIGHT
+    random_crop_fraction: float = DEFAULT_RANDOM_CROP_FRACTION
+    val_negative_fraction: float = DEFAULT_VAL_NEGATIVE_FRACTION
+    context_slices: int = CONTEXT_SLICES
+    image_count: int = DEFAULT_IMAGE_COUNT
+    score_metric: str = "recall"
+
+
+def overlay_image(ct_slice: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 RGB in [0, 1]: the CT slice in grey with TP/FN/FP pixels coloured."""
+    grey = (np.clip(ct_slice.astype(np.float32), HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
+    image = np.repeat(grey[..., None], 3, axis=-1)
+    label, prediction = label.astype(bool), prediction.astype(bool)
+    for kind, pixels in (("tp", label & prediction), ("fn", label & ~prediction), ("fp", ~label & prediction)):
+        image[pixels] = (1 - OVERLAY_ALPHA) * image[pixels] + OVERLAY_ALPHA * np.asarray(OVERLAY_COLORS[kind])
+    return image.astype(np.float32)
+
+
+class SegmentationTask(Task):
+    """Train the book's U-Net (``UNetWrapper``) to segment nodules in CT slices."""
+
+    task_name: ClassVar[str] = "segmentation"
+    score_name: ClassVar[str] = "recall"
+    default_model: ClassVar[str] = "unet"
+    default_optimizer: ClassVar[str] = "adam"
+    summary_keys: ClassVar[tuple[str, ...]] = ("loss", "dice", "precision", "recall")
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        self.options: SegmentationOptions = self.config.task_options or SegmentationOptions()
+        self.score_name = self.options.score_metric
+        self._splits: tuple[list[str], list[str]] | None = None
+        self._annotations: pd.DataFrame | None = None
+        self._display: set[tuple[str, int]] = set()
+        self._display_images: dict[tuple[str, int], np.ndarray] = {}
+
+    # --- command line -----------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("segmentation")
+        group.add_argument("--mask-mode", choices=MASK_MODES, default="grow",
+                           help="nodule masks: the book's grown boxes above the threshold, or spheres of "
+                                "the annotated diameter")
+        group.add_argument("--mask-threshold-hu", type=float, default=MASK_THRESHOLD_HU,
+                           help="HU above which grown-mask voxels are nodule")
+        group.add_argument("--fn-loss-weight", type=float, default=BOOK_FN_LOSS_WEIGHT,
+                           help="weight of the false-negative Dice term (the book's: 8)")
+        group.add_argument("--random-crop-fraction", type=float, default=DEFAULT_RANDOM_CROP_FRACTION,
+                           help="share of training crops taken at random places rather than around a nodule")
+        group.add_argument("--val-negative-fraction", type=float, default=DEFAULT_VAL_NEGATIVE_FRACTION,
+                           help="share of validation slices without nodules that are validated too")
+        group.add_argument("--context-slices", type=int, default=CONTEXT_SLICES,
+                           help="slices on each side given as channels")
+        group.add_argument("--tb-images", type=int, default=DEFAULT_IMAGE_COUNT,
+                           help="validation slices shown in TensorBoard")
+        group.add_argument("--score-metric", choices=SCORE_METRICS, default="recall",
+                           help="validation metric that picks the best checkpoint (the book's: recall)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> SegmentationOptions:
+        if not 0 <= args.random_crop_fraction < 1:
+            raise UsageError(f"--random-crop-fraction must be in [0, 1), not {args.random_crop_fraction}")
+        if not 0 <= args.val_negative_fraction <= 1:
+            raise UsageError(f"--val-negative-fraction must be in [0, 1], not {args.val_negative_fraction}")
+        if args.context_slices < 0 or args.tb_images < 0 or args.fn_loss_weight < 0:
+            raise UsageError("--context-slices, --tb-images and --fn-loss-weight must be >= 0")
+        return SegmentationOptions(
+            mask_mode=args.mask_mode,
+            mask_threshold_hu=args.mask_threshold_hu,
+            fn_loss_weight=args.fn_loss_weight,
+            random_crop_fraction=args.random_crop_fraction,
+            val_negative_fraction=args.val_negative_fraction,
+            context_slices=args.context_slices,
+            image_count=args.tb_images,
+            score_metric=args.score_metric,
+        )
+
+    @classmethod
+    def book_augment(cls) -> AugmentConfig:
+        """The book's segmentation augmentation (p2ch13 ``--augmented``: a smaller offset)."""
+        return AugmentConfig.book_segmentation()
+
+    # --- model and data ---------------------------------------------------------------
+
+    def build_model(self) -> ModelSpec:
+        name = self.config.model or self.default_model
+        kwargs = {**BOOK_SEGMENTATION_KWARGS, "in_channels": 2 * self.options.context_slices + 1,
+                  **self.config.model_kwargs}
+        return ModelSpec(build_model(name, **kwargs), name, kwargs)
+
+    def _series(self, validation: bool) -> SegmentationSeries:
+        data_root = self.config.paths.require_data_root()
+        if self._splits is None:
+            uids = sorted(list_series_on_disk(data_root))
+            if not uids:
+                raise DataError(f"no subset*/*.mhd series under {data_root}")
+            self._splits = split_by_series(uids, self.config.val_stride)
+            self._annotations = read_annotations(data_root / ANNOTATIONS_FILE)
+        uids = self._splits[1] if validation else self._splits[0]
+        if not uids:
+            raise DataError(f"no {'validation' if validation else 'training'} series under {data_root} "
+                            f"with --val-stride {self.config.val_stride}")
+        mask_options = MaskOptions(self.options.mask_mode, self.options.mask_threshold_hu)
+        return SegmentationSeries(open_cache(self.config.paths), uids, self._annotations, mask_options,
+                                  progress=self.context.is_main)
+
+    def train_loader(self) -> Iterable[Batch]:
+        series = self._series(validation=False)
+        if not series.nodules:
+            raise DataError("the training series have no annotated nodules inside their CTs")
+        sampler = SegmentationTrainSampler(len(series.nodules), self.options.random_crop_fraction,
+                                           self.config.epoch_size, self.config.seed,
+                                           self.context.rank, self.context.world_size)
+        log.info("segmentation training: %d series, %d nodules, %d crops per epoch",
+                 len(series.series_uids), len(series.nodules), sampler.global_size)
+        return build_loader(SegmentationTrainDataset(series, self.options.context_slices), sampler, self.context)
+
+    def val_loader(self) -> Iterable[Batch]:
+        series = self._series(validation=True)
+        items = validation_slices(series, self.options.val_negative_fraction, self.config.seed)
+        dataset = SegmentationValDataset(series, items, self.options.context_slices)
+        sampler = ShardedSequentialSampler(len(dataset), self.config.val_size,
+                                           self.context.rank, self.context.world_size)
+        self._display = _display_slices(series, [items[i] for i in sampler.indices], self.options.image_count)
+        log.info("segmentation validation: %d series, %d slices", len(series.series_uids), len(sampler.indices))
+        workers = self.config.num_workers
+        return DataLoader(
+            dataset,
+            batch_sampler=SameShapeBatchSampler(sampler, dataset.slice_shapes(), self.config.batch_size),
+            num_workers=workers,
+            pin_memory=self.context.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    # --- loss and metrics ---------------------------------------------------------------
+
+    def compute_loss(self, model: nn.Module, batch: Batch, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, Outputs]:
+        image = batch["image"].to(torch.float32)
+        mask = batch["mask"]
+        if augment:
+            image, mask = augment_batch_2d(image, mask, self.config.augment, generator)
+        probabilities = torch.sigmoid(model(image).float())
+        loss = segmentation_loss(probabilities, mask, self.options.fn_loss_weight)
+        with torch.no_grad():
+            predicted = probabilities > PREDICTION_THRESHOLD
+            label = mask.to(torch.bool)
+            dims = (1, 2, 3)
+            outputs = {
+                "tp": (predicted & label).sum(dim=dims).double().cpu(),
+                "fp": (predicted & ~label).sum(dim=dims).double().cpu(),
+                "fn": (~predicted & label).sum(dim=dims).double().cpu(),
+                "dice_loss": dice_loss(probabilities, label).float().cpu(),
+            }
+            if not augment and self._display:
+                self._keep_display_images(batch, image, label, predicted)
+        return loss, outputs
+
+    def _keep_display_images(self, batch: Batch, image: torch.Tensor, label: torch.Tensor,
+                             predicted: torch.Tensor) -> None:
+        slice_indices = batch["slice_index"].tolist()
+        for position, key in enumerate(zip(batch["series_uid"], slice_indices)):
+            if key in self._display:
+                center = image[position, self.options.context_slices].cpu().numpy()
+                self._display_images[key] = overlay_image(center, label[position, 0].cpu().numpy(),
+                                                          predicted[position, 0].cpu().numpy())
+
+    def epoch_metrics(self, outputs: Outputs) -> dict[str, float]:
+        tp, fp, fn = (float(outputs[key].sum()) for key in ("tp", "fp", "fn"))
+        metrics = {"loss": float(outputs["loss"].mean()), "dice_loss": float(outputs["dice_loss"].mean())}
+        metrics.update(segmentation_metrics(tp, fp, fn))
+        return metrics
+
+    def tensorboard_scalars(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The book's tags: ``loss/all``, ``percent_all/{tp,fn,fp}``, ``pr/{precision,recall}``; plus Dice."""
+        return {
+            "loss/all": metrics["loss"],
+            "loss/dice": metrics["dice_loss"],
+            "percent_all/tp": 100 * metrics["tp_rate"],
+            "percent_all/fn": 100 * metrics["fn_rate"],
+            "percent_all/fp": 100 * metrics["fp_rate"],
+            "pr/precision": metrics["precision"],
+            "pr/recall": metrics["recall"],
+            "pr/dice": metrics["dice"],
+        }
+
+    def log_extra(self, writer: Any, mode: str, epoch: int, outputs: Outputs, samples_seen: int) -> None:
+        if mode != "val":
+            return
+        for (series_uid, slice_index), image in sorted(self._display_images.items()):
+            writer.add_image(f"{mode}/{series_uid[-8:]}_slice{slice_index:03d}", image, samples_seen,
+                             dataformats="HWC")
+        self._display_images.clear()
+
+    def hparams(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self.options).items() if key != "image_count"}
+
+
+def _display_slices(series: SegmentationSeries, items: list[tuple[str, int]], count: int) -> set[tuple[str, int]]:
+    """Up to ``count`` validation slices to show: each series' largest nodule slice first, then others."""
+    available = set(items)
+    chosen: list[tuple[str, int]] = []
+    for uid in series.series_uids:
+        positive = series.positive_slices[uid]
+        if positive.size:
+            areas = [np.count_nonzero(series.mask_slice(uid, index)) for index in positive]
+            key = (uid, int(positive[np.argmax(areas)]))
+            if key in available:
+                chosen.append(key)
+    spread = [items[i] for i in np.linspace(0, len(items) - 1, num=min(count, len(items))).astype(int)] if items else []
+    chosen += [key for key in spread if key not in chosen]
+    return set(chosen[:count])

@@ -1,0 +1,221 @@
+"""Diagnosis: pipeline steps, scoring against truth, outputs, bad inputs, end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from p2ch_luna import diagnose
+from p2ch_luna.ct import Ct, load_ct
+from p2ch_luna.geometry import Geometry
+from p2ch_luna.lungs import find_lungs
+from p2ch_luna.models import build_model
+from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint
+from p2ch_luna.report import FINDINGS_FILE, REPORT_FILE, score
+
+BOOK_SEGMENTATION = "seg_2020-01-26_19.45.12_w4d3c1-bal_1_nodupe-label_pos-d1_fn8-adam.best.state"
+BOOK_CLASSIFIER = "cls_2020-02-06_14.16.55_final-nodule-nonnodule.best.state"
+
+
+def _ct(hu: np.ndarray, spacing_xyz=(1.0, 1.0, 1.0), uid: str = "series") -> Ct:
+    geometry = Geometry(np.zeros(3), np.asarray(spacing_xyz, float), np.eye(3), hu.shape)
+    return Ct(hu=hu.astype(np.int16), geometry=geometry, series_uid=uid)
+
+
+class CentreSliceLogits(torch.nn.Module):
+    """A stand-in U-Net: the logit of each pixel is the HU of the centre input slice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, diagnose.CONTEXT_SLICES : diagnose.CONTEXT_SLICES + 1]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_segment_ct_crops_and_gathers_context_exactly(batch_size: int) -> None:
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, size=(12, 40, 50)).astype(np.int16)
+    region = np.zeros(hu.shape, dtype=bool)
+    region[2:9, 5:20, 10:30] = True
+    mask = diagnose.segment_ct(hu, region, CentreSliceLogits(), 0.5, batch_size, torch.device("cpu"))
+    pad = diagnose.SEGMENTATION_PAD
+    expected = np.zeros(hu.shape, dtype=bool)
+    expected[2:9, max(5 - pad, 0) : 20 + pad, max(10 - pad, 0) : 30 + pad] = hu[2:9, :36, :46] > 0
+    assert np.array_equal(mask, expected)
+
+
+def test_group_candidates_centres_sizes_and_lung_restriction() -> None:
+    hu = np.full((20, 30, 30), -800, dtype=np.int16)
+    nodule_mask = np.zeros(hu.shape, dtype=bool)
+    nodule_mask[4:9, 4:9, 4:9] = True  # 125 voxels, inside the region
+    nodule_mask[12:17, 20:25, 20:25] = True  # outside the region
+    hu[nodule_mask] = 50
+    region = np.zeros(hu.shape, dtype=bool)
+    region[:, :15, :15] = True
+    ct = _ct(hu, spacing_xyz=(0.5, 0.5, 2.0))
+    candidates = diagnose.group_candidates(hu, nodule_mask, region, ct, erosion_iterations=1)
+    assert len(candidates) == 1
+    row = candidates.iloc[0]
+    assert (row["index"], row["row"], row["col"]) == pytest.approx((6.0, 6.0, 6.0))
+    assert (row["center_x"], row["center_y"], row["center_z"]) == pytest.approx((3.0, 3.0, 12.0))
+    assert row["voxel_count"] == 125
+    assert row["diameter_mm"] == pytest.approx((6 * 125 * 0.5 * 0.5 * 2.0 / np.pi) ** (1 / 3))
+
+
+def test_group_candidates_empty_mask() -> None:
+    hu = np.zeros((5, 8, 8), dtype=np.int16)
+    empty = np.zeros(hu.shape, dtype=bool)
+    candidates = diagnose.group_candidates(hu, empty, ~empty, _ct(hu), 1)
+    assert list(candidates.columns) == diagnose.CANDIDATE_COLUMNS and candidates.empty
+
+
+def test_shard_and_merge_restore_the_requested_order() -> None:
+    uids = [f"uid{i}" for i in range(7)]
+    shards = [diagnose.shard(uids, rank, 3) for rank in range(3)]
+    assert sorted(sum(shards, [])) == sorted(uids)
+    assert shards[1] == ["uid1", "uid4"]
+    results = [[_diagnosis(uid) for uid in part] for part in shards]
+    merged = diagnose.merge_shards(results, uids)
+    assert [d.series_uid for d in merged] == uids
+    info = diagnose.DistributedInfo()
+    assert diagnose.gather_to_main("x", info) == ["x"]
+
+
+def _diagnosis(uid: str, candidates: pd.DataFrame | None = None) -> diagnose.SeriesDiagnosis:
+    return diagnose.SeriesDiagnosis(
+        series_uid=uid, source="", shape_irc=(1, 1, 1), spacing_irc=(1.0, 1.0, 1.0), lung_volume_ml=0.0,
+        candidates=diagnose._empty_candidates() if candidates is None else candidates, timings={"total_s": 0.0},
+    )
+
+
+def _detections_from_truth(truth: pd.DataFrame, uid: str) -> pd.DataFrame:
+    """One detection on each nodule (malignancy from the truth), one false positive, one filtered out."""
+    nodules = truth[truth["series_uid"] == uid]
+    malignant = nodules["is_malignant"].fillna(False).to_numpy(bool)
+    far = nodules[["center_x", "center_y", "center_z"]].to_numpy().max(axis=0, initial=0.0) + 200.0
+    rows = {
+        "center_x": [*nodules["center_x"], far[0], far[0] + 50],
+        "center_y": [*nodules["center_y"], far[1], far[1]],
+        "center_z": [*nodules["center_z"], far[2], far[2]],
+        "nodule_probability": [0.9] * len(nodules) + [0.8, 0.2],
+        "malignancy_probability": [*np.where(malignant, 0.95, 0.05), 0.1, np.nan],
+    }
+    frame = pd.DataFrame(rows).assign(series_uid=uid, index=0.0, row=0.0, col=0.0, voxel_count=1, diameter_mm=5.0)
+    return frame[diagnose.CANDIDATE_COLUMNS]
+
+
+def test_scoring_synthetic_truth_fills_the_confusion_table(tiny_dataset: Path) -> None:
+    truth = diagnose.read_truth(tiny_dataset)
+    uids = sorted(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))
+    results = [_diagnosis(uid, _detections_from_truth(truth.nodules, uid)) for uid in uids]
+    config = diagnose.DiagnoseConfig()
+    scores = score(results, truth, uids, config)
+    nodules = truth.nodules[truth.nodules["series_uid"].isin(uids)]
+    n_malignant = int(nodules["is_malignant"].fillna(False).sum())
+    n_benign = len(nodules) - n_malignant
+    expected = np.array([[0, len(uids), len(uids), 0], [0, 0, n_benign, 0], [0, 0, 0, n_malignant]])
+    assert np.array_equal(scores.total, expected)
+    assert len(nodules) > 0
+    assert scores.froc is not None and scores.froc.cpm == pytest.approx(1.0)
+    # Dropping the detections of one series turns its nodules into complete misses.
+    first = next(uid for uid in uids if truth.has_series(uid))
+    results[uids.index(first)] = _diagnosis(first)
+    missed = len(nodules[nodules["series_uid"] == first])
+    assert score(results, truth, uids, config).total[1:, 0].sum() == missed
+
+
+@pytest.fixture(scope="module")
+def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded untrained segmentation, nodule and malignancy checkpoints, named as training saves them."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    specs = [("segmentation", "unet", dict(BOOK_SEGMENTATION_KWARGS)), ("nodule", "luna", {}),
+             ("malignancy", "luna", {})]
+    for task, name, kwargs in specs:
+        save_checkpoint(checkpoint_path(folder, task, "2026-01-01_00.00.00", "test", best=True),
+                        build_model(name, **kwargs), model_name=name, model_kwargs=kwargs, task=task,
+                        epoch=1, samples_seen=0, config={}, metrics={})
+    return folder
+
+
+@pytest.mark.slow
+def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untrained_models: Path,
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    code = diagnose.main(["--validation", "--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
+                          "--output", str(out), "--save-mask", "--segmentation-threshold", "0.9"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    validation = diagnose.split_by_series(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))[1]
+    assert f"Summary: {len(validation)} CT(s)" in printed and "Confusion table" in printed
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert [s["series_uid"] for s in report["series"]] == validation
+    assert report["models"]["malignancy"]["task"] == "malignancy"
+    assert np.asarray(report["confusion_table"]).shape == (3, 4)
+    findings = pd.read_csv(out / FINDINGS_FILE)
+    assert list(findings.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    assert len(findings) == sum(len(s["candidates"]) for s in report["series"])
+    masks = sorted(out.glob("*_mask.mhd"))
+    assert len(masks) == len(validation) and all(m.with_suffix(".raw").is_file() for m in masks)
+    assert not list(tmp_path.glob(".out.*"))  # the staging folder is gone
+
+
+@pytest.mark.slow
+def test_real_ct_with_book_models_stays_in_the_lungs(cptac_dir: Path, book_checkpoints_dir: Path,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = diagnose.main([
+        "--ct", str(cptac_dir), "--output", str(out), "--data-root", str(tmp_path / "none"),
+        "--segmentation-path", str(book_checkpoints_dir / BOOK_SEGMENTATION),
+        "--classification-path", str(book_checkpoints_dir / BOOK_CLASSIFIER),
+    ])
+    assert code == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert (out / FINDINGS_FILE).is_file()
+    candidates = pd.DataFrame(report["series"][0]["candidates"])
+    assert len(candidates) > 0
+    ct = load_ct(cptac_dir)
+    lungs = find_lungs(ct.hu, tuple(ct.geometry.spacing_irc))
+    irc = ct.geometry.xyz_to_irc(candidates[["center_x", "center_y", "center_z"]].to_numpy())
+    assert lungs.mask[tuple(irc.T)].all()
+    found = candidates[candidates["nodule_probability"] >= 0.5]
+    assert len(list(out.glob("*_finding*.png"))) == min(len(found), 20)
+
+
+def _book_or_untrained(untrained_models: Path, task: str) -> str:
+    return str(next(untrained_models.glob(f"{task}_*.best.state")))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("make_args, code, message", [
+    (lambda d, m, t: ["--series-uid", "1.2.3.unknown", "--data-root", str(d)], 1, "1.2.3.unknown"),
+    (lambda d, m, t: ["--ct", str(t)], 1, "holds no DICOM series"),
+    (lambda d, m, t: ["--validation", "--series-uid", "x", "--data-root", str(d)], 2, "exactly one"),
+    (lambda d, m, t: ["--data-root", str(d)], 2, "exactly one"),
+    (lambda d, m, t: ["--validation", "--data-root", str(d), "--classification-path",
+                      _book_or_untrained(m, "segmentation")], 1, "expected nodule"),
+    (lambda d, m, t: ["--validation", "--data-root", str(d), "--segmentation-path", str(d / "annotations.csv")],
+     1, "annotations.csv"),
+    (lambda d, m, t: ["--validation", "--data-root", str(d), "--models-dir", str(t)], 1,
+     "no segmentation checkpoint"),
+])
+def test_bad_inputs_fail_cleanly_and_write_nothing(tiny_dataset: Path, untrained_models: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture, make_args, code: int,
+                                                   message: str) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / REPORT_FILE).write_text("previous")
+    args = make_args(tiny_dataset, untrained_models, empty)
+    if "--models-dir" not in args:
+        args += ["--models-dir", str(untrained_models)]
+    assert diagnose.main([*args, "--output", str(out)]) == code
+    error = capsys.readouterr().err.strip().splitlines()
+    assert message in error[-1] and "Traceback" not in "\n".join(error)
+    assert (out / REPORT_FILE).read_text() == "previous"
+    assert sorted(p.name for p in out.iterdir()) == [REPORT_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]

@@ -1,0 +1,218 @@
+"""Training machinery end to end on the tiny synthetic set: outputs, resume, fine-tuning, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from p2ch_luna import engine, training
+from p2ch_luna.config import TrainConfig
+from p2ch_luna.engine import AmpSettings, amp_settings, split_batch, train_one_epoch
+from p2ch_luna.errors import LunaError
+from p2ch_luna.models import LunaModel, load_checkpoint, save_checkpoint
+from p2ch_luna.paths import resolve_paths
+from p2ch_luna.tasks import RunContext
+from p2ch_luna.tasks.base import ModelSpec, Task
+from p2ch_luna.tasks.classification import ClassificationOptions, MalignancyTask
+
+TINY_MODEL = '{"conv_channels": 2, "depth": 2}'
+TINY_CHUNK = ["--chunk-shape", "8", "16", "16"]
+
+
+def tiny_args(data_root: Path, out: Path, *extra: str) -> list[str]:
+    """Arguments of a seconds-long CPU run (shared cache folder next to the outputs)."""
+    return [
+        "nodule", "--data-root", str(data_root), "--cache-dir", str(out.parent / "cache"),
+        "--models-dir", str(out / "models"), "--runs-dir", str(out / "runs"),
+        "--device", "cpu", "--batch-size", "4", "--epoch-size", "16", "--val-size", "12", "--val-stride", "3",
+        "--balanced", "--model-kwargs", TINY_MODEL, *TINY_CHUNK, "--log-level", "WARNING", *extra,
+    ]
+
+
+def only_file(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def event_tags(run_dir: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator.Tags()
+
+
+def test_tiny_run_writes_checkpoints_config_and_tensorboard(tiny_dataset: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert training.main(tiny_args(tiny_dataset, out, "--epochs", "2", "--augmented", "--comment", "e2e")) == 0
+    best = only_file(out / "models", "nodule_*_e2e.best.state")
+    last = only_file(out / "models", "nodule_*_e2e.last.state")
+    loaded = load_checkpoint(last, expected_task="nodule")
+    assert isinstance(loaded.model, LunaModel) and loaded.epoch == 2 and loaded.samples_seen == 32
+    assert "roc_auc" in loaded.metrics
+    assert load_checkpoint(best).task == "nodule"
+    config = json.loads(only_file(out / "models", "nodule_*_e2e.config.json").read_text())
+    assert config["ratio"] == 1 and config["augment"]["flip"] is True
+    reported = capsys.readouterr().out
+    assert str(best) in reported and str(last) in reported
+
+    trn = only_file(out / "runs" / "p2ch_luna", "*-trn-nodule-e2e")
+    val = only_file(out / "runs" / "p2ch_luna", "*-val-nodule-e2e")
+    trn_tags = event_tags(trn)
+    for tag in ("loss/all", "loss/pos", "loss/neg", "correct/all", "correct/pos", "correct/neg",
+                "pr/precision", "pr/recall", "pr/f1"):
+        assert tag in trn_tags["scalars"], tag
+    assert "prob/pos" in trn_tags["histograms"] and "prob/neg" in trn_tags["histograms"]
+    assert "roc" in trn_tags["images"]
+    assert any(tag.startswith("pr/pr_curves") or tag.startswith("pr") for tag in trn_tags["tensors"])
+    assert any(tag.startswith("config") for tag in trn_tags["tensors"])
+    assert "loss/all" in event_tags(val)["scalars"]
+    hparams_files = list(val.glob("events.out.tfevents.*"))
+    assert len(hparams_files) >= 2  # metrics + the HParams summary
+
+
+def test_resume_continues_to_the_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
+    common = ["--augment-flip", "--augment-noise", "--optimizer", "adam"]
+    assert training.main(tiny_args(tiny_dataset, tmp_path / "straight", "--epochs", "2", *common)) == 0
+    assert training.main(tiny_args(tiny_dataset, tmp_path / "split", "--epochs", "1", *common)) == 0
+    first = only_file(tmp_path / "split" / "models", "*.last.state")
+    resume_args = tiny_args(tiny_dataset, tmp_path / "split", "--epochs", "2", "--resume", str(first))
+    assert training.main(resume_args) == 0
+    straight = load_checkpoint(only_file(tmp_path / "straight" / "models", "*.last.state"))
+    resumed = load_checkpoint(only_file(tmp_path / "split" / "models", "*.last.state"))
+    assert resumed.epoch == 2 and resumed.samples_seen == straight.samples_seen == 32
+    for name, value in straight.model.state_dict().items():
+        assert torch.allclose(value.float(), resumed.model.state_dict()[name].float(), atol=1e-6), name
+    # The same run folder was continued, not a new one.
+    assert len(list((tmp_path / "split" / "runs" / "p2ch_luna").glob("*-trn-*"))) == 1
+
+
+def test_interrupt_keeps_the_last_completed_epoch(tiny_dataset: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine.train_one_epoch
+
+    def interrupted(*args: Any, epoch: int, **kwargs: Any) -> Any:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", interrupted)
+    out = tmp_path / "run"
+    assert training.main(tiny_args(tiny_dataset, out, "--epochs", "3")) == 130
+    assert load_checkpoint(only_file(out / "models", "*.last.state")).epoch == 1
+
+
+@pytest.mark.parametrize("argument", [["--comment", "a b"], ["--batch-size", "0"], ["--model-kwargs", "[1]"],
+                                      ["--batch-size", "6", "--grad-accumulation", "4"]])
+def test_bad_arguments_are_usage_errors(tiny_dataset: Path, tmp_path: Path, argument: list[str]) -> None:
+    assert training.main(tiny_args(tiny_dataset, tmp_path, *argument)) == 2
+
+
+def test_finetune_freezes_all_but_the_last_blocks_and_reinitialises_the_head(tiny_dataset: Path,
+                                                                           tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = LunaModel(conv_channels=2, depth=2, input_shape=(8, 16, 16))
+    with torch.no_grad():
+        source.head_linear.weight.fill_(0.5)
+    path = save_checkpoint(tmp_path / "nodule.state", source, model_name="luna",
+                           model_kwargs={"conv_channels": 2, "depth": 2, "input_shape": [8, 16, 16]},
+                           task="nodule", epoch=1, samples_seen=1, config={}, metrics={})
+    options = ClassificationOptions(chunk_shape=(8, 16, 16), finetune=path, finetune_depth=2)
+    config = TrainConfig(task="malignancy", paths=resolve_paths(data_root=tiny_dataset), task_options=options)
+    spec = MalignancyTask(RunContext(config, torch.device("cpu"))).build_model()
+    trainable = {name.split(".")[0] for name, p in spec.model.named_parameters() if p.requires_grad}
+    assert trainable == {"head_linear", "block2"}
+    assert not torch.equal(spec.model.head_linear.weight, source.head_linear.weight)
+    assert torch.equal(spec.model.block1.conv1.weight, source.block1.conv1.weight)
+    optimizer = training.build_optimizer(spec.model, dataclasses.replace(config, optimizer="sgd", lr=0.1))
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
+        p.numel() for p in spec.model.parameters() if p.requires_grad)
+
+
+class _ToyTask(Task):
+    """A linear model on random features; the loss turns NaN at a chosen batch."""
+
+    task_name = "nodule"
+    score_name = "loss"
+    default_model = "toy"
+
+    def __init__(self, context: RunContext, nan_batch: int | None = None) -> None:
+        super().__init__(context)
+        self.nan_batch = nan_batch
+        self.batches_seen = 0
+
+    def build_model(self) -> ModelSpec:
+        return ModelSpec(nn.Linear(4, 2), "toy", {})
+
+    def train_loader(self) -> list[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(0)
+        return [{"image": torch.randn(8, 4, generator=generator), "label": torch.randint(0, 2, (8,),
+                 generator=generator)} for _ in range(4)]
+
+    val_loader = train_loader
+
+    def compute_loss(self, model: nn.Module, batch: dict, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        loss = nn.functional.cross_entropy(model(batch["image"]), batch["label"], reduction="none")
+        if self.batches_seen == self.nan_batch:
+            loss = loss * float("nan")
+        self.batches_seen += 1
+        return loss, {"label": batch["label"].cpu()}
+
+    def epoch_metrics(self, outputs: dict) -> dict[str, float]:
+        return {"loss": float(outputs["loss"].mean())}
+
+
+def _toy(nan_batch: int | None = None) -> tuple[_ToyTask, nn.Module, torch.optim.Optimizer]:
+    config = TrainConfig(task="nodule", paths=resolve_paths())
+    task = _ToyTask(RunContext(config, torch.device("cpu")), nan_batch)
+    model = task.build_model().model
+    return task, model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_nan_loss_raises_naming_epoch_and_batch() -> None:
+    task, model, optimizer = _toy(nan_batch=2)
+    with pytest.raises(LunaError, match=r"epoch 3, batch 2"):
+        train_one_epoch(task, model, optimizer, task.train_loader(), epoch=3, device=torch.device("cpu"),
+                        generator=torch.Generator(), show_progress=False)
+
+
+def test_bf16_autocast_on_cpu_trains_a_step() -> None:
+    amp = amp_settings(True, torch.device("cpu"))
+    assert amp.dtype == torch.bfloat16 and not amp.needs_scaler
+    task, model, optimizer = _toy()
+    before = model.weight.detach().clone()
+    result = train_one_epoch(task, model, optimizer, task.train_loader(), epoch=1, device=torch.device("cpu"),
+                             generator=torch.Generator(), amp=amp, show_progress=False)
+    assert result.samples == 32 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+    assert not torch.equal(before, model.weight)
+
+
+def test_gradient_accumulation_matches_one_full_batch() -> None:
+    task, model, optimizer = _toy()
+    twin = nn.Linear(4, 2)
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    loader = task.train_loader()
+    cpu = torch.device("cpu")
+    train_one_epoch(task, model, optimizer, loader, epoch=1, device=cpu, generator=torch.Generator(),
+                    show_progress=False)
+    train_one_epoch(task, twin, twin_optimizer, loader, epoch=1, device=cpu, generator=torch.Generator(),
+                    grad_accumulation=2, show_progress=False)
+    assert torch.allclose(model.weight, twin.weight, atol=1e-6)
+
+
+def test_split_batch_strides_like_ddp_ranks() -> None:
+    batch = {"image": torch.arange(6), "series_uid": list("abcdef"), "meta": 1}
+    first, second = split_batch(batch, 2)
+    assert first["image"].tolist() == [0, 2, 4] and second["series_uid"] == ["b", "d", "f"]
+    assert first["meta"] == 1
+    assert AmpSettings().enabled is False
