@@ -53,6 +53,7 @@ class DemoConfig:
     segmentation_epoch_size: int
     malignancy_epochs: int
     malignancy_epoch_size: int
+    chunk_shape: tuple[int, int, int]
     batch_size: int
     num_workers: int
     device: str
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--segmentation-epoch-size", type=int, default=640, help="segmentation samples per epoch")
     train.add_argument("--malignancy-epochs", type=int, default=3, help="malignancy classifier epochs")
     train.add_argument("--malignancy-epoch-size", type=int, default=640, help="malignancy samples per epoch")
+    train.add_argument("--chunk-shape", type=int, nargs=3, default=[16, 24, 24], metavar=("I", "R", "C"),
+                       help="classifier chunk size in voxels (the book's is 32 48 48; smaller trains faster on a CPU)")
     train.add_argument("--batch-size", type=int, default=32, help="classifier batch size")
     train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -99,7 +102,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         slices=tuple(args.slices), nodule_epochs=args.nodule_epochs,
         nodule_epoch_size=args.nodule_epoch_size, segmentation_epochs=args.segmentation_epochs,
         segmentation_epoch_size=args.segmentation_epoch_size, malignancy_epochs=args.malignancy_epochs,
-        malignancy_epoch_size=args.malignancy_epoch_size, batch_size=args.batch_size,
+        malignancy_epoch_size=args.malignancy_epoch_size, chunk_shape=tuple(args.chunk_shape),
+        batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device,
     )
 
@@ -141,12 +145,13 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     folders = config.folder_args()
     common = ["--seed", str(config.seed), "--device", config.device, "--num-workers", str(config.num_workers),
               "--comment", "demo", *folders]
+    chunk = [str(n) for n in config.chunk_shape]
     _prepare_dataset(config, timings)
     _stage("prepcache", prepcache.main, [*folders], timings)
     _stage("train nodule", training.main, [
         "nodule", *common, "--epochs", str(config.nodule_epochs), "--epoch-size", str(config.nodule_epoch_size),
         "--batch-size", str(config.batch_size), "--balanced", "--augmented", "--optimizer", "adam",
-        "--lr", "0.001"], timings)
+        "--lr", "0.001", "--chunk-shape", *chunk], timings)
     _stage("train segmentation", training.main, [
         "segmentation", *common, "--epochs", str(config.segmentation_epochs),
         "--epoch-size", str(config.segmentation_epoch_size), "--batch-size", "16", "--augmented"], timings)
@@ -154,7 +159,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
         "malignancy", *common, "--epochs", str(config.malignancy_epochs),
         "--epoch-size", str(config.malignancy_epoch_size), "--batch-size", str(config.batch_size),
         "--balanced", "--augmented", "--finetune", str(_latest(config, "nodule")), "--finetune-depth", "2",
-        "--optimizer", "adam", "--lr", "0.001"], timings)
+        "--optimizer", "adam", "--lr", "0.001", "--chunk-shape", *chunk], timings)
     _stage("diagnose", diagnose.main, [
         "--validation", *folders, "--device", config.device, "--output", str(config.work_dir / "diagnosis"),
         "--segmentation-path", str(_latest(config, "segmentation")),
