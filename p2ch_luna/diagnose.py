@@ -9,11 +9,14 @@ Pipeline per CT (the book's chapter 14, kept inside the lungs):
 1. lung mask from HU (:mod:`p2ch_luna.lungs`); every later step stays inside it;
 2. U-Net on every slice that holds lung (7-slice context, clamped at the ends),
    cropped to the lungs' bounding box, batched, sigmoid > threshold;
-3. restrict to the lungs, erode, label connected components, HU-weighted centre
-   of mass per component (the book's grouping); estimated size = equivalent
-   diameter of the component;
-4. nodule probability per candidate (softmax of the classifier on a 32x48x48
-   chunk), malignancy probability for those above the nodule threshold.
+3. restrict to the lungs and group the mask into candidates: by default one
+   per distance-transform peak of the dense segmented tissue (``--grouping
+   peaks``), or the book's eroded connected components with their HU-weighted
+   centre of mass (``--grouping components``);
+4. nodule probability per candidate (softmax of the classifier on a chunk of
+   the size it was trained on), then, with peaks, one detection per blob (a
+   candidate inside a more probable one is dropped); malignancy probability
+   for those above the nodule threshold.
 
 Truth, when annotations exist, scores the run: the book's confusion table per
 series and in total, and the LUNA16 FROC/CPM. Under ``torchrun`` the series are
@@ -71,6 +74,13 @@ CPU_SEGMENTATION_BATCH = 4
 CUDA_SEGMENTATION_BATCH = 32
 CLASSIFICATION_BATCH = 64
 """Candidate chunks per classifier batch (64 measured fastest on the CPU)."""
+GROUPINGS = ("peaks", "components")
+DENSE_HU = -600
+"""Peak grouping: voxels of the segmentation at or above this HU form the blobs (ground glass included)."""
+MIN_PEAK_RADIUS_MM = 1.0
+"""Peak grouping: a blob's centre must lie at least this far inside it (nodules are >= 3 mm across)."""
+PEAK_SEPARATION_MM = 3.0
+"""Peak grouping: two peaks closer than this (per axis) are one candidate."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +89,7 @@ class DiagnoseConfig:
 
     segmentation_threshold: float = 0.5
     erosion_iterations: int = 1
+    grouping: str = "peaks"
     nodule_threshold: float = 0.5
     malignancy_threshold: float = 0.5
     batch_size: int = CPU_SEGMENTATION_BATCH
@@ -210,32 +221,33 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
 
 
 def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray, ct: Ct,
-                     erosion_iterations: int) -> pd.DataFrame:
-    """Connected components of the (restricted, eroded) mask as candidate rows.
+                     erosion_iterations: int, grouping: str = "peaks") -> pd.DataFrame:
+    """Candidate rows from the segmentation mask restricted to ``region`` (the lungs).
 
-    Centre: HU-weighted centre of mass (the book's); size: the equivalent
-    diameter of the component before erosion. Candidates whose centre falls
-    outside ``region`` are dropped, so every finding lies inside the lungs.
+    ``grouping="components"`` is the book's: connected components of the eroded
+    mask, centred at their HU-weighted centre of mass, sized by the equivalent
+    diameter of the component before erosion. An over-segmenting model merges a
+    nodule with the vessels and chest wall it touches into one component whose
+    centre lies off the nodule, so ``"peaks"`` (the default) instead puts one
+    candidate at each local maximum of the distance to the edge of the dense
+    (>= ``DENSE_HU``) segmented tissue: the centre of every blob, attached or
+    not, sized by twice that distance. Candidates whose centre falls outside
+    ``region`` are dropped, so every finding lies inside the lungs.
     """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}")
     restricted = nodule_mask & region
     box = lungs_module.mask_bounding_box(restricted)
     if box is None:
         return _empty_candidates()
     restricted = restricted[box]
-    eroded = ndimage.binary_erosion(restricted, iterations=erosion_iterations) if erosion_iterations else restricted
-    labels, count = ndimage.label(eroded)
-    if count == 0:
+    if grouping == "peaks":
+        centers, voxel_count, diameters = _distance_peaks(hu[box], restricted, ct.geometry.spacing_irc)
+    else:
+        centers, voxel_count, diameters = _component_centres(hu[box], restricted, ct, erosion_iterations)
+    if len(centers) == 0:
         return _empty_candidates()
-    index = np.arange(1, count + 1)
-    weights = np.clip(hu[box], HU_MIN, HU_MAX).astype(np.float32) - HU_WEIGHT_OFFSET
-    centers = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64).reshape(-1, 3)
     centers += [s.start for s in box]
-    whole, _ = ndimage.label(restricted)
-    owner = np.asarray(ndimage.maximum(whole, labels, index), dtype=np.int64)
-    voxel_count = np.bincount(whole.ravel())[owner]
-    voxel_volume = float(np.prod(ct.geometry.spacing_xyz))
-    diameters = np.cbrt(6.0 * voxel_count * voxel_volume / np.pi)
-
     nearest = np.rint(centers).astype(np.int64)
     inside = region[tuple(nearest.T)]
     if not inside.all():
@@ -249,6 +261,66 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
         "voxel_count": voxel_count.astype(np.int64), "diameter_mm": diameters,
         "nodule_probability": np.nan, "malignancy_probability": np.nan,
     }, columns=CANDIDATE_COLUMNS)
+
+
+def _distance_peaks(hu: np.ndarray, mask: np.ndarray,
+                    spacing_irc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres (voxel), voxel counts and diameters (mm) of the distance-transform peaks of dense mask tissue."""
+    dense = mask & (hu >= DENSE_HU)
+    if not dense.any():
+        return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
+    spacing = np.asarray(spacing_irc, dtype=np.float64)
+    depth = ndimage.distance_transform_edt(dense, sampling=spacing).astype(np.float32)
+    window = 2 * np.maximum(np.rint(PEAK_SEPARATION_MM / spacing), 1).astype(int) + 1
+    peaks = (depth >= MIN_PEAK_RADIUS_MM) & (depth == ndimage.maximum_filter(depth, size=tuple(window)))
+    labels, count = ndimage.label(peaks, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
+    index = np.arange(1, count + 1)
+    centers = np.asarray(ndimage.center_of_mass(peaks, labels, index), dtype=np.float64).reshape(-1, 3)
+    radii = np.asarray(ndimage.maximum(depth, labels, index), dtype=np.float64)
+    diameters = 2.0 * radii
+    voxel_count = np.rint(np.pi / 6.0 * diameters**3 / float(np.prod(spacing))).astype(np.int64)
+    return centers, voxel_count, diameters
+
+
+def _component_centres(hu: np.ndarray, restricted: np.ndarray, ct: Ct,
+                       erosion_iterations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The book's grouping: HU-weighted centres of the eroded mask's connected components."""
+    eroded = ndimage.binary_erosion(restricted, iterations=erosion_iterations) if erosion_iterations else restricted
+    labels, count = ndimage.label(eroded)
+    if count == 0:
+        return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
+    index = np.arange(1, count + 1)
+    weights = np.clip(hu, HU_MIN, HU_MAX).astype(np.float32) - HU_WEIGHT_OFFSET
+    centers = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64).reshape(-1, 3)
+    whole, _ = ndimage.label(restricted)
+    owner = np.asarray(ndimage.maximum(whole, labels, index), dtype=np.int64)
+    voxel_count = np.bincount(whole.ravel())[owner]
+    voxel_volume = float(np.prod(ct.geometry.spacing_xyz))
+    diameters = np.cbrt(6.0 * voxel_count * voxel_volume / np.pi)
+    return centers, voxel_count, diameters
+
+
+def keep_strongest(candidates: pd.DataFrame) -> np.ndarray:
+    """Non-maximum suppression: drop a candidate inside a more probable one.
+
+    ``candidates`` must be sorted by decreasing ``nodule_probability``. A
+    candidate is dropped when its centre lies within the radius of a kept one
+    (at least ``PEAK_SEPARATION_MM``), so one nodule gives one detection.
+    """
+    xyz = candidates[["center_x", "center_y", "center_z"]].to_numpy(np.float64)
+    radii = np.maximum(candidates["diameter_mm"].to_numpy(np.float64) / 2.0, PEAK_SEPARATION_MM)
+    keep = np.zeros(len(candidates), dtype=bool)
+    kept: list[int] = []
+    for position in range(len(candidates)):
+        if kept:
+            distances = np.linalg.norm(xyz[kept] - xyz[position], axis=1)
+            if np.any(distances < radii[kept]):
+                continue
+        kept.append(position)
+        keep[position] = True
+    return keep
 
 
 def _empty_candidates() -> pd.DataFrame:
@@ -289,7 +361,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     nodule_mask = segment_ct(ct.hu, lungs.mask, models.segmentation.model, config.segmentation_threshold,
                              config.batch_size, device, config.amp)
     lap("segmentation_s")
-    candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations)
+    candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations, config.grouping)
     lap("grouping_s")
     centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
     batch = max(config.batch_size, CLASSIFICATION_BATCH)
@@ -300,6 +372,8 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
             ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp)
     lap("classification_s")
     candidates = candidates.sort_values("nodule_probability", ascending=False, kind="mergesort")
+    if config.grouping == "peaks":
+        candidates = candidates[keep_strongest(candidates)]
     diagnosis = SeriesDiagnosis(
         series_uid=ct.series_uid, source=source or str(ct.source or ""), shape_irc=ct.shape,
         spacing_irc=spacing_irc, lung_volume_ml=lungs.volume_ml,
@@ -478,10 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--classification-path", type=Path, metavar="FILE")
     models.add_argument("--malignancy-path", type=Path, metavar="FILE", help="optional")
     tuning = parser.add_argument_group("thresholds and post-processing")
-    tuning.add_argument("--segmentation-threshold", type=_probability, default=0.5)
-    tuning.add_argument("--erosion-iterations", type=_non_negative_int, default=1)
-    tuning.add_argument("--nodule-threshold", type=_probability, default=0.5)
-    tuning.add_argument("--malignancy-threshold", type=_probability, default=0.5)
+    tuning.add_argument("--segmentation-threshold", type=_probability, default=0.5,
+                        help="U-Net probability above which a voxel is nodule tissue")
+    tuning.add_argument("--erosion-iterations", type=_non_negative_int, default=1,
+                        help="binary erosions of the mask before --grouping components")
+    tuning.add_argument("--grouping", choices=GROUPINGS, default="peaks",
+                        help="candidates at distance-transform peaks of the dense segmented tissue (one per "
+                             "blob, also when it touches a vessel), or the book's connected components")
+    tuning.add_argument("--nodule-threshold", type=_probability, default=0.5,
+                        help="nodule probability from which a candidate is reported as a finding")
+    tuning.add_argument("--malignancy-threshold", type=_probability, default=0.5,
+                        help="malignancy probability from which a finding is called malignant")
     tuning.add_argument("--lung-margin-mm", type=float, default=lungs_module.DEFAULT_MARGIN_MM,
                         help="dilation of the lung mask that findings must lie in")
     running = parser.add_argument_group("running")
@@ -537,6 +618,7 @@ def run(args: argparse.Namespace) -> int:
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
+        grouping=args.grouping,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=args.amp and device.type == "cuda",
         lung_margin_mm=args.lung_margin_mm,

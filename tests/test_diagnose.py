@@ -47,7 +47,7 @@ def test_segment_ct_crops_and_gathers_context_exactly(batch_size: int) -> None:
     assert np.array_equal(mask, expected)
 
 
-def test_group_candidates_centres_sizes_and_lung_restriction() -> None:
+def test_component_grouping_centres_sizes_and_lung_restriction() -> None:
     hu = np.full((20, 30, 30), -800, dtype=np.int16)
     nodule_mask = np.zeros(hu.shape, dtype=bool)
     nodule_mask[4:9, 4:9, 4:9] = True  # 125 voxels, inside the region
@@ -56,7 +56,7 @@ def test_group_candidates_centres_sizes_and_lung_restriction() -> None:
     region = np.zeros(hu.shape, dtype=bool)
     region[:, :15, :15] = True
     ct = _ct(hu, spacing_xyz=(0.5, 0.5, 2.0))
-    candidates = diagnose.group_candidates(hu, nodule_mask, region, ct, erosion_iterations=1)
+    candidates = diagnose.group_candidates(hu, nodule_mask, region, ct, erosion_iterations=1, grouping="components")
     assert len(candidates) == 1
     row = candidates.iloc[0]
     assert (row["index"], row["row"], row["col"]) == pytest.approx((6.0, 6.0, 6.0))
@@ -65,11 +65,45 @@ def test_group_candidates_centres_sizes_and_lung_restriction() -> None:
     assert row["diameter_mm"] == pytest.approx((6 * 125 * 0.5 * 0.5 * 2.0 / np.pi) ** (1 / 3))
 
 
+def _ball(shape: tuple[int, int, int], center: tuple[float, float, float], radius: float) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float64)
+    return sum((grid[axis] - center[axis]) ** 2 for axis in range(3)) <= radius**2
+
+
+def test_peak_grouping_centres_a_nodule_that_touches_a_vessel() -> None:
+    """One connected blob (a ball on a tube): components centre off the ball, peaks centre on it."""
+    shape = (40, 40, 60)
+    hu = np.full(shape, -850, dtype=np.int16)
+    ball = _ball(shape, (20, 20, 15), 5.0)
+    grid = np.indices(shape)
+    tube = ((grid[0] - 20) ** 2 + (grid[1] - 20) ** 2 <= 2.5**2) & (grid[2] >= 15)
+    hu[ball | tube] = 40
+    flooded = ball | tube | _ball(shape, (20, 20, 15), 7.0)  # an over-segmenting model
+    region = np.ones(shape, dtype=bool)
+    ct = _ct(hu)
+    peaks = diagnose.group_candidates(hu, flooded, region, ct, erosion_iterations=1, grouping="peaks")
+    strongest = peaks.sort_values("diameter_mm", ascending=False).iloc[0]
+    assert (strongest["index"], strongest["row"], strongest["col"]) == pytest.approx((20, 20, 15), abs=0.6)
+    assert strongest["diameter_mm"] == pytest.approx(2 * 5.0, abs=1.5)
+    assert (peaks["diameter_mm"] < 2 * diagnose.MIN_PEAK_RADIUS_MM).sum() == 0
+    components = diagnose.group_candidates(hu, flooded, region, ct, erosion_iterations=1, grouping="components")
+    assert len(components) == 1 and abs(components.iloc[0]["col"] - 15) > 3
+
+
+def test_keep_strongest_drops_candidates_inside_a_more_probable_one() -> None:
+    candidates = pd.DataFrame({
+        "center_x": [0.0, 2.0, 20.0, 6.0], "center_y": 0.0, "center_z": 0.0,
+        "diameter_mm": [10.0, 3.0, 3.0, 3.0], "nodule_probability": [0.9, 0.8, 0.7, 0.6],
+    })
+    assert diagnose.keep_strongest(candidates).tolist() == [True, False, True, True]
+
+
 def test_group_candidates_empty_mask() -> None:
     hu = np.zeros((5, 8, 8), dtype=np.int16)
     empty = np.zeros(hu.shape, dtype=bool)
-    candidates = diagnose.group_candidates(hu, empty, ~empty, _ct(hu), 1)
-    assert list(candidates.columns) == diagnose.CANDIDATE_COLUMNS and candidates.empty
+    for grouping in diagnose.GROUPINGS:
+        candidates = diagnose.group_candidates(hu, empty, ~empty, _ct(hu), 1, grouping)
+        assert list(candidates.columns) == diagnose.CANDIDATE_COLUMNS and candidates.empty
 
 
 def test_shard_and_merge_restore_the_requested_order() -> None:
