@@ -21,22 +21,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; replace ``path`` on success."""
     if "w" not in mode:
         raise ValueError("atomic_open is for writing ('w' or 'wb')")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    _apply_umask(fd)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except OSError as error:
-        _remove_quietly(tmp_name)
-        raise LunaError(f"could not write {target}: {error.strerror or error}") from error
-    except BaseException:
-        _remove_quietly(tmp_name)
-        raise
+    with atomic_path(path) as tmp_path, open(tmp_path, mode) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
@@ -47,8 +35,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     is moved over ``path`` when the block ends without an exception.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    except OSError as error:
+        raise LunaError(f"could not write {target}: {error.strerror or error}") from error
     _apply_umask(fd)
     os.close(fd)
     try:

@@ -120,7 +120,7 @@ def _stage(name: str, command: Callable[[Sequence[str]], int], argv: list[str], 
 
 def _prepare_dataset(config: DemoConfig, timings: dict[str, float]) -> None:
     wanted = {"series": config.series, "seed": config.seed, "shape": list(config.shape),
-              "slices": list(config.slices), "format": 1}
+              "slices": list(config.slices), "generator": synth.GENERATOR_VERSION}
     marker = config.data_root / DATASET_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         log.info("demo: reusing the synthetic dataset in %s", config.data_root)

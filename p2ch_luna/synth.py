@@ -43,8 +43,9 @@ of view so that small test images still hold a whole chest):
   and partial-volume blur (one Gaussian filter over noise plus anatomy, so the
   noise is spatially correlated like real CT noise), rounded to int16.
 * Candidates: 1-3 class-1 rows per nodule, jittered by about a millimetre;
-  250-450 class-0 rows per series: points on vessels, vessel junctions, the
-  pleura/chest wall and random lung points (none within 3 mm of a nodule).
+  250-450 class-0 rows per series: points on vessels, vessel junctions, where
+  vessels enter the lung from the hilum, the pleura/chest wall and random lung
+  points (none within 3 mm of a nodule).
 
 All world coordinates are ``origin + direction @ (spacing * [col, row, index])``,
 exactly what SimpleITK's ``TransformContinuousIndexToPhysicalPoint`` gives.
@@ -82,6 +83,8 @@ UID_DIGITS = 30
 DEFAULT_SHAPE = (512, 512)
 DEFAULT_SLICES = (100, 160)
 DEFAULT_SUBSETS = 10
+GENERATOR_VERSION = 2
+"""Bumped whenever the same seed and arguments give different data (the demo regenerates then)."""
 FLIP_EVERY = 4
 FLIPPED_DIRECTIONS = ((1, 1, -1), (-1, -1, 1))  # axis signs (x, y, z)
 MIN_SHAPE = 32
@@ -138,8 +141,10 @@ MALIGNANT_VOTES = 2
 PLACEMENT_TRIES = 60
 
 NEGATIVES_PER_SERIES = (250, 450)
-NEGATIVE_KINDS = ("vessel", "junction", "wall", "lung")
-NEGATIVE_WEIGHTS = (0.35, 0.15, 0.15, 0.35)
+NEGATIVE_KINDS = ("vessel", "junction", "entry", "wall", "lung")
+NEGATIVE_WEIGHTS = (0.35, 0.15, 0.10, 0.15, 0.25)
+"""Hard negatives: along vessels, at their junctions, where they enter the lung from the
+mediastinum (round, nodule-like stumps next to the hilum), on the chest wall; plus lung points."""
 NEGATIVE_NODULE_CLEARANCE_MM = 3.0
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -781,6 +786,14 @@ def _negative_candidates(rng: np.random.Generator, frame: _Frame, lung: np.ndarr
             lengths = np.linalg.norm(vessels.ends - vessels.starts, axis=1)
             pick = rng.choice(len(lengths), count, p=lengths / lengths.sum())
             t = rng.uniform(0, 1, (count, 1))
+            points = vessels.starts[pick] + t * (vessels.ends[pick] - vessels.starts[pick])
+            points += rng.normal(0, 0.7, points.shape)
+        elif kind == "entry" and len(vessels.radii):
+            entering = ~_in_lung(frame, lung, vessels.starts)
+            if not entering.any():
+                entering[:] = True
+            pick = rng.choice(np.flatnonzero(entering), count)
+            t = rng.uniform(0.2, 0.7, (count, 1))
             points = vessels.starts[pick] + t * (vessels.ends[pick] - vessels.starts[pick])
             points += rng.normal(0, 0.7, points.shape)
         elif kind == "junction" and len(vessels.junctions):

@@ -114,7 +114,7 @@ def test_candidates_surround_nodules_and_include_many_negatives(dataset) -> None
         irc = info.geometry.xyz_to_irc(negatives)
         assert info.geometry.contains_irc(irc).all()
         kinds = {c.kind for c in info.candidates}
-        assert {"vessel", "junction", "wall", "lung"} <= kinds
+        assert {"vessel", "junction", "entry", "wall", "lung"} <= kinds
 
 
 def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
