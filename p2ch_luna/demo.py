@@ -13,7 +13,7 @@ commands (the same ``main`` functions as ``python -m p2ch_luna.<command>``):
 
 Everything lives under ``--work-dir`` (default ``data-unversioned/demo``), so the
 demo never touches a real LUNA16 folder, cache or model. The defaults are sized
-to finish in about ten minutes on a 2-core CPU.
+to finish in about five minutes on an idle 2-core CPU.
 """
 
 from __future__ import annotations
@@ -74,19 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for the demo's data, cache, models, runs and diagnosis "
                              "(default: data-unversioned/demo)")
     data = parser.add_argument_group("synthetic data")
-    data.add_argument("--series", type=int, default=60, help="number of synthetic series (every 10th is held out)")
+    data.add_argument("--series", type=int, default=160, help="number of synthetic series (every 10th is held out)")
     data.add_argument("--seed", type=int, default=0, help="seed of the data and of training")
     data.add_argument("--shape", type=int, nargs=2, default=[160, 160], metavar=("ROWS", "COLS"),
                       help="in-plane size of each CT")
     data.add_argument("--slices", type=int, nargs=2, default=[50, 80], metavar=("MIN", "MAX"),
                       help="range of slice counts")
     train = parser.add_argument_group("training")
-    train.add_argument("--nodule-epochs", type=int, default=4, help="nodule classifier epochs")
-    train.add_argument("--nodule-epoch-size", type=int, default=3200, help="nodule samples per epoch")
+    train.add_argument("--nodule-epochs", type=int, default=6, help="nodule classifier epochs")
+    train.add_argument("--nodule-epoch-size", type=int, default=4000, help="nodule samples per epoch")
     train.add_argument("--segmentation-epochs", type=int, default=4, help="segmenter epochs")
-    train.add_argument("--segmentation-epoch-size", type=int, default=640, help="segmentation samples per epoch")
-    train.add_argument("--malignancy-epochs", type=int, default=3, help="malignancy classifier epochs")
-    train.add_argument("--malignancy-epoch-size", type=int, default=640, help="malignancy samples per epoch")
+    train.add_argument("--segmentation-epoch-size", type=int, default=1280, help="segmentation samples per epoch")
+    train.add_argument("--malignancy-epochs", type=int, default=4, help="malignancy classifier epochs")
+    train.add_argument("--malignancy-epoch-size", type=int, default=1000, help="malignancy samples per epoch")
     train.add_argument("--chunk-shape", type=int, nargs=3, default=[16, 24, 24], metavar=("I", "R", "C"),
                        help="classifier chunk size in voxels (the book's is 32 48 48; smaller trains faster on a CPU)")
     train.add_argument("--batch-size", type=int, default=32, help="classifier batch size")

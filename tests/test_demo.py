@@ -1,0 +1,32 @@
+"""The README's main job, end to end at toy size: generate, cache, train three models, diagnose, score."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from p2ch_luna import demo
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_writes_a_scored_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--work-dir", str(tmp_path), "--series", "12", "--shape", "96", "96", "--slices", "30", "40",
+            "--nodule-epochs", "1", "--nodule-epoch-size", "64", "--segmentation-epochs", "1",
+            "--segmentation-epoch-size", "32", "--malignancy-epochs", "1", "--malignancy-epoch-size", "32",
+            "--batch-size", "16", "--log-level", "WARNING"]
+    assert demo.main(argv) == 0
+    output = capsys.readouterr().out
+    assert "demo: synthetic data" in output and "CPM" in output
+    report = json.loads((tmp_path / "diagnosis" / "report.json").read_text())
+    assert report["froc"] is not None and 0.0 <= report["froc"]["cpm"] <= 1.0
+    assert {model["task"] for model in report["models"].values()} == {"nodule", "segmentation", "malignancy"}
+    assert (tmp_path / "diagnosis" / "findings.csv").is_file()
+    # A second run reuses the generated data instead of writing it again.
+    marker = tmp_path / "luna" / demo.DATASET_MARKER
+    written = marker.stat().st_mtime_ns
+    assert demo.main(argv) == 0
+    assert marker.stat().st_mtime_ns == written
+    timings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("demo: ") and "total" in line]
+    assert len(timings) == 1 and "synthetic data" not in timings[0] and "diagnose" in timings[0]
