@@ -59,6 +59,7 @@ from .luna import (
 )
 from .metrics import FrocResult, confusion_table, froc
 from .models.checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
+from .models.classifier import CHUNK_SHAPE_IRC
 from .paths import Paths, paths_from_args
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ def _empty_candidates() -> pd.DataFrame:
 def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Module, batch_size: int,
                     device: torch.device, amp: bool = False) -> np.ndarray:
     """Probability of class 1 (softmax of the logits) for a chunk around each voxel centre."""
-    shape = tuple(getattr(model, "input_shape", (32, 48, 48)))
+    shape = tuple(getattr(model, "input_shape", CHUNK_SHAPE_IRC))
     probabilities = np.zeros(len(centers_irc), dtype=np.float64)
     with torch.inference_mode(), autocast(device, amp):
         for start in range(0, len(centers_irc), batch_size):
