@@ -14,7 +14,8 @@ Pipeline per CT (the book's chapter 14, kept inside the lungs):
    peaks``), or the book's eroded connected components with their HU-weighted
    centre of mass (``--grouping components``);
 4. nodule probability per candidate (softmax of the classifier on a chunk of
-   the size it was trained on), then, with peaks, one detection per blob (a
+   the size it was trained on, averaged over its in-plane mirror images unless
+   ``--no-flips``), then, with peaks, one detection per blob (a
    candidate inside a more probable one is dropped); malignancy probability
    for those above the nodule threshold.
 
@@ -91,6 +92,7 @@ class DiagnoseConfig:
     segmentation_threshold: float = 0.5
     erosion_iterations: int = 1
     grouping: str = "peaks"
+    flips: bool = True
     nodule_threshold: float = 0.5
     malignancy_threshold: float = 0.5
     batch_size: int = CPU_SEGMENTATION_BATCH
@@ -330,8 +332,12 @@ def _empty_candidates() -> pd.DataFrame:
 
 
 def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Module, batch_size: int,
-                    device: torch.device, amp: bool = False) -> np.ndarray:
-    """Probability of class 1 (softmax of the logits) for a chunk around each voxel centre."""
+                    device: torch.device, amp: bool = False, flips: bool = False) -> np.ndarray:
+    """Probability of class 1 (softmax of the logits) for a chunk around each voxel centre.
+
+    With ``flips`` the probability is the mean over the chunk and its three
+    in-plane mirror images (test-time augmentation with the training flips).
+    """
     shape = tuple(getattr(model, "input_shape", CHUNK_SHAPE_IRC))
     probabilities = np.zeros(len(centers_irc), dtype=np.float64)
     with torch.inference_mode(), autocast(device, amp):
@@ -339,8 +345,10 @@ def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Mod
             batch = centers_irc[start : start + batch_size]
             chunks = np.stack([extract_chunk(hu, center, shape) for center in batch])
             inputs = torch.from_numpy(chunks).to(device).unsqueeze(1).float()
-            logits = model(inputs).float()
-            probabilities[start : start + len(batch)] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+            views = [inputs, inputs.flip(3), inputs.flip(4), inputs.flip((3, 4))] if flips else [inputs]
+            logits = model(torch.cat(views)).float()
+            scores = torch.softmax(logits, dim=1)[:, 1].reshape(len(views), len(batch)).mean(dim=0)
+            probabilities[start : start + len(batch)] = scores.cpu().numpy()
     return probabilities
 
 
@@ -366,11 +374,12 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     lap("grouping_s")
     centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
     batch = max(config.batch_size, CLASSIFICATION_BATCH)
-    candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device, config.amp)
+    candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device,
+                                                       config.amp, config.flips)
     if models.malignancy is not None:
         suspicious = candidates["nodule_probability"].to_numpy() >= config.nodule_threshold
         candidates.loc[suspicious, "malignancy_probability"] = classify_chunks(
-            ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp)
+            ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp, config.flips)
     lap("classification_s")
     candidates = candidates.sort_values("nodule_probability", ascending=False, kind="mergesort")
     if config.grouping == "peaks":
@@ -560,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--grouping", choices=GROUPINGS, default="peaks",
                         help="candidates at distance-transform peaks of the dense segmented tissue (one per "
                              "blob, also when it touches a vessel), or the book's connected components")
+    tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
+                        help="average the classifiers over the chunk and its in-plane mirror images")
     tuning.add_argument("--nodule-threshold", type=_probability, default=0.5,
                         help="nodule probability from which a candidate is reported as a finding")
     tuning.add_argument("--malignancy-threshold", type=_probability, default=0.5,
@@ -619,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
-        grouping=args.grouping,
+        grouping=args.grouping, flips=args.flips,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=args.amp and device.type == "cuda",
         lung_margin_mm=args.lung_margin_mm,

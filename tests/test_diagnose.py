@@ -253,3 +253,29 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tiny_dataset: Path, untrained
     assert (out / REPORT_FILE).read_text() == "previous"
     assert sorted(p.name for p in out.iterdir()) == [REPORT_FILE]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
+
+
+class LeftHeavyLogits(torch.nn.Module):
+    """A stand-in classifier whose nodule logit is the mean HU of the chunk's left half (not flip-invariant)."""
+
+    input_shape = (4, 6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left = x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3, 4)) / 100.0
+        return torch.stack([torch.zeros_like(left), left], dim=1)
+
+
+def test_classify_chunks_with_flips_averages_the_mirror_images() -> None:
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-300, 300, size=(10, 12, 12)).astype(np.int16)
+    centers = np.array([[5, 6, 6], [4, 5, 7]])
+    model = LeftHeavyLogits()
+    plain = diagnose.classify_chunks(hu, centers, model, 8, torch.device("cpu"))
+    averaged = diagnose.classify_chunks(hu, centers, model, 8, torch.device("cpu"), flips=True)
+    expected = []
+    for center in centers:
+        chunk = torch.from_numpy(diagnose.extract_chunk(hu, center, model.input_shape)).float()[None, None]
+        views = [chunk, chunk.flip(3), chunk.flip(4), chunk.flip((3, 4))]
+        expected.append(np.mean([torch.softmax(model(v), dim=1)[0, 1].item() for v in views]))
+    assert averaged == pytest.approx(expected, abs=1e-6)
+    assert not np.allclose(plain, averaged)
