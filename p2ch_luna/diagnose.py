@@ -376,14 +376,16 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     batch = max(config.batch_size, CLASSIFICATION_BATCH)
     candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device,
                                                        config.amp, config.flips)
+    order = np.argsort(-candidates["nodule_probability"].to_numpy(), kind="mergesort")
+    candidates, centers = candidates.iloc[order], centers[order]
+    if config.grouping == "peaks":
+        keep = keep_strongest(candidates)
+        candidates, centers = candidates[keep], centers[keep]
     if models.malignancy is not None:
         suspicious = candidates["nodule_probability"].to_numpy() >= config.nodule_threshold
         candidates.loc[suspicious, "malignancy_probability"] = classify_chunks(
             ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp, config.flips)
     lap("classification_s")
-    candidates = candidates.sort_values("nodule_probability", ascending=False, kind="mergesort")
-    if config.grouping == "peaks":
-        candidates = candidates[keep_strongest(candidates)]
     diagnosis = SeriesDiagnosis(
         series_uid=ct.series_uid, source=source or str(ct.source or ""), shape_irc=ct.shape,
         spacing_irc=spacing_irc, lung_volume_ml=lungs.volume_ml,
