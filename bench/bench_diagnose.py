@@ -1,6 +1,7 @@
-"""Time diagnosis of one synthetic 512x512x~130 CT on the CPU: ours against a book-style path.
+"""Time diagnosis of one synthetic 512x512x~130 CT: ours against a book-style path.
 
     python bench/bench_diagnose.py [--slices 130] [--segmentation-path F --classification-path F] [--threads N]
+                                   [--device cuda]
 
 Book-style path (p2ch14/diagnose.py): a DataLoader yields one 7-channel
 float32 512x512 slice stack at a time, batch 4, every slice is segmented,
@@ -55,31 +56,37 @@ class BookSlices(Dataset):
 
 
 class BookChunks(Dataset):
-    """The book's LunaDataset on candidate centres: one float32 (1, 32, 48, 48) chunk per item."""
+    """The book's LunaDataset on candidate centres: one float32 (1, I, R, C) chunk per item."""
 
-    def __init__(self, hu: np.ndarray, centers: np.ndarray) -> None:
-        self.hu, self.centers = hu, centers
+    def __init__(self, hu: np.ndarray, centers: np.ndarray, shape: tuple[int, int, int] = CHUNK_SHAPE) -> None:
+        self.hu, self.centers, self.shape = hu, centers, shape
 
     def __len__(self) -> int:
         return len(self.centers)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(extract_chunk(self.hu, self.centers[index], CHUNK_SHAPE).astype(np.float32))[None]
+        return torch.from_numpy(extract_chunk(self.hu, self.centers[index], self.shape).astype(np.float32))[None]
 
 
-def book_style(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.nn.Module) -> int:
+def book_style(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.nn.Module,
+               device: torch.device = torch.device("cpu"), workers: int = 0) -> int:
     """The book's diagnosis of one CT; returns the number of candidates classified."""
     clipped = np.clip(hu, HU_MIN, HU_MAX)
     output = np.zeros(hu.shape, dtype=np.float32)
+    shape = tuple(getattr(classifier, "input_shape", CHUNK_SHAPE))
+    pin = device.type == "cuda"
     with torch.no_grad():
-        for inputs, indices in DataLoader(BookSlices(clipped), batch_size=BOOK_BATCH_SIZE):
-            output[indices.numpy()] = torch.sigmoid(segmentation(inputs))[:, 0].numpy()
+        for inputs, indices in DataLoader(BookSlices(clipped), batch_size=BOOK_BATCH_SIZE, pin_memory=pin,
+                                          num_workers=workers):
+            prediction = torch.sigmoid(segmentation(inputs.to(device, non_blocking=True)))
+            output[indices.numpy()] = prediction[:, 0].cpu().numpy()
         mask = ndimage.binary_erosion(output > 0.5, iterations=1)
         labels, count = ndimage.label(mask)
         centers = ndimage.center_of_mass(clipped + 1001, labels, np.arange(1, count + 1))
         centers = np.rint(np.asarray(centers, dtype=np.float64).reshape(-1, 3)).astype(np.int64)
-        for chunks in DataLoader(BookChunks(clipped, centers), batch_size=BOOK_BATCH_SIZE):
-            torch.softmax(classifier(chunks), dim=1)
+        for chunks in DataLoader(BookChunks(clipped, centers, shape), batch_size=BOOK_BATCH_SIZE, pin_memory=pin,
+                                 num_workers=workers):
+            torch.softmax(classifier(chunks.to(device, non_blocking=True)), dim=1).cpu()
     return count
 
 
@@ -99,6 +106,7 @@ def main() -> int:
     parser.add_argument("--classification-path", type=Path)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-book", action="store_true", help="time only our path")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both paths run there)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,9 +123,12 @@ def main() -> int:
         ct = load_ct(infos[0].path)
     print(f"CT {ct.shape} spacing_irc {tuple(round(float(v), 3) for v in ct.geometry.spacing_irc)}, "
           f"{torch.get_num_threads()} torch thread(s)")
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    for loaded in (models.segmentation, models.nodule):
+        loaded.model.to(device)
     started = time.perf_counter()
-    result, lungs, _ = diagnose.diagnose_ct(ct, models, diagnose.DiagnoseConfig(), device)
+    batch = diagnose.CUDA_SEGMENTATION_BATCH if device.type == "cuda" else diagnose.CPU_SEGMENTATION_BATCH
+    result, lungs, _ = diagnose.diagnose_ct(ct, models, diagnose.DiagnoseConfig(batch_size=batch), device)
     ours_s = time.perf_counter() - started
     lung_slices = int(lungs.any(axis=(1, 2)).sum())
     print(f"ours:       {ours_s:7.1f} s  ({len(result.candidates)} candidates, {lung_slices}/{ct.shape[0]} slices "
@@ -125,7 +136,7 @@ def main() -> int:
     if args.skip_book:
         return 0
     started = time.perf_counter()
-    count = book_style(ct.hu, models.segmentation.model, models.nodule.model)
+    count = book_style(ct.hu, models.segmentation.model, models.nodule.model, device)
     book_s = time.perf_counter() - started
     print(f"book-style: {book_s:7.1f} s  ({count} candidates, every slice, full 512x512, batch {BOOK_BATCH_SIZE})")
     print(f"speed-up:   {book_s / ours_s:7.2f}x")

@@ -145,20 +145,25 @@ def book_epoch(model: nn.Module, augmentation: nn.Module, optimizer: torch.optim
                device: torch.device, train: bool = True) -> tuple[int, float]:
     """One book-style epoch (``train=False``: only iterate the loader); (samples, seconds)."""
     samples, started = 0, time.perf_counter()
-    for input_t, label_t, _series, _slices in loader:
-        samples += len(input_t)
-        if not train:
-            continue
-        optimizer.zero_grad()
-        input_g = input_t.to(device, non_blocking=True)
-        label_g = label_t.to(device, non_blocking=True)
-        input_g, label_g = augmentation(input_g, label_g)
-        prediction_g = model(input_g)
-        loss = segmentation_loss(prediction_g, label_g).mean()
-        loss.backward()
-        optimizer.step()
+    for batch in loader:
+        samples += book_step(model, augmentation, optimizer, batch, device) if train else len(batch[0])
     _synchronize(device)
     return samples, time.perf_counter() - started
+
+
+def book_step(model: nn.Module, augmentation: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple,
+              device: torch.device) -> int:
+    """The book's training step on one ``(input, label, series, slice)`` batch; returns its size."""
+    input_t, label_t, _series, _slices = batch
+    optimizer.zero_grad()
+    input_g = input_t.to(device, non_blocking=True)
+    label_g = label_t.to(device, non_blocking=True)
+    input_g, label_g = augmentation(input_g, label_g)
+    prediction_g = model(input_g)
+    loss = segmentation_loss(prediction_g, label_g).mean()
+    loss.backward()
+    optimizer.step()
+    return len(input_t)
 
 
 class BookModel(nn.Module):

@@ -14,7 +14,10 @@ training samples per second over the whole loop (data loading included).
 The rounds are interleaved (``--rounds``) so a change in machine load hits
 every variant alike; the median per variant is reported.
 
-    python bench/bench_training.py [--data-root DIR] [--batches 4] [--rounds 1]
+    python bench/bench_training.py [--data-root DIR] [--batches 4] [--rounds 1] [--device cuda]
+
+``bench/bench_gpu.py`` runs these loops (and the segmenter's and diagnosis)
+on a GPU with larger batches, mixed precision and ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ if str(REPO) not in sys.path:
 from p2ch_luna.augment import BOOK_NOISE_HU, BOOK_OFFSET, BOOK_SCALE, AugmentConfig  # noqa: E402
 from p2ch_luna.config import TrainConfig  # noqa: E402
 from p2ch_luna.datasets import CandidateDataset  # noqa: E402
-from p2ch_luna.engine import amp_settings, train_one_epoch  # noqa: E402
+from p2ch_luna.engine import amp_settings, train_one_epoch, tune_backends  # noqa: E402
 from p2ch_luna.models import LunaModel  # noqa: E402
 from p2ch_luna.paths import resolve_paths  # noqa: E402
 from p2ch_luna.sampling import BalancedSampler, make_generator  # noqa: E402
 from p2ch_luna.tasks import RunContext  # noqa: E402
 from p2ch_luna.tasks.classification import NoduleTask  # noqa: E402
+from p2ch_luna.training import place_model  # noqa: E402
 
 BOOK_BATCH_SIZE = 32
 BOOK_LR = 1e-3
@@ -90,23 +94,35 @@ def book_augment(chunk: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return augmented + torch.randn_like(augmented) * BOOK_NOISE_HU
 
 
-def time_batches(step: Callable[[], int], batches: int) -> float:
+def time_batches(step: Callable[[], int], batches: int, device: torch.device) -> float:
     """Samples per second of ``batches`` calls of ``step`` (each returns its batch size)."""
+    synchronize(device)
     started = time.perf_counter()
     samples = sum(step() for _ in range(batches))
+    synchronize(device)
     return samples / (time.perf_counter() - started)
 
 
-def book_style(dataset: CandidateDataset, sampler: BalancedSampler, workers: int, batches: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings must include it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def book_style(dataset: CandidateDataset, sampler: BalancedSampler, workers: int, batches: int,
+               device: torch.device = torch.device("cpu")) -> float:
+    """The book's loop: float32 channels-first model, per-sample CPU augmentation in the workers."""
     torch.manual_seed(0)
-    model = LunaModel(input_shape=dataset.chunk_shape_irc)
+    model = LunaModel(input_shape=dataset.chunk_shape_irc).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=BOOK_LR, momentum=BOOK_MOMENTUM)
     loader = torch.utils.data.DataLoader(BookStyleDataset(dataset, seed=0), batch_size=BOOK_BATCH_SIZE,
-                                         sampler=sampler, num_workers=workers)
+                                         sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda")
     iterator = iter(loader)
 
     def step() -> int:
         images, labels, _uids, _centers = next(iterator)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         model.train()
         optimizer.zero_grad()
         loss = F.cross_entropy(model(images), labels)
@@ -114,29 +130,32 @@ def book_style(dataset: CandidateDataset, sampler: BalancedSampler, workers: int
         optimizer.step()
         return len(labels)
 
-    step()  # warm-up (worker start, first allocations)
-    return time_batches(step, batches)
+    for _ in range(max(1, workers)):  # warm-up: worker start, first allocations, one batch per worker
+        step()
+    return time_batches(step, batches, device)
 
 
-def ours(config: TrainConfig, batches: int) -> float:
-    context = RunContext(config, torch.device("cpu"))
+def ours(config: TrainConfig, batches: int, device: torch.device = torch.device("cpu"),
+         compile_model: bool = False, warmup: int = 1) -> float:
+    """Our task and engine (``train_one_epoch``) on ``batches`` batches after ``warmup`` ones."""
+    tune_backends(device)
+    context = RunContext(config, device)
     task = NoduleTask(context)
     torch.manual_seed(0)
-    model = task.build_model().model
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = place_model(task.build_model().model, config, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=BOOK_LR, momentum=BOOK_MOMENTUM)
+    train_model = torch.compile(model) if compile_model else model
     loader = task.train_loader()
     amp = amp_settings(config.amp, context.device)
     generator = make_generator(config.seed, 1, context.device)
 
     def run(count: int) -> float:
         limited = _Limited(loader, count)
-        result = train_one_epoch(task, model, optimizer, limited, epoch=1, device=context.device,
+        result = train_one_epoch(task, train_model, optimizer, limited, epoch=1, device=context.device,
                                  generator=generator, amp=amp, show_progress=False)
         return result.samples / result.seconds
 
-    run(1)  # warm-up
+    run(warmup)
     return run(batches)
 
 
@@ -163,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="timed batches per variant")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
     parser.add_argument("--book-workers", type=int, default=2, help="DataLoader workers of the book-style loop")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both loops run there)")
     parser.add_argument("--variants", default="book,ours,ours-no-channels-last",
                         help="comma-separated variants to run (also: ours-bf16, slower on CPUs without AMX)")
     args = parser.parse_args(argv)
@@ -179,17 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = TrainConfig(task="nodule", paths=paths, batch_size=BOOK_BATCH_SIZE, ratio=1,
                            augment=AugmentConfig.book(), optimizer="sgd", lr=BOOK_LR, val_stride=2,
                            epoch_size=BOOK_BATCH_SIZE * (args.batches + 1) * 4, channels_last=True)
-        task = NoduleTask(RunContext(base, torch.device("cpu")))
+        device = torch.device(args.device)
+        task = NoduleTask(RunContext(base, device))
         dataset = task.datasets()[0]
         for index in range(len(dataset)):  # fill the cache before timing
             dataset[index]
         variants: dict[str, Callable[[], float]] = {
             "book": lambda: book_style(dataset, BalancedSampler(dataset.labels, ratio=1,
                                                                 epoch_size=base.epoch_size, seed=0),
-                                       args.book_workers, args.batches),
-            "ours": lambda: ours(base, args.batches),
-            "ours-no-channels-last": lambda: ours(dataclasses.replace(base, channels_last=False), args.batches),
-            "ours-bf16": lambda: ours(dataclasses.replace(base, amp=True), args.batches),
+                                       args.book_workers, args.batches, device),
+            "ours": lambda: ours(base, args.batches, device),
+            "ours-no-channels-last": lambda: ours(dataclasses.replace(base, channels_last=False), args.batches,
+                                                  device),
+            "ours-bf16": lambda: ours(dataclasses.replace(base, amp=True), args.batches, device),
         }
         chosen = [name.strip() for name in args.variants.split(",") if name.strip()]
         unknown = sorted(set(chosen) - set(variants))
@@ -201,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rates[name].append(variants[name]())
                 print(f"round {round_index + 1} {name:<24s} {rates[name][-1]:8.2f} samples/s", flush=True)
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {BOOK_BATCH_SIZE}, "
+    print(f"\ntorch {torch.__version__} on {device}, {torch.get_num_threads()} threads, batch {BOOK_BATCH_SIZE}, "
           f"{args.batches} timed batches x {args.rounds} round(s), chunk {tuple(dataset.chunk_shape_irc)}")
     medians = {name: statistics.median(values) for name, values in rates.items()}
     reference = medians.get("book")

@@ -46,6 +46,7 @@ from . import lungs as lungs_module
 from .cli import make_parser, run_command
 from .ct import HU_MAX, HU_MIN, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct
 from .distributed import DistributedInfo, distributed_info_from_env, resolve_device
+from .engine import amp_settings
 from .errors import DataError, UsageError
 from .geometry import Geometry
 from .luna import (
@@ -178,11 +179,8 @@ def load_models(paths: Paths, segmentation_path: Path | None, classification_pat
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """float16 autocast on CUDA, bfloat16 elsewhere; nothing when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """Inference under the training engine's mixed precision (bfloat16 where supported); nothing when disabled."""
+    return amp_settings(enabled, device).autocast(device)
 
 
 # ---------------------------------------------------------------------------
@@ -585,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                               f"{CUDA_SEGMENTATION_BATCH} on CUDA)")
     running.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     running.add_argument("--amp", action="store_true",
-                         help="float16 autocast on CUDA (ignored on the CPU, where bfloat16 measured far slower)")
+                         help="mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 "
+                              "(ignored on the CPU, where bfloat16 measured far slower)")
     output = parser.add_argument_group("outputs")
     output.add_argument("--output", type=Path, metavar="DIR",
                         help="write report.json, findings.csv, a PNG per finding (and froc.png) here")

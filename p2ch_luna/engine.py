@@ -7,6 +7,10 @@ GradScaler for float16), accumulates gradients over micro-batches when asked,
 stops on a NaN/Inf loss naming the batch, shows a tqdm bar (ETA, smoothed loss,
 data vs compute time) on rank 0, and gathers outputs from every DDP rank so
 metrics are global.
+
+The host waits for the device only every :data:`HOST_SYNC_EVERY` batches (to
+check the losses and update the bar) and once per epoch (to copy the outputs),
+so a GPU is fed the next batches while it computes the current one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,8 +34,11 @@ log = logging.getLogger(__name__)
 
 LOSS_SMOOTHING = 0.9
 """Weight of the previous value in the progress bar's exponentially smoothed loss."""
-PROGRESS_UPDATE_EVERY = 5
-"""Batches between progress-bar text updates (tqdm itself limits redraws)."""
+HOST_SYNC_EVERY = 16
+"""Batches between the host's waits for the device: the finite-loss check and the progress bar.
+
+A NaN/Inf loss is therefore caught at most this many optimizer steps late; the
+epoch is never saved either way."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,15 @@ class AmpSettings:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def tune_backends(device: torch.device) -> None:
+    """Let cuDNN time its convolution algorithms for each new input shape and keep the fastest.
+
+    Worth it for training, whose batches all have one shape (process-wide torch
+    setting; nothing to do off CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def amp_settings(enabled: bool, device: torch.device) -> AmpSettings:
@@ -113,6 +129,7 @@ def train_one_epoch(
     started = time.perf_counter()
     samples = 0
     progress = _ProgressBar(loader, f"E{epoch} trn", show_progress)
+    pending = _PendingLosses()
     for batch_index, batch in progress:
         optimizer.zero_grad(set_to_none=True)
         micro_batches = split_batch(move_to_device(batch, device), grad_accumulation)
@@ -124,10 +141,9 @@ def train_one_epoch(
                 with amp.autocast(device):
                     loss_per_sample, micro_outputs = task.compute_loss(model, micro, augment=True, generator=generator)
                 loss = loss_per_sample.float().mean() / len(micro_batches)
-                _check_finite(loss, epoch, batch_index, device)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             batch_loss += loss.detach()
-            micro_outputs["loss"] = loss_per_sample.detach().float().cpu()
+            micro_outputs["loss"] = loss_per_sample.detach().float()
             outputs.append(micro_outputs)
             samples += len(loss_per_sample)
         if scaler is not None:
@@ -135,7 +151,10 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
-        progress.report(float(batch_loss))
+        pending.add(batch_loss)
+        if len(pending) == HOST_SYNC_EVERY:
+            _check_finite(pending.flush(progress), epoch, device)
+    _check_finite(pending.flush(progress), epoch, device)
     return _finish(task, outputs, samples, started)
 
 
@@ -163,17 +182,18 @@ def evaluate(
     samples = 0
     first_bad_batch: int | None = None
     progress = _ProgressBar(loader, f"E{epoch} val", show_progress)
-    for batch_index, batch in progress:
+    pending = _PendingLosses()
+    for _batch_index, batch in progress:
         with amp.autocast(device):
             loss_per_sample, batch_outputs = task.compute_loss(
                 model, move_to_device(batch, device), augment=False, generator=generator)
-        loss = float(loss_per_sample.float().mean())
-        if first_bad_batch is None and not math.isfinite(loss):
-            first_bad_batch = batch_index
-        batch_outputs["loss"] = loss_per_sample.detach().float().cpu()
+        batch_outputs["loss"] = loss_per_sample.detach().float()
+        pending.add(batch_outputs["loss"].mean())
         outputs.append(batch_outputs)
         samples += len(loss_per_sample)
-        progress.report(loss)
+        if len(pending) == HOST_SYNC_EVERY:
+            first_bad_batch = _first_not_none(first_bad_batch, pending.flush(progress))
+    first_bad_batch = _first_not_none(first_bad_batch, pending.flush(progress))
     bad = [(rank, index) for rank, index in enumerate(all_gather_objects(first_bad_batch)) if index is not None]
     if bad:
         rank, index = bad[0]
@@ -190,7 +210,7 @@ def concatenate_outputs(outputs: list[Outputs]) -> Outputs:
 
 
 def _finish(task: Task, outputs: list[Outputs], samples: int, started: float) -> EpochResult:
-    local = concatenate_outputs(outputs)
+    local = {key: value.cpu() for key, value in concatenate_outputs(outputs).items()}
     gathered = [part for part in all_gather_objects(local) if part]
     merged = concatenate_outputs(gathered)
     total = sum(len(part["loss"]) for part in gathered) if gathered else samples
@@ -198,15 +218,46 @@ def _finish(task: Task, outputs: list[Outputs], samples: int, started: float) ->
     return EpochResult(metrics=metrics, outputs=merged, samples=total, seconds=time.perf_counter() - started)
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, batch_index: int, device: torch.device) -> None:
-    """Stop on a NaN/Inf loss, on every rank together, naming the epoch and batch."""
-    finite = bool(torch.isfinite(loss).item())
-    if not all_true(finite, device):
-        where = "this process" if not finite else "another process"
-        raise LunaError(
-            f"training loss is not finite (NaN/Inf) at epoch {epoch}, batch {batch_index} (in {where}); "
-            "stopping without saving this epoch (try a lower --lr, or --amp off)"
-        )
+class _PendingLosses:
+    """Per-batch losses still on the device, read by the host in one copy when flushed."""
+
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []
+        self._first_index = 0
+
+    def __len__(self) -> int:
+        return len(self._losses)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach().float())
+
+    def flush(self, progress: _ProgressBar) -> int | None:
+        """Report the pending losses to ``progress``; the index of the first non-finite one, if any."""
+        if not self._losses:
+            return None
+        values = torch.stack(self._losses).cpu()
+        first_index = self._first_index
+        self._first_index += len(values)
+        self._losses = []
+        progress.report(values.tolist())
+        finite = torch.isfinite(values)
+        return None if bool(finite.all()) else first_index + int((~finite).nonzero()[0, 0])
+
+
+def _first_not_none(current: int | None, new: int | None) -> int | None:
+    return current if current is not None else new
+
+
+def _check_finite(bad_batch: int | None, epoch: int, device: torch.device) -> None:
+    """Stop on a NaN/Inf loss, on every rank together, naming the epoch and the first bad batch."""
+    if all_true(bad_batch is None, device):
+        return
+    bad = [(rank, index) for rank, index in enumerate(all_gather_objects(bad_batch)) if index is not None]
+    rank, index = bad[0]
+    raise LunaError(
+        f"training loss is not finite (NaN/Inf) at epoch {epoch}, batch {index} (rank {rank}); "
+        "stopping without saving this epoch (try a lower --lr, or --amp off)"
+    )
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -217,7 +268,11 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 
 
 class _ProgressBar:
-    """Iterates a loader with a tqdm bar showing smoothed loss and data vs compute time."""
+    """Iterates a loader with a tqdm bar showing smoothed loss and data vs compute time.
+
+    Compute time is the time outside the loader's ``next`` (the device works
+    asynchronously, so a per-batch split would be wrong anyway).
+    """
 
     def __init__(self, loader: Iterable[Batch], description: str, show: bool) -> None:
         self._loader = loader
@@ -226,8 +281,7 @@ class _ProgressBar:
         self._bar: tqdm | None = None
         self._loss = math.nan
         self._data_seconds = 0.0
-        self._compute_seconds = 0.0
-        self._mark = 0.0
+        self._started = 0.0
         self._count = 0
 
     def __iter__(self) -> Iterator[tuple[int, Batch]]:
@@ -237,6 +291,7 @@ class _ProgressBar:
         with tqdm(total=total, desc=self._description, disable=None if self._show else True, dynamic_ncols=True,
                   leave=False, unit="batch") as bar:
             self._bar = bar
+            self._started = time.perf_counter()
             iterator = iter(loader)
             index = 0
             while True:
@@ -245,25 +300,24 @@ class _ProgressBar:
                     batch = next(iterator)
                 except StopIteration:
                     break
-                self._mark = time.perf_counter()
-                self._data_seconds += self._mark - fetch_started
+                self._data_seconds += time.perf_counter() - fetch_started
                 yield index, batch
                 index += 1
             self._bar = None
 
-    def report(self, loss: float) -> None:
-        """Record one finished batch (its loss) and update the bar."""
-        now = time.perf_counter()
-        self._compute_seconds += now - self._mark
-        self._count += 1
-        self._loss = loss if math.isnan(self._loss) else LOSS_SMOOTHING * self._loss + (1 - LOSS_SMOOTHING) * loss
-        if self._bar is None:
+    def report(self, losses: Sequence[float]) -> None:
+        """Record finished batches (their losses, oldest first) and update the bar."""
+        for loss in losses:
+            if math.isfinite(loss):
+                self._loss = loss if math.isnan(self._loss) else (
+                    LOSS_SMOOTHING * self._loss + (1 - LOSS_SMOOTHING) * loss)
+        self._count += len(losses)
+        if self._bar is None or not losses:
             return
-        self._bar.update(1)
-        if self._count % PROGRESS_UPDATE_EVERY == 1 or self._count == self._bar.total:
-            self._bar.set_postfix(
-                loss=f"{self._loss:.4f}",
-                data=f"{self._data_seconds / self._count * 1e3:.0f}ms",
-                compute=f"{self._compute_seconds / self._count * 1e3:.0f}ms",
-            )
-
+        self._bar.update(len(losses))
+        compute_seconds = time.perf_counter() - self._started - self._data_seconds
+        self._bar.set_postfix(
+            loss=f"{self._loss:.4f}",
+            data=f"{self._data_seconds / self._count * 1e3:.0f}ms",
+            compute=f"{compute_seconds / self._count * 1e3:.0f}ms",
+        )

@@ -47,7 +47,7 @@ from .config import (DEFAULT_BATCH_SIZE, DEFAULT_COMMENT, DEFAULT_LEARNING_RATE,
                      DEFAULT_TB_PREFIX, OPTIMIZERS, TrainConfig, config_to_dict)
 from .distributed import (DistributedInfo, barrier, broadcast_buffers, broadcast_object, distributed_info_from_env,
                           init_distributed, resolve_device, shutdown_distributed)
-from .engine import EpochResult, amp_settings, evaluate, train_one_epoch
+from .engine import EpochResult, amp_settings, evaluate, train_one_epoch, tune_backends
 from .errors import DataError, UsageError
 from .models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .paths import paths_from_args
@@ -282,16 +282,14 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
     names = _run_names(config, resumed)
 
     torch.manual_seed(config.seed)
+    tune_backends(device)
     context = RunContext(config=config, device=device, rank=info.rank, world_size=info.world_size)
     task = task_class(context)
     spec = task.build_model()
     model = spec.model
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])
-    model.to(device)
-    if config.channels_last:
-        has_3d = any(parameter.dim() == 5 for parameter in model.parameters())
-        model.to(memory_format=torch.channels_last_3d if has_3d else torch.channels_last)
+    place_model(model, config, device)
     optimizer = build_optimizer(model, config)
     amp = amp_settings(config.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp.needs_scaler else None
@@ -391,6 +389,15 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         best_score=best_score,
         val_metrics=val_metrics,
     )
+
+
+def place_model(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device`` (in place), in channels-last layout when ``config`` asks; returns it."""
+    model.to(device)
+    if config.channels_last:
+        has_3d = any(parameter.dim() == 5 for parameter in model.parameters())
+        model.to(memory_format=torch.channels_last_3d if has_3d else torch.channels_last)
+    return model
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -144,9 +144,10 @@ class _ToyTask(Task):
     score_name = "loss"
     default_model = "toy"
 
-    def __init__(self, context: RunContext, nan_batch: int | None = None) -> None:
+    def __init__(self, context: RunContext, nan_batch: int | None = None, batches: int = 4) -> None:
         super().__init__(context)
         self.nan_batch = nan_batch
+        self.batches = batches
         self.batches_seen = 0
 
     def build_model(self) -> ModelSpec:
@@ -155,7 +156,7 @@ class _ToyTask(Task):
     def train_loader(self) -> list[dict[str, torch.Tensor]]:
         generator = torch.Generator().manual_seed(0)
         return [{"image": torch.randn(8, 4, generator=generator), "label": torch.randint(0, 2, (8,),
-                 generator=generator)} for _ in range(4)]
+                 generator=generator)} for _ in range(self.batches)]
 
     val_loader = train_loader
 
@@ -171,9 +172,9 @@ class _ToyTask(Task):
         return {"loss": float(outputs["loss"].mean())}
 
 
-def _toy(nan_batch: int | None = None) -> tuple[_ToyTask, nn.Module, torch.optim.Optimizer]:
+def _toy(nan_batch: int | None = None, batches: int = 4) -> tuple[_ToyTask, nn.Module, torch.optim.Optimizer]:
     config = TrainConfig(task="nodule", paths=resolve_paths())
-    task = _ToyTask(RunContext(config, torch.device("cpu")), nan_batch)
+    task = _ToyTask(RunContext(config, torch.device("cpu")), nan_batch, batches)
     model = task.build_model().model
     return task, model, torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -183,6 +184,17 @@ def test_nan_loss_raises_naming_epoch_and_batch() -> None:
     with pytest.raises(LunaError, match=r"epoch 3, batch 2"):
         train_one_epoch(task, model, optimizer, task.train_loader(), epoch=3, device=torch.device("cpu"),
                         generator=torch.Generator(), show_progress=False)
+
+
+@pytest.mark.parametrize("nan_batch", [engine.HOST_SYNC_EVERY - 1, engine.HOST_SYNC_EVERY + 3])
+def test_nan_loss_between_host_syncs_names_the_first_bad_batch(nan_batch: int) -> None:
+    """Losses are read back every HOST_SYNC_EVERY batches; the error still names the batch that went bad."""
+    task, model, optimizer = _toy(nan_batch=nan_batch, batches=2 * engine.HOST_SYNC_EVERY + 1)
+    with pytest.raises(LunaError, match=rf"epoch 1, batch {nan_batch} "):
+        train_one_epoch(task, model, optimizer, task.train_loader(), epoch=1, device=torch.device("cpu"),
+                        generator=torch.Generator(), show_progress=False)
+    expected_stop = (nan_batch // engine.HOST_SYNC_EVERY + 1) * engine.HOST_SYNC_EVERY
+    assert task.batches_seen == expected_stop
 
 
 def test_bf16_autocast_on_cpu_trains_a_step() -> None:

@@ -41,7 +41,7 @@ from ..config import TrainConfig
 Batch = dict[str, Any]
 """One batch: ``{"image": Tensor, "label": Tensor, "series_uid": list[str], ...}``."""
 Outputs = dict[str, torch.Tensor]
-"""Per-sample values kept for metrics: detached CPU tensors, first axis = sample."""
+"""Per-sample values kept for metrics: detached tensors, first axis = sample (on the CPU once the epoch ends)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,9 @@ class Task(abc.ABC):
         ``augment`` is True for training batches; augmentation is drawn from
         ``generator`` (on the batch's device). The returned loss has shape (B,)
         and carries gradients; the outputs are small per-sample values
-        (labels, probabilities, pixel counts), detached and on the CPU.
+        (labels, probabilities, pixel counts), detached and left on the batch's
+        device: the engine copies them to the CPU once per epoch, so the host
+        need not wait for the device after every batch.
         """
 
     @abc.abstractmethod

@@ -141,7 +141,7 @@ class ClassificationTask(Task):
         logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
         probabilities = torch.softmax(logits.detach().float(), dim=1)[:, 1]
-        return loss, {"label": labels.detach().cpu(), "probability": probabilities.cpu()}
+        return loss, {"label": labels.detach(), "probability": probabilities}
 
     def epoch_metrics(self, outputs: Outputs) -> dict[str, float]:
         labels = outputs["label"].numpy().astype(bool)

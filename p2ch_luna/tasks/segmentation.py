@@ -220,10 +220,10 @@ class SegmentationTask(Task):
             label = mask.to(torch.bool)
             dims = (1, 2, 3)
             outputs = {
-                "tp": (predicted & label).sum(dim=dims).double().cpu(),
-                "fp": (predicted & ~label).sum(dim=dims).double().cpu(),
-                "fn": (~predicted & label).sum(dim=dims).double().cpu(),
-                "dice_loss": dice_loss(probabilities, label).float().cpu(),
+                "tp": (predicted & label).sum(dim=dims).double(),
+                "fp": (predicted & ~label).sum(dim=dims).double(),
+                "fn": (~predicted & label).sum(dim=dims).double(),
+                "dice_loss": dice_loss(probabilities, label).float(),
             }
             if not augment and self._display:
                 self._keep_display_images(batch, image, label, predicted)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU-machine session, as a single command: install the carried wheels, run the GPU tests,
+# then bench_gpu.py. Logs and the JSON figures go to $OUT (default /tmp/gpu_session).
+#
+#   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
+#
+# Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
+set -uo pipefail
+out=${OUT:-/tmp/gpu_session}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+models=()
+if [ $# -gt 0 ] && [ -d "$1" ]; then models=(--models-dir "$1"); shift; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
+echo "== GPU tests"
+timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_augment.py 2>&1 \
+    | tee "$out/tests.log" | tail -n 15
+echo "== bench_gpu.py"
+timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
+    | tee "$out/bench_gpu.log" | grep -v "it/s\]\|series/s\]"
