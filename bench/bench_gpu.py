@@ -176,6 +176,19 @@ def engine_rate(task: Task, model: nn.Module, config: TrainConfig, device: torch
     return samples / elapsed
 
 
+def our_training(task_class: type[Task], config: TrainConfig, compile_model: bool, device: torch.device,
+                 seconds: float) -> Callable[[UtilisationMonitor], float]:
+    """A variant running our task and engine as ``python -m p2ch_luna.training`` would (model placement,
+    channels-last, cuDNN autotuning, optional ``torch.compile``)."""
+    def run(monitor: UtilisationMonitor) -> float:
+        tune_backends(device)
+        task = task_class(RunContext(config, device))
+        torch.manual_seed(0)
+        model = place_model(task.build_model().model, config, device)
+        return engine_rate(task, torch.compile(model) if compile_model else model, config, device, seconds, monitor)
+    return run
+
+
 def model_step_rate(model: nn.Module, inputs: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor],
                     amp: bool, seconds: float, device: torch.device, monitor: UtilisationMonitor) -> float:
     """Samples/s of forward + backward + SGD step on one batch already on the device."""
@@ -198,7 +211,6 @@ def model_step_rate(model: nn.Module, inputs: torch.Tensor, loss_of: Callable[[t
 
 def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.device) -> list[Figure]:
     section = "classifier training"
-    large = args.large_batch
     base = TrainConfig(task="nodule", paths=paths, batch_size=bench_training.BOOK_BATCH_SIZE, ratio=1,
                        augment=AugmentConfig.book(), optimizer="sgd", lr=bench_training.BOOK_LR,
                        momentum=bench_training.BOOK_MOMENTUM, num_workers=args.workers,
@@ -206,7 +218,6 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
     dataset = NoduleTask(RunContext(base, device)).datasets()[0]
     for series_uid in sorted(set(dataset.series_uids)):  # fill the volume cache before timing
         dataset.cache.ensure_volume(series_uid)
-    figures = []
 
     def book(monitor: UtilisationMonitor) -> float:
         torch.manual_seed(0)
@@ -231,15 +242,8 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
         return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor)
 
     def ours(batch_size: int, amp: bool, compile_model: bool = False) -> Callable[[UtilisationMonitor], float]:
-        def run(monitor: UtilisationMonitor) -> float:
-            tune_backends(device)
-            config = dataclasses.replace(base, batch_size=batch_size, amp=amp)
-            task = NoduleTask(RunContext(config, device))
-            torch.manual_seed(0)
-            model = place_model(task.build_model().model, config, device)
-            return engine_rate(task, torch.compile(model) if compile_model else model, config, device,
-                               args.seconds, monitor)
-        return run
+        return our_training(NoduleTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_model,
+                            device, args.seconds)
 
     def model_step(batch_size: int, amp: bool, channels_last: bool) -> Callable[[UtilisationMonitor], float]:
         def run(monitor: UtilisationMonitor) -> float:
@@ -255,19 +259,7 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
                                    amp, args.seconds / 2, device, monitor)
         return run
 
-    variants: list[tuple[str, Callable[[UtilisationMonitor], float], str]] = [
-        ("book-style, batch 32, fp32", book, f"{args.book_workers} workers"),
-        ("ours, batch 32, fp32", ours(32, False), "our defaults"),
-        ("ours, batch 32, bf16", ours(32, True), "--amp"),
-        (f"ours, batch {large}, bf16", ours(large, True), f"--amp --batch-size {large}"),
-        ("model step only, batch 32, fp32, channels-first", model_step(32, False, False), "no data"),
-        (f"model step only, batch {large}, bf16, channels-last", model_step(large, True, True), "no data"),
-    ]
-    if not args.skip_compile:
-        variants.append((f"ours, batch {large}, bf16, compiled", ours(large, True, True), "--amp --compile"))
-    for name, run, note in variants:
-        figures.append(_measure(section, name, run, "samples/s", note, variants[0][0], device))
-    return figures
+    return training_figures(section, book, ours, model_step, 32, "our defaults", args, device)
 
 
 # --- segmenter ------------------------------------------------------------------------------
@@ -275,7 +267,6 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
 
 def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device: torch.device) -> list[Figure]:
     section = "segmenter training"
-    large = args.large_batch
     base = TrainConfig(task="segmentation", paths=paths, batch_size=bench_segmentation.BOOK_BATCH_SIZE,
                        num_workers=args.workers, augment=AugmentConfig.book_segmentation(),
                        epoch_size=args.epoch_size, seed=0, channels_last=True, task_options=SegmentationOptions())
@@ -287,7 +278,6 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
     get_raw_candidate = bench_segmentation.book_raw_candidate(data_root, work / "book_cache", annotations)
     for series_uid, center_xyz in nodules:  # the book's prepcache
         get_raw_candidate(series_uid, center_xyz, bench_segmentation.BOOK_CHUNK_WIDTH)
-    figures = []
 
     def book(monitor: UtilisationMonitor) -> float:
         torch.manual_seed(0)
@@ -305,15 +295,8 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
         return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor)
 
     def ours(batch_size: int, amp: bool, compile_model: bool = False) -> Callable[[UtilisationMonitor], float]:
-        def run(monitor: UtilisationMonitor) -> float:
-            tune_backends(device)
-            config = dataclasses.replace(base, batch_size=batch_size, amp=amp)
-            task = SegmentationTask(RunContext(config, device))
-            torch.manual_seed(0)
-            model = place_model(task.build_model().model, config, device)
-            return engine_rate(task, torch.compile(model) if compile_model else model, config, device,
-                               args.seconds, monitor)
-        return run
+        return our_training(SegmentationTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_model,
+                            device, args.seconds)
 
     def model_step(batch_size: int, amp: bool, channels_last: bool) -> Callable[[UtilisationMonitor], float]:
         def run(monitor: UtilisationMonitor) -> float:
@@ -328,19 +311,27 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
                                    device, monitor)
         return run
 
+    return training_figures(section, book, ours, model_step, 16, "book batch", args, device)
+
+
+def training_figures(section: str, book: Callable[[UtilisationMonitor], float],
+                     ours: Callable[..., Callable[[UtilisationMonitor], float]],
+                     model_step: Callable[..., Callable[[UtilisationMonitor], float]], book_batch: int,
+                     default_note: str, args: argparse.Namespace, device: torch.device) -> list[Figure]:
+    """The book-style loop, then our loop and the model step alone at the book's batch and at ``--large-batch``."""
+    large = args.large_batch
     variants: list[tuple[str, Callable[[UtilisationMonitor], float], str]] = [
-        ("book-style, batch 16, fp32", book, f"{args.book_workers} workers"),
-        ("ours, batch 16, fp32", ours(16, False), "book batch"),
-        ("ours, batch 16, bf16", ours(16, True), "--amp"),
+        (f"book-style, batch {book_batch}, fp32", book, f"{args.book_workers} workers"),
+        (f"ours, batch {book_batch}, fp32", ours(book_batch, False), default_note),
+        (f"ours, batch {book_batch}, bf16", ours(book_batch, True), "--amp"),
         (f"ours, batch {large}, bf16", ours(large, True), f"--amp --batch-size {large}"),
-        ("model step only, batch 16, fp32, channels-first", model_step(16, False, False), "no data"),
+        (f"model step only, batch {book_batch}, fp32, channels-first", model_step(book_batch, False, False),
+         "no data"),
         (f"model step only, batch {large}, bf16, channels-last", model_step(large, True, True), "no data"),
     ]
     if not args.skip_compile:
         variants.append((f"ours, batch {large}, bf16, compiled", ours(large, True, True), "--amp --compile"))
-    for name, run, note in variants:
-        figures.append(_measure(section, name, run, "samples/s", note, variants[0][0], device))
-    return figures
+    return [_measure(section, name, run, "samples/s", note, variants[0][0], device) for name, run, note in variants]
 
 
 # --- diagnosis ------------------------------------------------------------------------------
@@ -357,6 +348,7 @@ def diagnosis_figures(work: Path, args: argparse.Namespace, device: torch.device
     batch = diagnose.CUDA_SEGMENTATION_BATCH if device.type == "cuda" else diagnose.CPU_SEGMENTATION_BATCH
     note = f"CT {ct.shape}, models: {'trained' if args.models_dir else 'untrained'}"
     counts: dict[str, int] = {}
+    stages: dict[str, float] = {}
 
     def book(monitor: UtilisationMonitor) -> float:
         with monitor.watch():
@@ -372,6 +364,7 @@ def diagnosis_figures(work: Path, args: argparse.Namespace, device: torch.device
                 started = time.perf_counter()
                 result, _, _ = diagnose.diagnose_ct(ct, models, config, device)
                 counts["ours"] = len(result.candidates)
+                stages.update(result.timings)
                 return time.perf_counter() - started
         return run
 
@@ -381,6 +374,8 @@ def diagnosis_figures(work: Path, args: argparse.Namespace, device: torch.device
         run(UtilisationMonitor(torch.device("cpu")))  # warm-up: cuDNN handles, first allocations
         figure = _measure(section, name, run, "s/CT", note, variants[0][0], device)
         figure.note += f", {counts.get('book' if name.startswith('book') else 'ours', 0)} candidates"
+        if not name.startswith("book"):
+            figure.note += " (" + ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in stages.items()) + ")"
         figures.append(figure)
     return figures
 

@@ -193,3 +193,33 @@ def test_find_latest_checkpoint(tmp_path: Path) -> None:
         os.utime(path, (1_000_000 + mtime, 1_000_000 + mtime))
     assert find_latest_checkpoint(tmp_path, "nodule") == newer
     assert find_latest_checkpoint(tmp_path, "malignancy") == other_task
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_input_batchnorm_matches_torch_batchnorm(momentum: float | None, channels: int) -> None:
+    """Outputs, parameter gradients and running statistics equal nn.BatchNorm3d's, step after step."""
+    from torch import nn
+
+    from p2ch_luna.models.classifier import InputBatchNorm3d
+
+    torch.manual_seed(0)
+    reference = nn.BatchNorm3d(channels, momentum=momentum)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    ours = InputBatchNorm3d(channels, momentum=momentum)
+    ours.load_state_dict(reference.state_dict())
+    for _ in range(3):
+        x = torch.randn(4, channels, 6, 7, 8) * 300 - 500
+        expected, actual = reference(x), ours(x)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        expected_grads = torch.autograd.grad(expected.pow(2).sum(), [reference.weight, reference.bias])
+        actual_grads = torch.autograd.grad(actual.pow(2).sum(), [ours.weight, ours.bias])
+        for got, want in zip(actual_grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-5)
+    reference.eval(), ours.eval()
+    x = torch.randn(2, channels, 5, 5, 5) * 300 - 500
+    torch.testing.assert_close(ours(x), reference(x))
