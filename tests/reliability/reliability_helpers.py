@@ -41,6 +41,20 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _with_default_sigint(preexec_fn: Callable[[], None] | None) -> Callable[[], None]:
+    """``preexec_fn`` that first restores SIGINT's default disposition in the child.
+
+    A test runner started in the background (``cmd &`` in a non-interactive
+    shell) inherits SIGINT ignored, and so would the child; then Python
+    installs no KeyboardInterrupt handler and the Ctrl-C tests would test nothing.
+    """
+    def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
+    return prepare
+
+
 class Child:
     """A command running in the background; its output goes to files so a full pipe never blocks it."""
 
@@ -48,7 +62,7 @@ class Child:
         self.out = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
         self.err = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
         self.process = subprocess.Popen(list(args), env=child_env(), cwd=REPO, stdout=self.out, stderr=self.err,
-                                        preexec_fn=preexec_fn)
+                                        preexec_fn=_with_default_sigint(preexec_fn))
 
     def stderr(self) -> str:
         self.err.flush()
