@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_training import step_rate, synchronize  # noqa: E402
 from p2ch_luna.engine import amp_settings, tune_backends  # noqa: E402
 from p2ch_luna.models import LunaModel  # noqa: E402
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
@@ -32,7 +32,7 @@ WARMUP_STEPS = 5
 
 def make_step(batch: int, amp: bool, channels_last: bool, compiled: bool, input_norm: bool,
               device: torch.device):
-    """A closure running one training step of a fresh seeded model on a fixed random batch."""
+    """A closure running one training step of a fresh seeded model on a fixed random batch; returns its size."""
     torch.manual_seed(0)
     model = LunaModel().to(device)
     if not input_norm:
@@ -46,26 +46,15 @@ def make_step(batch: int, amp: bool, channels_last: bool, compiled: bool, input_
     forward = torch.compile(model) if compiled else model
     autocast = amp_settings(amp, device)
 
-    def step() -> None:
+    def step() -> int:
         optimizer.zero_grad(set_to_none=True)
         with autocast.autocast(device):
             logits = forward(inputs)
         nn.functional.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
+        return batch
 
     return step
-
-
-def rate(step, batch: int, seconds: float, device: torch.device) -> float:
-    for _ in range(WARMUP_STEPS):
-        step()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
-    started, steps = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        step()
-        steps += 1
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
-    return steps * batch / (time.perf_counter() - started)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = (f"batch {batch:5d} {'bf16' if amp else 'fp32'} {'channels-last ' if channels_last else 'channels-first'}"
                  f"{' compiled' if compiled else ''}{'' if input_norm else ' no-input-batchnorm'}")
         try:
-            value = rate(make_step(batch, amp, channels_last, compiled, input_norm, device), batch, args.seconds,
-                         device)
+            value = step_rate(make_step(batch, amp, channels_last, compiled, input_norm, device), args.seconds, device,
+                              WARMUP_STEPS)
             print(f"{label:<62s} {value:10.0f} samples/s", flush=True)
         except Exception as error:  # keep the other variants' figures
             print(f"{label:<62s} FAILED {type(error).__name__}: {error}", flush=True)
@@ -109,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.profiler.profile(activities=activities) as profile:
         for _ in range(5):
             step()
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(profile.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
     return 0

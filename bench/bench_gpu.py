@@ -59,6 +59,7 @@ for folder in (REPO, REPO / "bench"):
 import bench_diagnose  # noqa: E402
 import bench_segmentation  # noqa: E402
 import bench_training  # noqa: E402
+from bench_training import step_rate  # noqa: E402
 from p2ch_luna import diagnose, synth  # noqa: E402
 from p2ch_luna.augment import AugmentConfig  # noqa: E402
 from p2ch_luna.config import TrainConfig  # noqa: E402
@@ -134,27 +135,6 @@ def _utilisation_available(device: torch.device) -> bool:
     return True
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_rate(step: Callable[[], int], seconds: float, device: torch.device, warmup: int,
-              monitor: UtilisationMonitor) -> float:
-    """Samples/s of repeated ``step`` calls (each returns its batch size) over about ``seconds``."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    with monitor.watch():
-        started = time.perf_counter()
-        samples = 0
-        while time.perf_counter() - started < seconds:
-            samples += step()
-        synchronize(device)
-        elapsed = time.perf_counter() - started
-    return samples / elapsed
-
-
 def engine_rate(task: Task, model: nn.Module, config: TrainConfig, device: torch.device, seconds: float,
                 monitor: UtilisationMonitor) -> float:
     """Samples/s of our ``train_one_epoch`` over about ``seconds`` after warm-up batches."""
@@ -203,7 +183,7 @@ def model_step_rate(model: nn.Module, inputs: torch.Tensor, loss_of: Callable[[t
         optimizer.step()
         return len(inputs)
 
-    return step_rate(step, seconds, device, WARMUP_BATCHES, monitor)
+    return step_rate(step, seconds, device, WARMUP_BATCHES, monitor.watch)
 
 
 # --- classifier -----------------------------------------------------------------------------
@@ -220,26 +200,9 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
         dataset.cache.ensure_volume(series_uid)
 
     def book(monitor: UtilisationMonitor) -> float:
-        torch.manual_seed(0)
-        model = bench_training.LunaModel(input_shape=dataset.chunk_shape_irc).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=bench_training.BOOK_LR,
-                                    momentum=bench_training.BOOK_MOMENTUM)
         sampler = BalancedSampler(dataset.labels, ratio=1, epoch_size=args.epoch_size, seed=0)
-        loader = DataLoader(bench_training.BookStyleDataset(dataset, seed=0),
-                            batch_size=bench_training.BOOK_BATCH_SIZE, sampler=sampler,
-                            num_workers=args.book_workers, pin_memory=device.type == "cuda")
-        iterator = iter(loader)
-
-        def step() -> int:
-            images, labels, _uids, _centers = next(iterator)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            return len(labels)
-
-        return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor)
+        step = bench_training.book_style_step(dataset, sampler, args.book_workers, device)
+        return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor.watch)
 
     def ours(batch_size: int, amp: bool, compile_model: bool = False) -> Callable[[UtilisationMonitor], float]:
         return our_training(NoduleTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_model,
@@ -292,7 +255,7 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
         def step() -> int:
             return bench_segmentation.book_step(model, augmentation, optimizer, next(iterator), device)
 
-        return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor)
+        return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor.watch)
 
     def ours(batch_size: int, amp: bool, compile_model: bool = False) -> Callable[[UtilisationMonitor], float]:
         return our_training(SegmentationTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_model,

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_training import step_rate  # noqa: E402
 from p2ch_luna.augment import AugmentConfig, augment_batch_3d  # noqa: E402
 from p2ch_luna.config import TrainConfig  # noqa: E402
 from p2ch_luna.engine import move_to_device  # noqa: E402
@@ -48,16 +48,7 @@ def input_rate(config: TrainConfig, device: torch.device, augment: bool, seconds
             to_memory_format(images, config.channels_last)
         return len(batch["label"])
 
-    for _ in range(WARMUP_BATCHES):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started, samples = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        samples += step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return samples / (time.perf_counter() - started)
+    return step_rate(step, seconds, device, WARMUP_BATCHES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

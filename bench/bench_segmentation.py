@@ -40,6 +40,7 @@ from diskcache import FanoutCache
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from bench_training import synchronize
 from p2ch_luna import engine
 from p2ch_luna.augment import AugmentConfig
 from p2ch_luna.config import TrainConfig
@@ -147,7 +148,7 @@ def book_epoch(model: nn.Module, augmentation: nn.Module, optimizer: torch.optim
     samples, started = 0, time.perf_counter()
     for batch in loader:
         samples += book_step(model, augmentation, optimizer, batch, device) if train else len(batch[0])
-    _synchronize(device)
+    synchronize(device)
     return samples, time.perf_counter() - started
 
 
@@ -185,11 +186,6 @@ def our_data_epoch(loader) -> tuple[int, float]:
     for batch in loader:
         samples += len(batch["image"])
     return samples, time.perf_counter() - started
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
@@ -234,7 +230,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             return our_data_epoch(loader)
         result = engine.train_one_epoch(task, model, optimizer, loader, epoch=epoch, device=device,
                                         generator=make_generator(args.seed, epoch, device), show_progress=False)
-        _synchronize(device)
+        synchronize(device)
         return result.samples, result.seconds
 
     def book(epoch: int, train: bool = True) -> tuple[int, float]:

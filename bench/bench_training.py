@@ -23,6 +23,7 @@ on a GPU with larger batches, mixed precision and ``torch.compile``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import random
@@ -109,9 +110,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_rate(step: Callable[[], int], seconds: float, device: torch.device, warmup: int,
+              watch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Samples/s of repeated ``step`` calls (each returns its batch size) over about ``seconds``,
+    after ``warmup`` calls; ``watch`` wraps the timed stretch (e.g. a utilisation monitor)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    with watch():
+        started = time.perf_counter()
+        samples = 0
+        while time.perf_counter() - started < seconds:
+            samples += step()
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+    return samples / elapsed
+
+
 def book_style(dataset: CandidateDataset, sampler: BalancedSampler, workers: int, batches: int,
                device: torch.device = torch.device("cpu")) -> float:
-    """The book's loop: float32 channels-first model, per-sample CPU augmentation in the workers."""
+    """Samples/s of the book's loop over ``batches`` batches after one warm-up batch per worker."""
+    step = book_style_step(dataset, sampler, workers, device)
+    for _ in range(max(1, workers)):  # warm-up: worker start, first allocations, one batch per worker
+        step()
+    return time_batches(step, batches, device)
+
+
+def book_style_step(dataset: CandidateDataset, sampler: BalancedSampler, workers: int,
+                    device: torch.device) -> Callable[[], int]:
+    """One step of the book's loop per call (float32 channels-first model, per-sample CPU augmentation
+    in the workers); returns the batch size."""
     torch.manual_seed(0)
     model = LunaModel(input_shape=dataset.chunk_shape_irc).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=BOOK_LR, momentum=BOOK_MOMENTUM)
@@ -130,32 +158,28 @@ def book_style(dataset: CandidateDataset, sampler: BalancedSampler, workers: int
         optimizer.step()
         return len(labels)
 
-    for _ in range(max(1, workers)):  # warm-up: worker start, first allocations, one batch per worker
-        step()
-    return time_batches(step, batches, device)
+    return step
 
 
-def ours(config: TrainConfig, batches: int, device: torch.device = torch.device("cpu"),
-         compile_model: bool = False, warmup: int = 1) -> float:
-    """Our task and engine (``train_one_epoch``) on ``batches`` batches after ``warmup`` ones."""
+def ours(config: TrainConfig, batches: int, device: torch.device = torch.device("cpu")) -> float:
+    """Our task and engine (``train_one_epoch``) on ``batches`` batches after one warm-up batch."""
     tune_backends(device)
     context = RunContext(config, device)
     task = NoduleTask(context)
     torch.manual_seed(0)
     model = place_model(task.build_model().model, config, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=BOOK_LR, momentum=BOOK_MOMENTUM)
-    train_model = torch.compile(model) if compile_model else model
     loader = task.train_loader()
     amp = amp_settings(config.amp, context.device)
     generator = make_generator(config.seed, 1, context.device)
 
     def run(count: int) -> float:
         limited = _Limited(loader, count)
-        result = train_one_epoch(task, train_model, optimizer, limited, epoch=1, device=context.device,
+        result = train_one_epoch(task, model, optimizer, limited, epoch=1, device=context.device,
                                  generator=generator, amp=amp, show_progress=False)
         return result.samples / result.seconds
 
-    run(warmup)
+    run(1)  # warm-up
     return run(batches)
 
 
