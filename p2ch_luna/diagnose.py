@@ -43,6 +43,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from . import lungs as lungs_module
+from . import regions
 from .cli import make_parser, run_command
 from .ct import HU_MAX, HU_MIN, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct
 from .distributed import DistributedInfo, distributed_info_from_env, resolve_device
@@ -268,8 +269,10 @@ def _distance_peaks(hu: np.ndarray, mask: np.ndarray,
                     spacing_irc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centres (voxel), voxel counts and diameters (mm) of the distance-transform peaks of dense mask tissue."""
     dense = mask & (hu >= DENSE_HU)
-    if not dense.any():
+    box = lungs_module.mask_bounding_box(dense, (1, 1, 1))
+    if box is None:
         return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
+    dense = dense[box]  # padded by one voxel, so the edge of the box is never dense: distances are unchanged
     spacing = np.asarray(spacing_irc, dtype=np.float64)
     depth = ndimage.distance_transform_edt(dense, sampling=spacing).astype(np.float32)
     window = 2 * np.maximum(np.rint(PEAK_SEPARATION_MM / spacing), 1).astype(int) + 1
@@ -277,9 +280,10 @@ def _distance_peaks(hu: np.ndarray, mask: np.ndarray,
     labels, count = ndimage.label(peaks, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
-    index = np.arange(1, count + 1)
-    centers = np.asarray(ndimage.center_of_mass(peaks, labels, index), dtype=np.float64).reshape(-1, 3)
-    radii = np.asarray(ndimage.maximum(depth, labels, index), dtype=np.float64)
+    coordinates = np.nonzero(peaks)
+    centers = regions.label_means(labels[coordinates], coordinates, count)
+    centers += [s.start for s in box]
+    radii = regions.label_maxima(labels[coordinates], depth[coordinates], count)
     diameters = 2.0 * radii
     voxel_count = np.rint(np.pi / 6.0 * diameters**3 / float(np.prod(spacing))).astype(np.int64)
     return centers, voxel_count, diameters
@@ -292,11 +296,14 @@ def _component_centres(hu: np.ndarray, restricted: np.ndarray, ct: Ct,
     labels, count = ndimage.label(eroded)
     if count == 0:
         return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
-    index = np.arange(1, count + 1)
-    weights = np.clip(hu, HU_MIN, HU_MAX).astype(np.float32) - HU_WEIGHT_OFFSET
-    centers = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64).reshape(-1, 3)
+    coordinates = np.nonzero(eroded)
+    voxel_labels = labels[coordinates]
+    weights = np.clip(hu[coordinates], HU_MIN, HU_MAX).astype(np.float64) - HU_WEIGHT_OFFSET
+    centers = regions.label_means(voxel_labels, coordinates, count, weights)
     whole, _ = ndimage.label(restricted)
-    owner = np.asarray(ndimage.maximum(whole, labels, index), dtype=np.int64)
+    # Each eroded component lies inside one component of the whole mask: read it at any of its voxels.
+    one = regions.one_voxel_each(voxel_labels, count)
+    owner = whole[tuple(axis[one] for axis in coordinates)]
     voxel_count = np.bincount(whole.ravel())[owner]
     voxel_volume = float(np.prod(ct.geometry.spacing_xyz))
     diameters = np.cbrt(6.0 * voxel_count * voxel_volume / np.pi)
