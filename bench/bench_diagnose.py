@@ -1,7 +1,7 @@
 """Time diagnosis of one synthetic 512x512x~130 CT: ours against a book-style path.
 
     python bench/bench_diagnose.py [--slices 130] [--segmentation-path F --classification-path F] [--threads N]
-                                   [--device cuda]
+                                   [--device cuda] [--series N [--prefetch K ...]]
 
 Book-style path (p2ch14/diagnose.py): a DataLoader yields one 7-channel
 float32 512x512 slice stack at a time, batch 4, every slice is segmented,
@@ -12,11 +12,16 @@ tensor, inference mode, candidates inside the lungs only. Both run in this
 process on the same CT and models; the ratio is what to compare. Without
 checkpoints, seeded untrained models with the book's architectures are used
 (the timing then depends on how many candidates they happen to produce).
+
+With ``--series N`` it instead times ``diagnose_series`` over N such CTs,
+one at a time against ``--prefetch K`` worker processes loading the next CTs
+and finding their lungs meanwhile (seconds per CT, ratio to one at a time).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -90,6 +95,12 @@ def book_style(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.
     return count
 
 
+def book_copies(models: diagnose.DiagnosisModels, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Copies of the segmentation and nodule models for the book-style path: on ``device``, default layout."""
+    return tuple(copy.deepcopy(loaded.model).to(device, memory_format=torch.contiguous_format).eval()
+                 for loaded in (models.segmentation, models.nodule))
+
+
 def load_or_build(path: Path | None, task: str) -> LoadedCheckpoint | torch.nn.Module:
     if path is not None:
         return load_checkpoint(path, task)
@@ -107,6 +118,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-book", action="store_true", help="time only our path")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both paths run there)")
+    parser.add_argument("--series", type=int, default=0,
+                        help="time diagnose_series over this many CTs instead, without and with --prefetch")
+    parser.add_argument("--prefetch", type=int, nargs="+", default=[1], help="worker counts to compare with 0")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,18 +131,21 @@ def main() -> int:
         segmentation=segmentation if isinstance(segmentation, LoadedCheckpoint) else _wrap(segmentation, "segmentation"),
         nodule=classifier if isinstance(classifier, LoadedCheckpoint) else _wrap(classifier, "nodule"),
     )
+    device = torch.device(args.device)
+    book_models = book_copies(models, device)
+    models.place(device)
+    batch = diagnose.CUDA_SEGMENTATION_BATCH if device.type == "cuda" else diagnose.CPU_SEGMENTATION_BATCH
+    config = diagnose.DiagnoseConfig(batch_size=batch)
+    if args.series:
+        return time_series(args, models, config, device)
     with tempfile.TemporaryDirectory() as folder:
         infos = synth.generate_dataset(folder, series=1, seed=args.seed, subsets=1, shape=(512, 512),
                                        slices=(args.slices, args.slices), progress=False)
         ct = load_ct(infos[0].path)
     print(f"CT {ct.shape} spacing_irc {tuple(round(float(v), 3) for v in ct.geometry.spacing_irc)}, "
           f"{torch.get_num_threads()} torch thread(s)")
-    device = torch.device(args.device)
-    for loaded in (models.segmentation, models.nodule):
-        loaded.model.to(device)
     started = time.perf_counter()
-    batch = diagnose.CUDA_SEGMENTATION_BATCH if device.type == "cuda" else diagnose.CPU_SEGMENTATION_BATCH
-    result, lungs, _ = diagnose.diagnose_ct(ct, models, diagnose.DiagnoseConfig(batch_size=batch), device)
+    result, lungs, _ = diagnose.diagnose_ct(ct, models, config, device)
     ours_s = time.perf_counter() - started
     lung_slices = int(lungs.any(axis=(1, 2)).sum())
     print(f"ours:       {ours_s:7.1f} s  ({len(result.candidates)} candidates, {lung_slices}/{ct.shape[0]} slices "
@@ -136,10 +153,32 @@ def main() -> int:
     if args.skip_book:
         return 0
     started = time.perf_counter()
-    count = book_style(ct.hu, models.segmentation.model, models.nodule.model, device)
+    count = book_style(ct.hu, *book_models, device)
     book_s = time.perf_counter() - started
     print(f"book-style: {book_s:7.1f} s  ({count} candidates, every slice, full 512x512, batch {BOOK_BATCH_SIZE})")
     print(f"speed-up:   {book_s / ours_s:7.2f}x")
+    return 0
+
+
+def time_series(args: argparse.Namespace, models: diagnose.DiagnosisModels, config: diagnose.DiagnoseConfig,
+                device: torch.device) -> int:
+    """Seconds per CT of ``diagnose_series`` over ``args.series`` CTs for each prefetch worker count."""
+    with tempfile.TemporaryDirectory() as folder:
+        infos = synth.generate_dataset(folder, series=args.series, seed=args.seed, subsets=1, shape=(512, 512),
+                                       slices=(args.slices, args.slices), progress=False)
+        selection = [(info.series_uid, Path(info.path)) for info in infos]
+        print(f"{args.series} CTs of 512x512x{args.slices}, {torch.get_num_threads()} torch thread(s)")
+        diagnose.diagnose_series(selection[:1], models, config, device, figures=False, save_mask=False)  # warm-up
+        baseline = None
+        for prefetch in [0, *args.prefetch]:
+            started = time.perf_counter()
+            results = diagnose.diagnose_series(selection, models, config, device, figures=False, save_mask=False,
+                                               prefetch=prefetch)
+            per_ct = (time.perf_counter() - started) / len(selection)
+            baseline = baseline or per_ct
+            stages = {key: np.mean([r.timings[key] for r in results]) for key in results[0].timings}
+            print(f"prefetch {prefetch}: {per_ct:6.2f} s/CT  {baseline / per_ct:5.2f}x  (mean stage s: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()) + ")")
     return 0
 
 

@@ -222,7 +222,14 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
                                    amp, args.seconds / 2, device, monitor)
         return run
 
-    return training_figures(section, book, ours, model_step, 32, "our defaults", args, device)
+    figures = training_figures(section, book, ours, model_step, 32, "our defaults", args, device)
+    large = args.large_batch
+    for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
+        config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers)
+        run = our_training(NoduleTask, config, False, device, args.seconds)
+        figures.append(_measure(section, f"ours, batch {large}, bf16, {workers} workers", run, "samples/s",
+                                f"--amp --batch-size {large} --num-workers {workers}", figures[0].name, device))
+    return figures
 
 
 # --- segmenter ------------------------------------------------------------------------------
@@ -306,8 +313,8 @@ def diagnosis_figures(work: Path, args: argparse.Namespace, device: torch.device
                                    slices=(args.diagnose_slices, args.diagnose_slices), progress=False)
     ct = load_ct(infos[0].path)
     models = _diagnosis_models(args.models_dir)
-    for loaded in (models.segmentation, models.nodule):
-        loaded.model.to(device).eval()
+    book_segmentation, book_classifier = bench_diagnose.book_copies(models, device)
+    models.place(device)
     batch = diagnose.CUDA_SEGMENTATION_BATCH if device.type == "cuda" else diagnose.CPU_SEGMENTATION_BATCH
     note = f"CT {ct.shape}, models: {'trained' if args.models_dir else 'untrained'}"
     counts: dict[str, int] = {}
@@ -316,7 +323,7 @@ def diagnosis_figures(work: Path, args: argparse.Namespace, device: torch.device
     def book(monitor: UtilisationMonitor) -> float:
         with monitor.watch():
             started = time.perf_counter()
-            counts["book"] = bench_diagnose.book_style(ct.hu, models.segmentation.model, models.nodule.model,
+            counts["book"] = bench_diagnose.book_style(ct.hu, book_segmentation, book_classifier,
                                                        device, workers=BOOK_DIAGNOSE_WORKERS)
             return time.perf_counter() - started
 
@@ -411,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--book-workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="DataLoader workers of the book-style loops")
     parser.add_argument("--large-batch", type=int, default=256, help="batch size of the large-batch variants")
+    parser.add_argument("--worker-sweep", type=int, nargs="*", default=[], metavar="N",
+                        help="also time our classifier loop at --large-batch, bf16, with each of these worker counts")
     parser.add_argument("--series", type=int, default=12, help="synthetic series for the training loops")
     parser.add_argument("--shape", type=int, nargs=2, default=(192, 192), metavar=("ROWS", "COLS"))
     parser.add_argument("--slices", type=int, nargs=2, default=(64, 96), metavar=("MIN", "MAX"))

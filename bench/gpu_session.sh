@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session, as a single command: install the carried wheels, run the GPU tests,
-# then bench_gpu.py. Logs and the JSON figures go to $OUT (default /tmp/gpu_session).
+# then bench_gpu.py, then (with MODELS_DIR) diagnosis of several CTs without and with --prefetch.
+# Logs and the JSON figures go to $OUT (default /tmp/gpu_session).
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
@@ -24,3 +25,11 @@ timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/te
 echo "== bench_gpu.py"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
     | tee "$out/bench_gpu.log" | grep -v "it/s\]\|series/s\]"
+if [ ${#models[@]} -gt 0 ]; then
+    echo "== bench_diagnose.py --series"
+    seg=$(ls "${models[1]}"/segmentation_*.best.state | head -n 1)
+    cls=$(ls "${models[1]}"/nodule_*.best.state | head -n 1)
+    timeout "${SERIES_TIMEOUT:-150}" python3 bench/bench_diagnose.py --device cuda --series "${SERIES:-4}" \
+        --prefetch 1 2 --segmentation-path "$seg" --classification-path "$cls" 2>&1 \
+        | tee "$out/bench_series.log" | grep -v "CT/s\]"
+fi

@@ -50,6 +50,7 @@ from .distributed import (DistributedInfo, barrier, broadcast_buffers, broadcast
 from .engine import EpochResult, amp_settings, evaluate, train_one_epoch, tune_backends
 from .errors import DataError, UsageError
 from .models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .models.layout import channels_last
 from .paths import paths_from_args
 from .sampling import make_generator, set_sampler_epoch
 from .tasks import TASK_CLASSES, RunContext, Task, get_task_class
@@ -395,8 +396,7 @@ def place_model(model: nn.Module, config: TrainConfig, device: torch.device) -> 
     """Move ``model`` to ``device`` (in place), in channels-last layout when ``config`` asks; returns it."""
     model.to(device)
     if config.channels_last:
-        has_3d = any(parameter.dim() == 5 for parameter in model.parameters())
-        model.to(memory_format=torch.channels_last_3d if has_3d else torch.channels_last)
+        channels_last(model)
     return model
 
 

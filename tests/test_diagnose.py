@@ -279,3 +279,33 @@ def test_classify_chunks_with_flips_averages_the_mirror_images() -> None:
         expected.append(np.mean([torch.softmax(model(v), dim=1)[0, 1].item() for v in views]))
     assert averaged == pytest.approx(expected, abs=1e-6)
     assert not np.allclose(plain, averaged)
+
+
+def test_placed_models_give_the_same_results_in_channels_last() -> None:
+    """``DiagnosisModels.place`` (eval, channels-last) changes the memory layout, not the results."""
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1000, 400, size=(24, 64, 64)).astype(np.int16)
+    region = np.zeros(hu.shape, dtype=bool)
+    region[6:18, 10:50, 12:52] = True
+    centers = np.array([[12, 32, 32], [8, 24, 40], [14, 40, 24]])
+    segmentation = build_model("unet", **{**BOOK_SEGMENTATION_KWARGS, "depth": 2}).eval()
+    classifier = build_model("luna", input_shape=[16, 16, 16]).eval()
+    cpu = torch.device("cpu")
+    mask = diagnose.segment_ct(hu, region, segmentation, 0.5, 4, cpu)
+    probabilities = diagnose.classify_chunks(hu, centers, classifier, 2, cpu, flips=True)
+    models = diagnose.DiagnosisModels(segmentation=_loaded(segmentation, "segmentation"),
+                                      nodule=_loaded(classifier, "nodule")).place(cpu)
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d)
+               for p in classifier.parameters() if p.dim() == 5)
+    assert np.array_equal(diagnose.segment_ct(hu, region, models.segmentation.model, 0.5, 4, cpu), mask)
+    assert diagnose.classify_chunks(hu, centers, models.nodule.model, 2, cpu, flips=True) == pytest.approx(
+        probabilities, abs=1e-5)
+
+
+def _loaded(model: torch.nn.Module, task: str) -> "diagnose.LoadedCheckpoint":
+    from p2ch_luna.models.checkpoint import LoadedCheckpoint
+
+    return LoadedCheckpoint(path=Path("untrained"), model=model, task=task, model_name=type(model).__name__,
+                            model_kwargs={}, epoch=None, samples_seen=None, optimizer_name=None,
+                            optimizer_state=None, config={}, metrics={}, is_book=False, raw={})

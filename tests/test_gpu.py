@@ -69,3 +69,47 @@ def test_cuda_classification_matches_cpu_and_bf16_stays_close() -> None:
     bf16 = diagnose.classify_chunks(hu, centers, model, 16, CUDA, amp=True, flips=True)
     np.testing.assert_allclose(on_cuda, on_cpu, atol=2e-3)
     np.testing.assert_allclose(bf16, on_cpu, atol=3e-2)
+
+
+def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Loader batch -> device -> augmentation -> forward/backward -> SGD step with no host-device sync.
+
+    Any sync (a blocking copy, ``.item()``, a data-dependent shape) makes the
+    host wait for the step before it can fetch the next batch, so input and
+    model step run one after the other instead of overlapping.
+    """
+    from p2ch_luna.augment import AugmentConfig
+    from p2ch_luna.config import TrainConfig
+    from p2ch_luna.engine import amp_settings, move_to_device
+    from p2ch_luna.paths import resolve_paths
+    from p2ch_luna.sampling import make_generator
+    from p2ch_luna.tasks import RunContext
+    from p2ch_luna.tasks.classification import ClassificationOptions, NoduleTask
+
+    paths = resolve_paths(tiny_dataset, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
+    config = TrainConfig(task="nodule", paths=paths, batch_size=8, ratio=1, augment=AugmentConfig.book(), amp=True,
+                         epoch_size=64, channels_last=True, seed=0,
+                         task_options=ClassificationOptions(chunk_shape=(16, 24, 24)))
+    task = NoduleTask(RunContext(config, CUDA))
+    model = training.place_model(task.build_model().model, config, CUDA)
+    optimizer = training.build_optimizer(model, config)
+    generator = make_generator(0, 1, CUDA)
+    autocast = amp_settings(True, CUDA)
+    batches = iter(task.train_loader())
+
+    def step() -> None:
+        batch = move_to_device(next(batches), CUDA)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast.autocast(CUDA):
+            loss, _ = task.compute_loss(model, batch, augment=True, generator=generator)
+        loss.float().mean().backward()
+        optimizer.step()
+
+    step()  # first use: lazy initialisation, allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..augment import AugmentConfig
 from ..config import TrainConfig
+from ..models.layout import to_memory_format  # noqa: F401  (part of the task interface)
 
 Batch = dict[str, Any]
 """One batch: ``{"image": Tensor, "label": Tensor, "series_uid": list[str], ...}``."""
@@ -202,14 +203,3 @@ def collate_batch(batch: Any) -> Any:
     if isinstance(batch, dict):
         return batch
     return default_collate(batch)
-
-
-def to_memory_format(tensor: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``tensor`` in channels-last layout (3D or 2D by its rank) when asked, else unchanged."""
-    if not channels_last:
-        return tensor
-    if tensor.dim() == 5:
-        return tensor.contiguous(memory_format=torch.channels_last_3d)
-    if tensor.dim() == 4:
-        return tensor.contiguous(memory_format=torch.channels_last)
-    return tensor

@@ -26,10 +26,11 @@ def first_uid(data_root: Path) -> str:
     return sorted(list_series_on_disk(data_root))[0]
 
 
+@pytest.mark.parametrize("prefetch", ["0", "1"], ids=["here", "worker-process"])
 def test_ctrl_c_during_diagnosis_exits_130_and_writes_nothing(luna_root: Path, diagnosis_models: dict[str, Path],
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, prefetch: str) -> None:
     output = tmp_path / "report"
-    child = start(DIAGNOSE, "--data-root", str(luna_root), "--validation", "--include-train",
+    child = start(DIAGNOSE, "--data-root", str(luna_root), "--validation", "--include-train", "--prefetch", prefetch,
                   "--output", str(output), *diagnose_model_args(diagnosis_models))
     child.wait_for(lambda: " candidates, " in child.stderr(), "the first diagnosed CT")
     child.send_signal(signal.SIGINT)
@@ -141,3 +142,17 @@ def test_checkpoint_with_code_is_refused_by_training_resume(trained_run: Path, l
     assert not marker.exists(), "loading the checkpoint ran code"
     assert sorted(p.name for p in (work / "models").iterdir()) == sorted(
         p.name for p in (trained_run / "models").iterdir()), "the refused resume wrote files"
+
+
+def test_a_truncated_ct_loaded_by_a_worker_process_is_a_one_line_error(luna_copy: Path,
+                                                                       diagnosis_models: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """With --prefetch, the worker's error reaches the user as the same one line, naming the file."""
+    on_disk = list_series_on_disk(luna_copy)
+    broken = on_disk[sorted(on_disk)[2]].with_suffix(".raw")
+    broken.write_bytes(broken.read_bytes()[:1000])
+    output = tmp_path / "report"
+    result = run(DIAGNOSE, "--data-root", str(luna_copy), "--validation", "--include-train", "--prefetch", "1",
+                 "--output", str(output), *diagnose_model_args(diagnosis_models))
+    assert_one_line_error(result.returncode, result.stderr, broken.name, expected_code=1)
+    assert not output.exists(), "a report was written although a CT could not be read"
