@@ -208,7 +208,9 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     The clipped HU of the region's bounding box (plus context slices) go to
     the device once; each batch of consecutive slices is cropped to the
     region's box within those slices (padded in-plane by ``SEGMENTATION_PAD``),
-    and its 7-slice stacks are gathered there by index.
+    and its 7-slice stacks are gathered there by index. The predictions are
+    read back after the last batch, so the host never waits for a GPU between
+    batches.
     """
     mask = np.zeros(hu.shape, dtype=bool)
     box = lungs_module.mask_bounding_box(region)
@@ -221,6 +223,8 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     volume = torch.from_numpy(np.clip(hu[first:last], HU_MIN, HU_MAX).astype(np.float32)).to(device)
     offsets = np.arange(-CONTEXT_SLICES, CONTEXT_SLICES + 1)
     slice_indices = np.arange(slices.start, slices.stop)
+    context = host_to_device(np.clip(slice_indices[:, None] + offsets[None, :], 0, n_slices - 1) - first, device)
+    predictions = []
     with torch.inference_mode(), autocast(device, amp):
         for start in range(0, len(slice_indices), batch_size):
             batch_slices = slice_indices[start : start + batch_size]
@@ -228,12 +232,20 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
             if crop is None:
                 continue
             _, rows, cols = crop
-            context = np.clip(batch_slices[:, None] + offsets[None, :], 0, n_slices - 1) - first
-            inputs = volume[torch.from_numpy(context).to(device), rows, cols]
+            inputs = volume[context[start : start + batch_size], rows, cols]
             logits = model(to_memory_format(inputs, channels_last=True))
-            predicted = torch.sigmoid(logits[:, 0].float()) > threshold
-            mask[batch_slices, rows, cols] = predicted.cpu().numpy()
+            predictions.append((batch_slices, rows, cols, torch.sigmoid(logits[:, 0].float()) > threshold))
+    for batch_slices, rows, cols, predicted in predictions:
+        mask[batch_slices, rows, cols] = predicted.cpu().numpy()
     return mask
+
+
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``; on CUDA through pinned memory, so the host does not wait for the GPU."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray, ct: Ct,
@@ -356,19 +368,22 @@ def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Mod
 
     With ``flips`` the probability is the mean over the chunk and its three
     in-plane mirror images (test-time augmentation with the training flips).
+    The next batch is cut on the host while the device computes this one:
+    the scores are read back after the last batch.
     """
     shape = tuple(getattr(model, "input_shape", CHUNK_SHAPE_IRC))
-    probabilities = np.zeros(len(centers_irc), dtype=np.float64)
+    scores = []
     with torch.inference_mode(), autocast(device, amp):
         for start in range(0, len(centers_irc), batch_size):
             batch = centers_irc[start : start + batch_size]
             chunks = np.stack([extract_chunk(hu, center, shape) for center in batch])
-            inputs = torch.from_numpy(chunks).to(device).unsqueeze(1).float()
+            inputs = host_to_device(chunks, device).unsqueeze(1).float()
             views = [inputs, inputs.flip(3), inputs.flip(4), inputs.flip((3, 4))] if flips else [inputs]
             logits = model(to_memory_format(torch.cat(views), channels_last=True)).float()
-            scores = torch.softmax(logits, dim=1)[:, 1].reshape(len(views), len(batch)).mean(dim=0)
-            probabilities[start : start + len(batch)] = scores.cpu().numpy()
-    return probabilities
+            scores.append(torch.softmax(logits, dim=1)[:, 1].reshape(len(views), len(batch)).mean(dim=0))
+    if not scores:
+        return np.zeros(0, dtype=np.float64)
+    return torch.cat(scores).cpu().numpy().astype(np.float64)  # the one wait for the device
 
 
 def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device: torch.device,
