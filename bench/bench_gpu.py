@@ -156,7 +156,7 @@ def engine_rate(task: Task, model: nn.Module, config: TrainConfig, device: torch
     return samples / elapsed
 
 
-def our_training(task_class: type[Task], config: TrainConfig, compile_model: bool, device: torch.device,
+def our_training(task_class: type[Task], config: TrainConfig, compile_mode: str | None, device: torch.device,
                  seconds: float) -> Callable[[UtilisationMonitor], float]:
     """A variant running our task and engine as ``python -m p2ch_luna.training`` would (model placement,
     channels-last, cuDNN autotuning, optional ``torch.compile``)."""
@@ -165,7 +165,8 @@ def our_training(task_class: type[Task], config: TrainConfig, compile_model: boo
         task = task_class(RunContext(config, device))
         torch.manual_seed(0)
         model = place_model(task.build_model().model, config, device)
-        return engine_rate(task, torch.compile(model) if compile_model else model, config, device, seconds, monitor)
+        compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
+        return engine_rate(task, compiled, config, device, seconds, monitor)
     return run
 
 
@@ -204,8 +205,8 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
         step = bench_training.book_style_step(dataset, sampler, args.book_workers, device)
         return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor.watch)
 
-    def ours(batch_size: int, amp: bool, compile_model: bool = False) -> Callable[[UtilisationMonitor], float]:
-        return our_training(NoduleTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_model,
+    def ours(batch_size: int, amp: bool, compile_mode: str | None = None) -> Callable[[UtilisationMonitor], float]:
+        return our_training(NoduleTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_mode,
                             device, args.seconds)
 
     def model_step(batch_size: int, amp: bool, channels_last: bool) -> Callable[[UtilisationMonitor], float]:
@@ -226,7 +227,7 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
     large = args.large_batch
     for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
         config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers)
-        run = our_training(NoduleTask, config, False, device, args.seconds)
+        run = our_training(NoduleTask, config, None, device, args.seconds)
         figures.append(_measure(section, f"ours, batch {large}, bf16, {workers} workers", run, "samples/s",
                                 f"--amp --batch-size {large} --num-workers {workers}", figures[0].name, device))
     return figures
@@ -264,8 +265,8 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
 
         return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor.watch)
 
-    def ours(batch_size: int, amp: bool, compile_model: bool = False) -> Callable[[UtilisationMonitor], float]:
-        return our_training(SegmentationTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_model,
+    def ours(batch_size: int, amp: bool, compile_mode: str | None = None) -> Callable[[UtilisationMonitor], float]:
+        return our_training(SegmentationTask, dataclasses.replace(base, batch_size=batch_size, amp=amp), compile_mode,
                             device, args.seconds)
 
     def model_step(batch_size: int, amp: bool, channels_last: bool) -> Callable[[UtilisationMonitor], float]:
@@ -300,7 +301,9 @@ def training_figures(section: str, book: Callable[[UtilisationMonitor], float],
         (f"model step only, batch {large}, bf16, channels-last", model_step(large, True, True), "no data"),
     ]
     if not args.skip_compile:
-        variants.append((f"ours, batch {large}, bf16, compiled", ours(large, True, True), "--amp --compile"))
+        variants.append((f"ours, batch {large}, bf16, compiled", ours(large, True, "default"), "--amp --compile"))
+        variants.append((f"ours, batch {large}, bf16, compiled, CUDA graphs", ours(large, True, "reduce-overhead"),
+                         "torch.compile mode reduce-overhead (not a CLI option yet)"))
     return [_measure(section, name, run, "samples/s", note, variants[0][0], device) for name, run, note in variants]
 
 
