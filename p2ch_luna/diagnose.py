@@ -300,7 +300,7 @@ def _distance_peaks(hu: np.ndarray, mask: np.ndarray,
         return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
     dense = dense[box]  # padded by one voxel, so the edge of the box is never dense: distances are unchanged
     spacing = np.asarray(spacing_irc, dtype=np.float64)
-    depth = ndimage.distance_transform_edt(dense, sampling=spacing).astype(np.float32)
+    depth = lungs_module.depth_mm(dense, spacing).astype(np.float32)
     window = 2 * np.maximum(np.rint(PEAK_SEPARATION_MM / spacing), 1).astype(int) + 1
     peaks = (depth >= MIN_PEAK_RADIUS_MM) & (depth == ndimage.maximum_filter(depth, size=tuple(window)))
     labels, count = ndimage.label(peaks, structure=np.ones((3, 3, 3), dtype=bool))
