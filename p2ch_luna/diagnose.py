@@ -220,7 +220,7 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     n_slices = hu.shape[0]
     first = max(slices.start - CONTEXT_SLICES, 0)
     last = min(slices.stop + CONTEXT_SLICES, n_slices)
-    volume = torch.from_numpy(np.clip(hu[first:last], HU_MIN, HU_MAX).astype(np.float32)).to(device)
+    volume = host_to_device(np.clip(hu[first:last], HU_MIN, HU_MAX), device).float()  # int16 over the bus
     offsets = np.arange(-CONTEXT_SLICES, CONTEXT_SLICES + 1)
     slice_indices = np.arange(slices.start, slices.stop)
     context = host_to_device(np.clip(slice_indices[:, None] + offsets[None, :], 0, n_slices - 1) - first, device)
