@@ -132,7 +132,7 @@ def find_lungs(hu: np.ndarray, spacing_irc: tuple[float, float, float],
 
 def _lung_labels(hu: np.ndarray, spacing: np.ndarray, voxel_ml: float) -> np.ndarray:
     """Labelled lungs (before closing) of a (subsampled) volume."""
-    body = _largest_component(ndimage.binary_fill_holes(hu > BODY_HU, structure=_SLICE_CROSS))
+    body = _largest_component(fill_holes_in_slices(hu > BODY_HU))
     air = (hu < LUNG_HU) & body
     air_labels, _ = ndimage.label(air)
     sizes = np.bincount(air_labels.ravel())
@@ -143,7 +143,7 @@ def _lung_labels(hu: np.ndarray, spacing: np.ndarray, voxel_ml: float) -> np.nda
     keep = sizes >= LUNG_FRACTION * sizes.max()
     air = keep[air_labels]
     box = mask_bounding_box(air, (1, 1, 1))
-    air = ndimage.binary_fill_holes(air[box], structure=_SLICE_CROSS)
+    air = fill_holes_in_slices(air[box])
     lungs = np.zeros(hu.shape, dtype=np.int8)
     lungs[box] = _keep_large(_cut_airways(_split_lungs(air, spacing), spacing))
     return lungs
@@ -219,7 +219,7 @@ def _close_into(labels: np.ndarray, label: int, box: tuple[slice, ...], spacing:
     lung = labels[padded] == label
     grown = _dilate(lung, spacing, CLOSING_MM)
     closed = depth_mm(grown, spacing) > CLOSING_MM
-    closed = ndimage.binary_fill_holes(closed | lung, structure=_SLICE_CROSS)
+    closed = fill_holes_in_slices(closed | lung)
     region = out[padded]
     region[closed & (region == 0)] = label
 
@@ -228,6 +228,21 @@ def _dilate(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarr
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
     return depth_mm(~mask, spacing) <= radius_mm
+
+
+def fill_holes_in_slices(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with the holes of each slice filled (4-connected background not reaching the slice's edge).
+
+    ``ndimage.binary_fill_holes(mask, structure=_SLICE_CROSS)``, result for result,
+    by one labelling of the background instead of a dilation repeated until it
+    stops changing: about twice as fast.
+    """
+    background, _ = ndimage.label(~mask, structure=_SLICE_CROSS)
+    edges = [background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]]
+    outside = np.zeros(int(background.max()) + 1, dtype=bool)
+    outside[np.concatenate([edge.ravel() for edge in edges])] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[background]
 
 
 def depth_mm(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:

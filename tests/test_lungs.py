@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from p2ch_luna.lungs import depth_mm, find_lungs, mask_bounding_box
+from p2ch_luna.lungs import depth_mm, fill_holes_in_slices, find_lungs, mask_bounding_box
 
 LITRE_ML = 1000.0
 
@@ -74,3 +74,15 @@ def test_depth_is_scipys_distance_transform_bit_for_bit(spacing: tuple[float, fl
     assert mask.any() and not mask.all()
     expected = ndimage.distance_transform_edt(mask, sampling=spacing)
     assert np.array_equal(depth_mm(mask, np.asarray(spacing)), expected)
+
+
+def test_slice_hole_filling_is_scipys() -> None:
+    rng = np.random.default_rng(9)
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    for density in (0.3, 0.5, 0.7):
+        mask = rng.random((7, 23, 19)) < density
+        expected = ndimage.binary_fill_holes(mask, structure=structure)
+        assert np.array_equal(fill_holes_in_slices(mask), expected)
+    assert not fill_holes_in_slices(np.zeros((2, 5, 5), dtype=bool)).any()
+    assert fill_holes_in_slices(np.ones((2, 5, 5), dtype=bool)).all()
