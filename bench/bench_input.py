@@ -51,25 +51,35 @@ def input_rate(config: TrainConfig, device: torch.device, augment: bool, seconds
     return step_rate(step, seconds, device, WARMUP_BATCHES)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def input_arguments(doc: str, workers: list[int]) -> argparse.ArgumentParser:
+    """The options of the input-path benches: device, worker counts, batch size, timed seconds, series."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--workers", type=int, nargs="+", default=workers)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--series", type=int, default=12)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def nodule_data(work: Path, series: int, batch_size: int, device: torch.device) -> TrainConfig:
+    """Synthetic series under ``work`` with their volumes cached; a balanced, augmented nodule config for them."""
+    generate_dataset(work / "luna", series=series, seed=0, shape=(192, 192), slices=(64, 96), progress=False)
+    paths = resolve_paths(work / "luna", work / "cache", work / "models", work / "runs")
+    base = TrainConfig(task="nodule", paths=paths, batch_size=batch_size, ratio=1,
+                       augment=AugmentConfig.book(), epoch_size=2_000_000, seed=0)
+    dataset = NoduleTask(RunContext(base, device)).datasets()[0]
+    for series_uid in sorted(set(dataset.series_uids)):
+        dataset.cache.ensure_volume(series_uid)
+    print(f"torch {torch.__version__} on {device}, batch {batch_size}", flush=True)
+    return base
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = input_arguments(__doc__, [4, 8, 16]).parse_args(argv)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_input_") as folder:
-        work = Path(folder)
-        generate_dataset(work / "luna", series=args.series, seed=0, shape=(192, 192), slices=(64, 96), progress=False)
-        paths = resolve_paths(work / "luna", work / "cache", work / "models", work / "runs")
-        base = TrainConfig(task="nodule", paths=paths, batch_size=args.batch_size, ratio=1,
-                           augment=AugmentConfig.book(), epoch_size=2_000_000, seed=0)
-        dataset = NoduleTask(RunContext(base, device)).datasets()[0]
-        for series_uid in sorted(set(dataset.series_uids)):
-            dataset.cache.ensure_volume(series_uid)
-        print(f"torch {torch.__version__} on {device}, batch {args.batch_size}", flush=True)
+        base = nodule_data(Path(folder), args.series, args.batch_size, device)
         for workers in args.workers:
             config = dataclasses.replace(base, num_workers=workers)
             for augment in (False, True):
