@@ -1,10 +1,14 @@
-"""Shared fixtures: the real data under /work/shared/data and a tiny synthetic LUNA16 set."""
+"""Shared fixtures: the real data under /work/shared/data, a tiny synthetic LUNA16 set, untrained models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+
+from p2ch_luna.models import build_model
+from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -46,3 +50,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_luna")
     synth.generate_dataset(root, series=5, seed=0, shape=(96, 96), slices=(40, 50))
     return root
+
+
+@pytest.fixture(scope="session")
+def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded untrained segmentation, nodule and malignancy checkpoints, named as training saves them."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    specs = [("segmentation", "unet", dict(BOOK_SEGMENTATION_KWARGS)), ("nodule", "luna", {}),
+             ("malignancy", "luna", {})]
+    for task, name, kwargs in specs:
+        save_checkpoint(checkpoint_path(folder, task, "2026-01-01_00.00.00", "test", best=True),
+                        build_model(name, **kwargs), model_name=name, model_kwargs=kwargs, task=task,
+                        epoch=1, samples_seen=0, config={}, metrics={})
+    return folder

@@ -15,7 +15,7 @@ from p2ch_luna.ct import Ct, load_ct
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.lungs import find_lungs
 from p2ch_luna.models import build_model
-from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint
+from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
 from p2ch_luna.report import FINDINGS_FILE, REPORT_FILE, score
 
 BOOK_SEGMENTATION = "seg_2020-01-26_19.45.12_w4d3c1-bal_1_nodupe-label_pos-d1_fn8-adam.best.state"
@@ -159,20 +159,6 @@ def test_scoring_synthetic_truth_fills_the_confusion_table(tiny_dataset: Path) -
     results[uids.index(first)] = _diagnosis(first)
     missed = len(nodules[nodules["series_uid"] == first])
     assert score(results, truth, uids, config).total[1:, 0].sum() == missed
-
-
-@pytest.fixture(scope="module")
-def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seeded untrained segmentation, nodule and malignancy checkpoints, named as training saves them."""
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    specs = [("segmentation", "unet", dict(BOOK_SEGMENTATION_KWARGS)), ("nodule", "luna", {}),
-             ("malignancy", "luna", {})]
-    for task, name, kwargs in specs:
-        save_checkpoint(checkpoint_path(folder, task, "2026-01-01_00.00.00", "test", best=True),
-                        build_model(name, **kwargs), model_name=name, model_kwargs=kwargs, task=task,
-                        epoch=1, samples_seen=0, config={}, metrics={})
-    return folder
 
 
 @pytest.mark.slow
