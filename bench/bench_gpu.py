@@ -13,7 +13,8 @@ Every figure comes from this process, on the same synthetic data and device:
   (int16 chunks batched in the workers, augmentation batched on the GPU,
   channels-last, cuDNN autotuning, no host wait per batch), at the book's
   batch 32 in float32 and bfloat16, and at ``--large-batch`` (256) in bfloat16, eager and
-  ``torch.compile``-d;
+  ``torch.compile``-d; for the classifier also with ``--batch-ring`` (eager and with CUDA
+  graphs) and, with ``--worker-sweep``, with other worker counts, with and without the ring;
 - segmenter training (7x64x64 crops): the book-style loop of
   ``bench_segmentation.py`` (pickled float32 chunks memoised in a diskcache
   ``FanoutCache``, batch 16, one augmentation transform per batch, float32
@@ -225,11 +226,21 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
 
     figures = training_figures(section, book, ours, model_step, 32, "our defaults", args, device)
     large = args.large_batch
+    ring_variants = [(args.workers, None)] + ([] if args.skip_compile else [(args.workers, "reduce-overhead")])
     for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
+        ring_variants.append((workers, None))
         config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers)
         run = our_training(NoduleTask, config, None, device, args.seconds)
         figures.append(_measure(section, f"ours, batch {large}, bf16, {workers} workers", run, "samples/s",
                                 f"--amp --batch-size {large} --num-workers {workers}", figures[0].name, device))
+    for workers, compile_mode in ring_variants:  # workers write into a reused, page-locked ring
+        config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=True)
+        run = our_training(NoduleTask, config, compile_mode, device, args.seconds)
+        name = f"ours, batch {large}, bf16, batch ring, {workers} workers" + (", CUDA graphs" if compile_mode else "")
+        note = f"--amp --batch-size {large} --num-workers {workers} --batch-ring"
+        figures.append(_measure(section, name, run, "samples/s", note + (" (compile mode reduce-overhead)"
+                                                                          if compile_mode else ""),
+                                figures[0].name, device))
     return figures
 
 
@@ -400,7 +411,7 @@ def print_table(figures: Sequence[Figure]) -> None:
             speedup = (reference.value / figure.value if figure.unit == "s/CT" else figure.value / reference.value)
             ratio = f"{speedup:6.2f}x"
         util = f"{figure.utilisation:5.0f}%" if figure.utilisation is not None else "     -"
-        print(f"  {figure.name:<50s} {figure.value:10.2f} {figure.unit:<10s} {ratio:>7s}  GPU {util}  {figure.note}")
+        print(f"  {figure.name:<60s} {figure.value:10.2f} {figure.unit:<10s} {ratio:>7s}  GPU {util}  {figure.note}")
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """The classifier's input path alone: samples/s that our loader delivers to the device, with and
-without the on-device augmentation, for several DataLoader worker counts.
+without the on-device augmentation, for several DataLoader worker counts, through the plain
+DataLoader and through the batch ring (``--batch-ring``), with their ratio.
 
     python bench/bench_input.py [--device cuda] [--workers 4 8 16] [--batch-size 256] [--seconds 5]
 
-Compare with ``bench_classifier_step.py`` (the model step alone): training
-runs at roughly the slower of the two.
+Both loaders first show that they give the same samples. Compare with
+``bench_classifier_step.py`` (the model step alone): training runs at roughly
+the slower of the two.
 """
 
 from __future__ import annotations
@@ -37,18 +39,30 @@ WARMUP_BATCHES = 8
 def input_rate(config: TrainConfig, device: torch.device, augment: bool, seconds: float) -> float:
     """Samples/s of loader -> device (-> float, augmentation, channels-last when ``augment``)."""
     task = NoduleTask(RunContext(config, device))
-    loader = task.train_loader()
     generator = make_generator(config.seed, 1, device)
-    iterator = iter(loader)
+    iterator = iter(task.train_loader())
 
     def step() -> int:
         batch = move_to_device(next(iterator), device)
+        images = batch["image"].to(torch.float32)
         if augment:
-            images = augment_batch_3d(batch["image"].to(torch.float32), config.augment, generator)
+            images = augment_batch_3d(images, config.augment, generator)
             to_memory_format(images, config.channels_last)
         return len(batch["label"])
 
     return step_rate(step, seconds, device, WARMUP_BATCHES)
+
+
+def check_same_batches(config: TrainConfig, device: torch.device, batches: int = 3) -> None:
+    """Raise unless the plain loader and the batch ring give the same first batches."""
+    def first(batch_ring: bool) -> list[dict]:
+        loader = NoduleTask(RunContext(dataclasses.replace(config, batch_ring=batch_ring), device)).train_loader()
+        iterator = iter(loader)
+        return [move_to_device(next(iterator), device) for _ in range(batches)]
+
+    for plain, ring in zip(first(False), first(True)):
+        if not (torch.equal(plain["image"], ring["image"]) and torch.equal(plain["index"], ring["index"])):
+            raise RuntimeError("the batch ring gave other samples than the plain loader")
 
 
 def input_arguments(doc: str, workers: list[int]) -> argparse.ArgumentParser:
@@ -80,12 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_input_") as folder:
         base = nodule_data(Path(folder), args.series, args.batch_size, device)
+        check_same_batches(dataclasses.replace(base, num_workers=min(args.workers)), device)
         for workers in args.workers:
-            config = dataclasses.replace(base, num_workers=workers)
             for augment in (False, True):
-                rate = input_rate(config, device, augment, args.seconds)
-                label = "loader + copy + augmentation" if augment else "loader + copy"
-                print(f"{workers:3d} workers  {label:<30s} {rate:10.0f} samples/s", flush=True)
+                rates = [input_rate(dataclasses.replace(base, num_workers=workers, batch_ring=ring), device, augment,
+                                    args.seconds) for ring in (False, True)]
+                label = "loader, copy, float, augmentation" if augment else "loader, copy, float"
+                print(f"{workers:3d} workers  {label:<36s} plain {rates[0]:8.0f} samples/s   batch ring "
+                      f"{rates[1]:8.0f} samples/s   ring / plain {rates[1] / rates[0]:5.2f}x", flush=True)
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session, as a single command: install the carried wheels, run the GPU tests,
-# time the hand-over of a batch from a DataLoader worker and the shared-ring experiment, then
-# bench_gpu.py, then (with MODELS_DIR) diagnosis of several CTs without and with --prefetch.
+# time the hand-over of a batch from a DataLoader worker and the input path with and without the
+# batch ring, then bench_gpu.py, then (with MODELS_DIR) diagnosis of several CTs without and
+# with --prefetch.
 # Logs and the JSON figures go to $OUT (default /tmp/gpu_session).
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
@@ -25,9 +26,9 @@ timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/te
     | tee "$out/tests.log" | tail -n 15
 echo "== bench_batch_transfer.py (host only: what a worker-made batch costs the main process)"
 timeout 60 python3 bench/bench_batch_transfer.py 2>&1 | tee "$out/bench_batch_transfer.log"
-echo "== bench_ring_input.py (our DataLoader against workers writing into a shared pinned ring)"
-timeout "${RING_TIMEOUT:-120}" python3 bench/bench_ring_input.py --workers 4 8 --seconds 4 2>&1 \
-    | tee "$out/bench_ring_input.log"
+echo "== bench_input.py (the input path alone: plain DataLoader against the batch ring)"
+timeout "${INPUT_TIMEOUT:-150}" python3 bench/bench_input.py --workers 4 8 --seconds 3 2>&1 \
+    | tee "$out/bench_input.log" | grep -v "it/s\]"
 echo "== bench_gpu.py"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
     | tee "$out/bench_gpu.log" | grep -v "it/s\]\|series/s\]"

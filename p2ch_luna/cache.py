@@ -178,16 +178,17 @@ class ChunkCache:
             self._geometries[series_uid] = geometry
         return geometry
 
-    def chunk(self, series_uid: str, center_xyz: ArrayLike,
-              width_irc: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def chunk(self, series_uid: str, center_xyz: ArrayLike, width_irc: Sequence[int],
+              out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The clipped int16 ``width_irc`` chunk around a world point and its voxel centre.
 
-        Same values and border rule as ``load_ct(...).chunk(center_xyz, width_irc)``.
+        Same values and border rule as ``load_ct(...).chunk(center_xyz, width_irc)``;
+        written into ``out`` (int16, shape ``width_irc``) when given.
         """
         volume = self._volumes.get(series_uid) or self._volume(series_uid)
         self._maybe_touch(volume.digest)
         center_irc = volume.center_irc(center_xyz, series_uid)
-        return extract_chunk(volume.hu, center_irc, width_irc, clip=False), center_irc
+        return extract_chunk(volume.hu, center_irc, width_irc, clip=False, out=out), center_irc
 
     def array(self, name: str, build: Callable[[], ArrayLike]) -> np.ndarray:
         """A derived array cached under ``name`` (read-only); ``build()`` makes it on a miss.

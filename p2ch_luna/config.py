@@ -43,6 +43,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = 0
+    batch_ring: bool = False
     ratio: int = 0
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     optimizer: str = "sgd"

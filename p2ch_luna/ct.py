@@ -100,19 +100,25 @@ class Ct:
 
 
 def extract_chunk(hu: np.ndarray, center_irc: Sequence[int], width_irc: Sequence[int],
-                  clip: bool = True) -> np.ndarray:
+                  clip: bool = True, out: np.ndarray | None = None) -> np.ndarray:
     """Cut a ``width_irc`` int16 chunk around ``center_irc`` with the book's border rule.
 
     Near a border the window shifts to stay inside the volume; where the volume is
     smaller than the window along an axis, the missing part is filled with air.
+    ``out`` (an int16 array of shape ``width_irc``) receives the chunk instead of a new array.
     """
-    bounds = chunk_bounds(center_irc, width_irc, hu.shape)
+    width = tuple(int(n) for n in width_irc)
+    bounds = chunk_bounds(center_irc, width, hu.shape)
     region = hu[tuple(slice(start, end) for start, end in bounds)]
-    if region.shape != tuple(width_irc):
-        chunk = np.full(tuple(width_irc), HU_MIN, dtype=np.int16)
-        chunk[tuple(slice(0, n) for n in region.shape)] = region
+    if out is None:
+        chunk = np.empty(width, dtype=np.int16)
+    elif out.shape != width or out.dtype != np.int16:
+        raise ValueError(f"out must be an int16 array of shape {width}, not {out.dtype} {out.shape}")
     else:
-        chunk = np.array(region, dtype=np.int16)
+        chunk = out
+    if region.shape != width:
+        chunk.fill(HU_MIN)
+    chunk[tuple(slice(0, n) for n in region.shape)] = region
     if clip:
         np.clip(chunk, HU_MIN, HU_MAX, out=chunk)
     return chunk

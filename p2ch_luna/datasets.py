@@ -110,14 +110,28 @@ class CandidateDataset(Dataset):
         }
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        """A whole collated batch at once (the DataLoader's batched-fetch hook): one stack, no per-item collate."""
-        items = [self[index] for index in indices]
+        """A whole collated batch at once (the DataLoader's batched-fetch hook): chunks cut straight
+        into one batch array, no per-item tensors or collate."""
+        images = np.empty((len(indices), *self.ring_arrays()["image"][0]), dtype=np.int16)
+        return {"image": torch.from_numpy(images), **self.fill_batch(indices, {"image": images})}
+
+    def ring_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-sample shape and dtype of the batch's large arrays (see :mod:`p2ch_luna.batch_ring`)."""
+        return {"image": ((1, *self.chunk_shape_irc), torch.int16)}
+
+    def fill_batch(self, indices: Sequence[int], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Write the chunks of ``indices`` into ``arrays["image"]`` (B, 1, I, R, C); the batch's other values."""
+        images = arrays["image"]
+        centers = np.empty((len(indices), 3), dtype=np.int64)
+        for position, index in enumerate(indices):
+            _, centers[position] = self.cache.chunk(self.series_uids[index], self.centers_xyz[index],
+                                                    self.chunk_shape_irc, out=images[position, 0])
+        rows = np.asarray(indices, dtype=np.int64)
         return {
-            "image": torch.stack([item["image"] for item in items]),
-            "label": torch.stack([item["label"] for item in items]),
-            "series_uid": [item["series_uid"] for item in items],
-            "center_irc": torch.stack([item["center_irc"] for item in items]),
-            "index": torch.as_tensor(list(indices), dtype=torch.long),
+            "label": torch.from_numpy(self.labels[rows].astype(np.int64)),
+            "series_uid": [self.series_uids[index] for index in rows],
+            "center_irc": torch.from_numpy(centers),
+            "index": torch.from_numpy(rows),
         }
 
 

@@ -19,7 +19,7 @@ Outputs (rank 0 only), named by the run's start time and ``--comment``:
 - ``<runs-dir>/<tb-prefix>/<time>-<trn|val>-<task>-<comment>``: TensorBoard.
 
 ``--resume PATH`` (a ``.last.state``) continues that run: same configuration
-(except --epochs, --device, --num-workers, --compile and the folders, taken from
+(except --epochs, --device, --num-workers, --batch-ring, --compile and the folders, taken from
 this command line), weights, optimizer state, epoch count, samples seen,
 per-epoch seeds and run names.
 """
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 RUN_TIME_FORMAT = "%Y-%m-%d_%H.%M.%S"
 COMMENT_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
-RESUME_OVERRIDES = ("epochs", "device", "num_workers", "compile", "paths", "resume")
+RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "paths", "resume")
 """Config fields that ``--resume`` takes from the command line instead of the checkpoint."""
 CONFIG_SUFFIX = ".config.json"
 
@@ -119,6 +119,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per batch, per process")
     run.add_argument("--num-workers", type=int, default=0,
                      help="DataLoader worker processes (0: load in the training process, best on a few CPUs)")
+    run.add_argument("--batch-ring", action="store_true",
+                     help="the workers write training batches into a reused ring of shared-memory buffers "
+                          "(page-locked on CUDA) instead of fresh shared memory per batch, so the training "
+                          "process no longer copies or pins them; same batches (nodule and malignancy tasks, "
+                          "needs --num-workers >= 1)")
     run.add_argument("--epoch-size", type=int, default=None, help="training samples per epoch (default: dataset size)")
     run.add_argument("--val-size", type=int, default=None, help="cap on validation samples (default: all)")
     run.add_argument("--val-stride", type=int, default=10, help="every N-th series (sorted by UID) is validation")
@@ -176,6 +181,11 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
     if args.ratio < 0 or args.num_workers < 0:
         raise UsageError("--ratio and --num-workers must be >= 0")
+    if args.batch_ring and not task_class.supports_batch_ring:
+        ring_tasks = [name for name in TASK_CLASSES if get_task_class(name).supports_batch_ring]
+        raise UsageError(f"--batch-ring is not available for the {args.task} task (only for {', '.join(ring_tasks)})")
+    if args.batch_ring and args.num_workers < 1:
+        raise UsageError("--batch-ring needs --num-workers >= 1 (the workers write into the ring)")
     if args.batch_size % args.grad_accumulation:
         raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --grad-accumulation "
                          f"{args.grad_accumulation}")
@@ -195,6 +205,7 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         epochs=args.epochs,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        batch_ring=args.batch_ring,
         ratio=args.ratio,
         augment=augment_from_args(args, task_class),
         optimizer=args.optimizer or task_class.default_optimizer,

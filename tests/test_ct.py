@@ -240,6 +240,14 @@ def test_chunk_wider_than_ct_is_padded_with_air() -> None:
     chunk = extract_chunk(hu, (1, 2, 2), (4, 4, 4))
     assert chunk.shape == (4, 4, 4)
     assert (chunk[:2] == 100).all() and (chunk[2:] == HU_MIN).all()
+    # Written into a given array (a batch slot): same values, whatever the array held before.
+    batch = np.full((2, 4, 4, 4), 7, dtype=np.int16)
+    written = extract_chunk(hu, (1, 2, 2), (4, 4, 4), out=batch[1])
+    assert np.shares_memory(written, batch)
+    np.testing.assert_array_equal(batch[1], chunk)
+    assert (batch[0] == 7).all()
+    with pytest.raises(ValueError, match="int16 array of shape"):
+        extract_chunk(hu, (1, 2, 2), (4, 4, 4), out=np.zeros((4, 4, 4), dtype=np.float32))
 
 
 def test_centre_outside_ct_is_a_data_error() -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from batch_checks import assert_same_batch
 from p2ch_luna.cache import ChunkCache
 from p2ch_luna.datasets import CandidateDataset, malignancy_table, nodule_table, split_table
 from p2ch_luna.luna import read_candidate_table
@@ -76,11 +77,8 @@ def test_item_is_a_dict_with_an_int16_chunk(dataset: CandidateDataset) -> None:
 def test_batched_fetch_matches_items(dataset: CandidateDataset) -> None:
     indices = [0, len(dataset) - 1, 3]
     batch = collate_batch(dataset.__getitems__(indices))
-    assert batch["image"].shape == (3, 1, *CHUNK)
-    for row, index in enumerate(indices):
-        assert torch.equal(batch["image"][row], dataset[index]["image"])
-        assert batch["series_uid"][row] == dataset[index]["series_uid"]
-    assert batch["index"].tolist() == indices
+    assert_same_batch(batch, torch.utils.data.default_collate([dataset[index] for index in indices]))
+    assert batch["image"].shape == (3, 1, *CHUNK) and batch["index"].tolist() == indices
 
 
 def test_dataset_pickles_and_works_in_a_worker(dataset: CandidateDataset) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,34 +37,43 @@ def _environment() -> dict[str, str]:
 
 def _torchrun(launcher: Sequence[str], module: str, args: Sequence[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", module, *args]
-    completed = subprocess.run(command, cwd=REPO, env=_environment(), capture_output=True, text=True,
-                               timeout=TORCHRUN_TIMEOUT_S)
+    completed = subprocess.run(command, cwd=REPO, env=_environment(), capture_output=True, encoding="utf-8",
+                               errors="replace", timeout=TORCHRUN_TIMEOUT_S)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
 
 
-def _two_node_torchrun(module: str, args: Sequence[str]) -> list[str]:
-    """Two torchrun launchers of one process each meeting at a c10d rendezvous; their stdouts."""
+def _two_node_torchrun(module: str, args: Sequence[str], logs: Path) -> list[str]:
+    """Two torchrun launchers of one process each meeting at a c10d rendezvous; their stdouts.
+
+    Their output goes to files under ``logs`` (pipes read one after the other could fill up and
+    stall the other launcher, and with it the rendezvous).
+    """
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    logs.mkdir(parents=True, exist_ok=True)
     launchers = []
-    for node in range(2):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-                   "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                   "--rdzv-id", "p2ch-luna-test", "-m", module, *args]
-        launchers.append(subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for launcher in launchers:
-            stdout, stderr = launcher.communicate(timeout=TORCHRUN_TIMEOUT_S)
-            assert launcher.returncode == 0, stderr[-3000:]
-            outputs.append(stdout)
-    finally:
-        for launcher in launchers:
-            launcher.kill()
-    return outputs
+    with contextlib.ExitStack() as files:
+        for node in range(2):
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                       "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                       "--rdzv-id", "p2ch-luna-test", "-m", module, *args]
+            stdout = files.enter_context(open(logs / f"node{node}.out", "w", encoding="utf-8"))
+            stderr = files.enter_context(open(logs / f"node{node}.err", "w", encoding="utf-8"))
+            launchers.append(subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=stdout, stderr=stderr))
+        try:
+            codes = [launcher.wait(timeout=TORCHRUN_TIMEOUT_S) for launcher in launchers]
+        finally:
+            for launcher in launchers:
+                launcher.kill()
+
+    def read(name: str) -> str:
+        return (logs / name).read_text(encoding="utf-8", errors="replace")
+
+    for node, code in enumerate(codes):
+        assert code == 0, read(f"node{node}.err")[-3000:]
+    return [read(f"node{node}.out") for node in range(2)]
 
 
 def _assert_same_parameters(single_folder: Path, ddp_folder: Path, samples_seen: int) -> None:
@@ -120,11 +130,13 @@ def test_two_node_rendezvous_and_resume_match_one_process(tiny_dataset: Path, tm
                                             "--grad-accumulation", "2")) == 0
 
     ddp = tmp_path / "ddp"
-    first = _two_node_torchrun("p2ch_luna.training", _segmentation_args(tiny_dataset, ddp, cache, 4, "--epochs", "1"))
+    first = _two_node_torchrun("p2ch_luna.training", _segmentation_args(tiny_dataset, ddp, cache, 4, "--epochs", "1"),
+                               tmp_path / "first")
     assert sum(stdout.count("last checkpoint:") for stdout in first) == 1  # one rank 0 over both nodes
     (last,) = (ddp / "models").glob("*.last.state")
     _two_node_torchrun("p2ch_luna.training",
-                       _segmentation_args(tiny_dataset, ddp, cache, 4, "--epochs", "2", "--resume", str(last)))
+                       _segmentation_args(tiny_dataset, ddp, cache, 4, "--epochs", "2", "--resume", str(last)),
+                       tmp_path / "resumed")
     assert len(list((ddp / "models").glob("*.last.state"))) == 1  # the resumed run wrote into the same run
     _assert_same_parameters(single / "models", ddp / "models", samples_seen=32)
 

@@ -71,7 +71,9 @@ def test_cuda_classification_matches_cpu_and_bf16_stays_close() -> None:
     np.testing.assert_allclose(bf16, on_cpu, atol=3e-2)
 
 
-def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_ring", [False, True])
+def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, tmp_path: Path,
+                                                            batch_ring: bool) -> None:
     """Loader batch -> device -> augmentation -> forward/backward -> SGD step with no host-device sync.
 
     Any sync (a blocking copy, ``.item()``, a data-dependent shape) makes the
@@ -88,8 +90,8 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
 
     paths = resolve_paths(tiny_dataset, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
     config = TrainConfig(task="nodule", paths=paths, batch_size=8, ratio=1, augment=AugmentConfig.book(), amp=True,
-                         epoch_size=64, channels_last=True, seed=0,
-                         task_options=ClassificationOptions(chunk_shape=(16, 24, 24)))
+                         epoch_size=64, channels_last=True, seed=0, num_workers=int(batch_ring),
+                         batch_ring=batch_ring, task_options=ClassificationOptions(chunk_shape=(16, 24, 24)))
     task = NoduleTask(RunContext(config, CUDA))
     model = training.place_model(task.build_model().model, config, CUDA)
     optimizer = training.build_optimizer(model, config)
@@ -113,3 +115,34 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_batch_ring_on_cuda_gives_the_plain_loaders_batches(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Slots page-locked with cudaHostRegister, copied asynchronously and reused: the same batches."""
+    from p2ch_luna.batch_ring import RingLoader, ring_slots
+    from p2ch_luna.config import TrainConfig
+    from p2ch_luna.engine import move_to_device
+    from p2ch_luna.paths import resolve_paths
+    from p2ch_luna.sampling import BalancedSampler
+    from p2ch_luna.tasks import RunContext, build_loader
+    from p2ch_luna.tasks.classification import ClassificationOptions, NoduleTask
+
+    paths = resolve_paths(tiny_dataset, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
+    config = TrainConfig(task="nodule", paths=paths, batch_size=4, num_workers=1,
+                         task_options=ClassificationOptions(chunk_shape=(8, 12, 12)))
+    context = RunContext(config, CUDA)
+    dataset = NoduleTask(context).datasets()[0]
+
+    def sampler() -> BalancedSampler:
+        return BalancedSampler(dataset.labels, ratio=2, epoch_size=40, seed=1)
+
+    ring = build_loader(dataset, sampler(), context, ring=True)
+    assert isinstance(ring, RingLoader) and all(buffer.is_pinned() for buffer in ring.buffers.values())
+    plain = [move_to_device(batch, CUDA) for batch in build_loader(dataset, sampler(), context)]
+    ringed = [move_to_device(batch, CUDA) for batch in ring]
+    assert len(ringed) == len(plain) == 10 > ring_slots(1)
+    torch.cuda.synchronize()
+    for expected, got in zip(plain, ringed):
+        assert got["image"].device.type == "cuda"
+        for key in ("image", "label", "center_irc", "index"):
+            assert torch.equal(got[key], expected[key]), key

@@ -110,10 +110,26 @@ def test_interrupt_keeps_the_last_completed_epoch(tiny_dataset: Path, tmp_path: 
     assert load_checkpoint(only_file(out / "models", "*.last.state")).epoch == 1
 
 
+def test_batch_ring_trains_to_the_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
+    common = ["--epochs", "2", "--augmented", "--num-workers", "1"]
+    assert training.main(tiny_args(tiny_dataset, tmp_path / "plain", *common)) == 0
+    assert training.main(tiny_args(tiny_dataset, tmp_path / "ring", *common, "--batch-ring")) == 0
+    plain = load_checkpoint(only_file(tmp_path / "plain" / "models", "*.last.state"))
+    ring = load_checkpoint(only_file(tmp_path / "ring" / "models", "*.last.state"))
+    assert ring.samples_seen == plain.samples_seen == 32 and ring.config["batch_ring"] is True
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(value, ring.model.state_dict()[name]), name
+
+
 @pytest.mark.parametrize("argument", [["--comment", "a b"], ["--batch-size", "0"], ["--model-kwargs", "[1]"],
-                                      ["--batch-size", "6", "--grad-accumulation", "4"]])
+                                      ["--batch-size", "6", "--grad-accumulation", "4"], ["--batch-ring"]])
 def test_bad_arguments_are_usage_errors(tiny_dataset: Path, tmp_path: Path, argument: list[str]) -> None:
     assert training.main(tiny_args(tiny_dataset, tmp_path, *argument)) == 2
+
+
+def test_batch_ring_is_refused_for_segmentation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = training.main(["segmentation", "--data-root", str(tmp_path), "--batch-ring", "--num-workers", "1"])
+    assert code == 2 and "--batch-ring is not available for the segmentation task" in capsys.readouterr().err
 
 
 def test_finetune_freezes_all_but_the_last_blocks_and_reinitialises_the_head(tiny_dataset: Path,

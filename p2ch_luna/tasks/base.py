@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..augment import AugmentConfig
+from ..batch_ring import RingDataset, RingLoader
 from ..config import TrainConfig
 from ..models.layout import to_memory_format  # noqa: F401  (part of the task interface)
 
@@ -88,6 +89,8 @@ class Task(abc.ABC):
     default_optimizer: ClassVar[str] = "sgd"
     summary_keys: ClassVar[Sequence[str]] = ("loss",)
     """Metric keys shown in the one-line per-epoch summary."""
+    supports_batch_ring: ClassVar[bool] = False
+    """Whether ``--batch-ring`` applies: the training dataset is a :class:`p2ch_luna.batch_ring.RingDataset`."""
 
     def __init__(self, context: RunContext) -> None:
         self.context = context
@@ -177,18 +180,26 @@ def build_loader(
     context: RunContext,
     batch_size: int | None = None,
     drop_last: bool = False,
-) -> DataLoader:
+    ring: bool = False,
+) -> Iterable[Batch]:
     """A DataLoader of dict batches with pinned memory on CUDA and persistent workers.
 
     ``sampler`` decides the order and the rank's shard; the dataset items are
     dicts collated by ``default_collate`` (strings become lists), or whole
-    batches from a dataset's ``__getitems__`` (passed through).
+    batches from a dataset's ``__getitems__`` (passed through). With ``ring``
+    (``--batch-ring``) the workers write into a :class:`~p2ch_luna.batch_ring.RingLoader`'s
+    shared buffers instead: same batches, large arrays already on the device.
     """
     config = context.config
     workers = config.num_workers
+    batch_size = batch_size or config.batch_size
+    if ring:
+        if not isinstance(dataset, RingDataset) or workers < 1:
+            raise ValueError("a batch ring needs a RingDataset and at least one worker")
+        return RingLoader(dataset, sampler, batch_size, workers, context.device, drop_last=drop_last)
     return DataLoader(
         dataset,
-        batch_size=batch_size or config.batch_size,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=context.device.type == "cuda",

@@ -1,0 +1,227 @@
+"""Training batches through a reused ring of shared-memory buffers that the loader workers write into.
+
+A plain DataLoader worker builds each batch in a fresh shared-memory segment.
+The main process then pays for every batch: it receives the segment, touches
+each of its pages for the first time and, on CUDA, copies it into pinned
+memory before the copy to the device. With large batches this hand-over, not
+the workers, sets the pace (``bench/bench_batch_transfer.py``).
+
+Here the main process allocates ``slots`` batch buffers once, in shared memory
+that is also page-locked on CUDA. It owns the free slots: the batch sampler
+hands each batch's sample indices to a worker together with a free slot, the
+worker writes the batch's large arrays into that slot
+(:meth:`RingDataset.fill_batch`) and sends back only the small values. The
+main process starts the slot's copy to the device and frees the slot once that
+copy is done (a CUDA event); on the CPU it keeps a private copy and frees the
+slot at once. The batches, and so the training, are the same as with the plain
+loader.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import weakref
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from .errors import LunaError
+
+log = logging.getLogger(__name__)
+
+PREFETCH_FACTOR = 2
+"""Batches in flight per worker (the DataLoader's default)."""
+IN_FLIGHT_COPIES = 4
+"""Device copies the main process may have queued before it waits for the oldest one."""
+SHARED_MEMORY_DIR = "/dev/shm"
+CUDA_HOST_REGISTER_PORTABLE = 1
+"""``cudaHostRegisterPortable``: page-locked for every CUDA context (as torch registers shared memory)."""
+SLOT_KEY = "ring_slot"
+SIZE_KEY = "ring_size"
+
+
+@runtime_checkable
+class RingDataset(Protocol):
+    """A map-style dataset that can write a batch's large arrays into given buffers."""
+
+    def __len__(self) -> int: ...
+
+    def ring_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-sample shape and dtype of each large array of a batch, by batch key."""
+
+    def fill_batch(self, indices: Sequence[int], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Write the samples ``indices`` into the first ``len(indices)`` rows of each array; the other values."""
+
+
+def ring_slots(workers: int) -> int:
+    """Slots enough that a batch never waits for one: every batch the DataLoader has in flight, the
+    batch it has just handed over, and the copies the main process may have queued."""
+    return workers * PREFETCH_FACTOR + 1 + IN_FLIGHT_COPIES
+
+
+def ring_bytes(dataset: RingDataset, batch_size: int, workers: int) -> int:
+    """Shared memory that a ring for ``dataset`` takes."""
+    per_sample = sum(int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+                     for shape, dtype in dataset.ring_arrays().values())
+    return ring_slots(workers) * batch_size * per_sample
+
+
+def check_shared_memory(needed: int, folder: str = SHARED_MEMORY_DIR) -> None:
+    """Raise a clear error when ``folder`` (the shared-memory file system) has less than ``needed`` bytes free.
+
+    Running out later would kill a process with SIGBUS when it first writes to a page.
+    """
+    try:
+        stats = os.statvfs(folder)
+    except OSError:  # no such file system here: nothing to check
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free:
+        raise LunaError(f"--batch-ring needs {needed / 2**30:.2f} GiB of shared memory but {folder} has "
+                        f"{free / 2**30:.2f} GiB free: lower --batch-size or --num-workers, "
+                        "or leave out --batch-ring")
+
+
+class _RingWriter(Dataset):
+    """The dataset as the workers see it: each batch written into the slot it comes with."""
+
+    def __init__(self, dataset: RingDataset, buffers: dict[str, torch.Tensor]) -> None:
+        self.dataset, self.buffers = dataset, buffers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, request: tuple[int, list[int]]) -> dict[str, Any]:
+        slot, indices = request
+        arrays = {key: buffer[slot, : len(indices)].numpy() for key, buffer in self.buffers.items()}
+        return {**self.dataset.fill_batch(indices, arrays), SLOT_KEY: slot, SIZE_KEY: len(indices)}
+
+
+class _SlotBatchSampler(Sampler[tuple[int, list[int]]]):
+    """The batches of ``sampler``, each with a free slot of ``ring`` taken as the DataLoader dispatches it."""
+
+    def __init__(self, ring: RingLoader, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
+        self.ring, self.sampler = ring, sampler
+        self.batches = BatchSampler(sampler, batch_size, drop_last)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        # Runs up to the first yield only when the DataLoader dispatches an epoch's first batch: after
+        # it has collected (and dropped) every batch of an abandoned earlier pass over the data.
+        self.ring.reclaim_dispatched_slots()
+        for indices in self.batches:
+            yield self.ring.take_slot(), indices
+
+
+class RingLoader:
+    """Iterates dict batches like :func:`p2ch_luna.tasks.base.build_loader`'s DataLoader, except that the
+    ring arrays (the chunks) arrive already on ``device``; other tensors are pinned on CUDA.
+
+    ``sampler`` and ``len()`` behave as the DataLoader's (the engine calls
+    ``sampler.set_epoch``); the workers persist across epochs. A pass may be
+    abandoned part-way: the next one takes back the slots of the dropped batches.
+    """
+
+    def __init__(self, dataset: RingDataset, sampler: Sampler[int], batch_size: int, workers: int,
+                 device: torch.device, drop_last: bool = False) -> None:
+        if workers < 1:
+            raise ValueError("a batch ring needs at least one worker process")
+        self.device = device
+        self.sampler = sampler
+        slots = ring_slots(workers)
+        check_shared_memory(ring_bytes(dataset, batch_size, workers))
+        self.buffers = {key: torch.empty((slots, batch_size, *shape), dtype=dtype).share_memory_()
+                        for key, (shape, dtype) in dataset.ring_arrays().items()}
+        if device.type == "cuda":
+            for buffer in self.buffers.values():
+                _page_lock(buffer)
+                weakref.finalize(self, _page_unlock, buffer)
+        self._free: collections.deque[int] = collections.deque(range(slots))
+        self._dispatched: set[int] = set()
+        self._copies: collections.deque[tuple[torch.cuda.Event | None, int]] = collections.deque()
+        self.loader = DataLoader(_RingWriter(dataset, self.buffers),
+                                 batch_sampler=_SlotBatchSampler(self, sampler, batch_size, drop_last),
+                                 num_workers=workers, prefetch_factor=PREFETCH_FACTOR, persistent_workers=True,
+                                 collate_fn=_pass_through, pin_memory=device.type == "cuda")
+        log.info("batch ring: %d slots of %d samples, %.2f GiB of shared memory", slots, batch_size,
+                 sum(buffer.numel() * buffer.element_size() for buffer in self.buffers.values()) / 2**30)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            slot, size = batch.pop(SLOT_KEY), batch.pop(SIZE_KEY)
+            self._dispatched.discard(slot)
+            arrays = {key: _take(buffer[slot, :size], self.device) for key, buffer in self.buffers.items()}
+            self._copies.append((_copy_done_event(self.device), slot))
+            self._free_copied_slots()
+            yield {**arrays, **batch}
+
+    def take_slot(self) -> int:
+        """A free slot for the batch being dispatched (waiting for the oldest device copy if none is free)."""
+        self._free_copied_slots()
+        if not self._free and self._copies:
+            self._copies[0][0].synchronize()
+            self._free_copied_slots()
+        if not self._free:
+            raise RuntimeError("the batch ring has no free slot: more batches in flight than slots")
+        slot = self._free.popleft()
+        self._dispatched.add(slot)
+        return slot
+
+    def reclaim_dispatched_slots(self) -> None:
+        """Free the slots of batches dispatched but never received (dropped with an abandoned pass)."""
+        self._free.extend(sorted(self._dispatched))
+        self._dispatched.clear()
+
+    def _free_copied_slots(self) -> None:
+        """Free the slots whose device copies are done; wait for the oldest while too many are queued."""
+        while self._copies:
+            event, slot = self._copies[0]
+            if event is not None and not event.query():
+                if len(self._copies) <= IN_FLIGHT_COPIES:
+                    return
+                event.synchronize()
+            self._copies.popleft()
+            self._free.append(slot)
+
+
+def _take(view: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A slot's rows, out of the slot: copied to the GPU (asynchronously), or cloned on the CPU."""
+    return view.to(device, non_blocking=True) if device.type == "cuda" else view.clone()
+
+
+def _pass_through(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def _copy_done_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event that completes once the copies queued so far on ``device``'s stream are done (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _page_lock(buffer: torch.Tensor) -> None:
+    """Register ``buffer``'s memory with CUDA as page-locked, so copies from it run asynchronously."""
+    size = buffer.numel() * buffer.element_size()
+    error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, CUDA_HOST_REGISTER_PORTABLE))
+    if error:
+        raise LunaError(f"could not page-lock the batch ring (cudaHostRegister error {error}); "
+                        "leave out --batch-ring")
+    if not buffer.is_pinned():
+        _page_unlock(buffer)
+        raise LunaError("the page-locked batch ring does not count as pinned memory here; leave out --batch-ring")
+
+
+def _page_unlock(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())

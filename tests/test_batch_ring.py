@@ -1,0 +1,127 @@
+"""The batch ring: the same batches as the plain loader, slots reused safely, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from batch_checks import assert_same_batch
+from p2ch_luna.batch_ring import RingDataset, RingLoader, check_shared_memory, ring_bytes, ring_slots
+from p2ch_luna.cache import ChunkCache
+from p2ch_luna.config import TrainConfig
+from p2ch_luna.datasets import CandidateDataset, nodule_table
+from p2ch_luna.errors import LunaError
+from p2ch_luna.luna import read_candidate_table
+from p2ch_luna.paths import resolve_paths
+from p2ch_luna.sampling import BalancedSampler, set_sampler_epoch
+from p2ch_luna.tasks import RunContext, build_loader
+
+CHUNK = (8, 12, 12)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> CandidateDataset:
+    cache = ChunkCache(tmp_path_factory.mktemp("cache"), tiny_dataset)
+    return CandidateDataset(nodule_table(read_candidate_table(tiny_dataset)), cache, CHUNK)
+
+
+def _context(tmp_path: Path, workers: int, batch_size: int) -> RunContext:
+    paths = resolve_paths(tmp_path, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
+    return RunContext(TrainConfig(task="nodule", paths=paths, batch_size=batch_size, num_workers=workers), CPU)
+
+
+def _epochs(loader: Any, epochs: int) -> list[dict[str, Any]]:
+    batches = []
+    for epoch in range(1, epochs + 1):
+        set_sampler_epoch(loader, epoch)
+        batches.extend(loader)
+    return batches
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ring_gives_the_plain_loaders_batches_over_epochs(dataset: CandidateDataset, tmp_path: Path,
+                                                          workers: int) -> None:
+    # 30 samples in batches of 4: 8 batches an epoch, the last one short; more batches than slots,
+    # so slots are reused, and every batch kept from earlier must still hold its own chunks.
+    context = _context(tmp_path, workers, batch_size=4)
+
+    def sampler() -> BalancedSampler:
+        return BalancedSampler(dataset.labels, ratio=2, epoch_size=30, seed=4)
+
+    plain = _epochs(build_loader(dataset, sampler(), context), 3)
+    ring_loader = build_loader(dataset, sampler(), context, ring=True)
+    assert isinstance(ring_loader, RingLoader) and len(ring_loader) == 8
+    ringed = _epochs(ring_loader, 3)
+    assert len(ringed) == len(plain) == 24 > ring_slots(workers)
+    assert [len(batch["label"]) for batch in ringed[:8]] == [4] * 7 + [2]
+    for expected, got in zip(plain, ringed):
+        assert_same_batch(got, expected)
+    assert not torch.equal(ringed[0]["index"], ringed[8]["index"])  # epochs are reshuffled
+
+
+def test_abandoned_passes_give_their_slots_back(dataset: CandidateDataset, tmp_path: Path) -> None:
+    # Each pass stopped after 2 batches leaves the batches in flight undelivered; their slots must
+    # come back, or after a few passes no batch could be dispatched at all.
+    context = _context(tmp_path, workers=2, batch_size=3)
+    sampler = BalancedSampler(dataset.labels, ratio=1, epoch_size=60, seed=2)
+    loader = build_loader(dataset, sampler, context, ring=True)
+    for _ in range(2 * ring_slots(2)):
+        for position, _batch in enumerate(loader):
+            if position == 1:
+                break
+    plain = list(build_loader(dataset, sampler, context))
+    ringed = list(loader)
+    assert len(ringed) == len(plain) == 20
+    assert all(torch.equal(got["image"], expected["image"]) for got, expected in zip(ringed, plain))
+
+
+class FailingDataset(CandidateDataset):
+    """Fails on one row, as a damaged CT would."""
+
+    bad_index = 3
+
+    def fill_batch(self, indices: Sequence[int], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.bad_index in indices:
+            raise ValueError(f"row {self.bad_index} is damaged")
+        return super().fill_batch(indices, arrays)
+
+
+def test_a_worker_error_reaches_the_training_process(dataset: CandidateDataset, tmp_path: Path) -> None:
+    failing = FailingDataset(dataset.table, dataset.cache, CHUNK)
+    assert isinstance(failing, RingDataset)
+    loader = RingLoader(failing, [0, 1, 2, 3, 4, 5], batch_size=2, workers=1, device=CPU)
+    with pytest.raises(ValueError, match="row 3 is damaged"):
+        list(loader)
+
+
+def test_shared_memory_shortage_is_a_clear_error(dataset: CandidateDataset, tmp_path: Path) -> None:
+    needed = ring_bytes(dataset, batch_size=256, workers=16)
+    assert needed == ring_slots(16) * 256 * int(np.prod(CHUNK)) * 2  # int16 chunks
+    check_shared_memory(1, str(tmp_path))  # fits
+    with pytest.raises(LunaError, match=r"--batch-ring needs .* GiB of shared memory .* lower --batch-size"):
+        check_shared_memory(2**62, str(tmp_path))
+    check_shared_memory(2**62, str(tmp_path / "missing"))  # no such file system: nothing to check
+
+
+def test_ring_needs_workers(dataset: CandidateDataset) -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        RingLoader(dataset, [0, 1], batch_size=2, workers=0, device=CPU)
+
+
+def test_training_with_too_little_shared_memory_stops_with_one_line(tiny_dataset: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    from p2ch_luna import training
+
+    code = training.main(["nodule", "--data-root", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
+                          "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"),
+                          "--device", "cpu", "--num-workers", "1", "--batch-ring", "--batch-size", "100000000",
+                          "--epoch-size", "16", "--balanced", "--log-level", "WARNING"])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and "Traceback" not in error and len(error.splitlines()) == 1
+    assert "--batch-ring needs" in error and "lower --batch-size" in error
+    assert not list((tmp_path / "models").glob("*.state"))
