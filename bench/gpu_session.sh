@@ -26,6 +26,8 @@ timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/te
     | tee "$out/tests.log" | tail -n 15
 echo "== bench_batch_transfer.py (host only: what a worker-made batch costs the main process)"
 timeout 60 python3 bench/bench_batch_transfer.py 2>&1 | tee "$out/bench_batch_transfer.log"
+echo "== bench_batch_cutting.py (host only: a worker's time to cut one batch)"
+timeout 90 python3 bench/bench_batch_cutting.py --rounds 2 2>&1 | tee "$out/bench_batch_cutting.log" | grep -v "it/s\]"
 echo "== bench_input.py (the input path alone: plain DataLoader against the batch ring)"
 timeout "${INPUT_TIMEOUT:-150}" python3 bench/bench_input.py --workers 4 8 --seconds 3 2>&1 \
     | tee "$out/bench_input.log" | grep -v "it/s\]"
