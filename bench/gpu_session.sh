@@ -7,6 +7,11 @@
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
+# STEPS picks the steps (default all, in this order): tests, transfer, cutting, input, gpu, series.
+# Everything does not fit one 10-minute device call; split it, e.g.
+#   STEPS=tests,cutting,input,gpu bash bench/gpu_session.sh .device-models --sections classifier --worker-sweep 4 8
+#   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections segmenter,diagnosis
+#
 # Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_session}
@@ -20,21 +25,34 @@ fi
 export PYTHONUNBUFFERED=1
 models=()
 if [ $# -gt 0 ] && [ -d "$1" ]; then models=(--models-dir "$1"); shift; fi
+steps=",${STEPS:-tests,transfer,cutting,input,gpu,series},"
+want() { [[ $steps == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
-echo "== GPU tests"
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_augment.py 2>&1 \
-    | tee "$out/tests.log" | tail -n 15
-echo "== bench_batch_transfer.py (host only: what a worker-made batch costs the main process)"
-timeout 60 python3 bench/bench_batch_transfer.py 2>&1 | tee "$out/bench_batch_transfer.log"
-echo "== bench_batch_cutting.py (host only: a worker's time to cut one batch)"
-timeout 90 python3 bench/bench_batch_cutting.py --rounds 2 2>&1 | tee "$out/bench_batch_cutting.log" | grep -v "it/s\]"
-echo "== bench_input.py (the input path alone: plain DataLoader against the batch ring)"
-timeout "${INPUT_TIMEOUT:-150}" python3 bench/bench_input.py --workers 4 8 --seconds 3 2>&1 \
-    | tee "$out/bench_input.log" | grep -v "it/s\]"
-echo "== bench_gpu.py"
-timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
-    | tee "$out/bench_gpu.log" | grep -v "it/s\]\|series/s\]"
-if [ ${#models[@]} -gt 0 ]; then
+if want tests; then
+    echo "== GPU tests"
+    timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_augment.py \
+        2>&1 | tee "$out/tests.log" | tail -n 15
+fi
+if want transfer; then
+    echo "== bench_batch_transfer.py (host only: what a worker-made batch costs the main process)"
+    timeout 60 python3 bench/bench_batch_transfer.py 2>&1 | tee "$out/bench_batch_transfer.log"
+fi
+if want cutting; then
+    echo "== bench_batch_cutting.py (host only: a worker's time to cut one batch)"
+    timeout 90 python3 bench/bench_batch_cutting.py --rounds 2 2>&1 | tee "$out/bench_batch_cutting.log" \
+        | grep -v "it/s\]"
+fi
+if want input; then
+    echo "== bench_input.py (the input path alone: plain DataLoader against the batch ring)"
+    timeout "${INPUT_TIMEOUT:-150}" python3 bench/bench_input.py --workers 4 8 --seconds 3 2>&1 \
+        | tee "$out/bench_input.log" | grep -v "it/s\]"
+fi
+if want gpu; then
+    echo "== bench_gpu.py"
+    timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
+        | tee "$out/bench_gpu.log" | grep -v "it/s\]\|series/s\]"
+fi
+if want series && [ ${#models[@]} -gt 0 ]; then
     echo "== bench_diagnose.py --series"
     seg=$(ls "${models[1]}"/segmentation_*.best.state | head -n 1)
     cls=$(ls "${models[1]}"/nodule_*.best.state | head -n 1)
