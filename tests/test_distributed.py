@@ -1,6 +1,7 @@
 """DDP through real torchrun processes (gloo on the CPU): training and diagnosis match one process.
 
-- nodule training, ``--standalone`` with 2 ranks, equals one process with the same global batch;
+- nodule training, ``--standalone`` with 2 ranks (each loading through a batch ring), equals one
+  process with the same global batch;
 - segmentation training over a 2-node c10d rendezvous (two torchrun launchers, as on two
   machines), stopped after epoch 1 and continued with ``--resume``, equals one process;
 - ``diagnose --validation`` split over 2 ranks writes the same findings and report as one process.
@@ -104,9 +105,9 @@ def test_two_process_torchrun_matches_one_process(tiny_dataset: Path, tmp_path: 
     # One process, global batch 8 in two strided micro-batches of 4 = what each of 2 ranks sees.
     assert training.main(_nodule_args(tiny_dataset, single, cache, 8, "--grad-accumulation", "2")) == 0
 
-    ddp = tmp_path / "ddp"
+    ddp = tmp_path / "ddp"  # each rank's loader worker writes its shard's batches into the rank's batch ring
     completed = _torchrun(["--standalone", "--nproc-per-node", "2"], "p2ch_luna.training",
-                          _nodule_args(tiny_dataset, ddp, cache, 4))
+                          _nodule_args(tiny_dataset, ddp, cache, 4, "--num-workers", "1", "--batch-ring"))
     assert completed.stdout.count("last checkpoint:") == 1  # only rank 0 reports
     _assert_same_parameters(single / "models", ddp / "models", samples_seen=48)
     assert len(list((ddp / "runs").rglob("events.out.tfevents.*"))) >= 2  # rank 0 wrote TensorBoard
