@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -36,8 +38,10 @@ def assert_checkpoints_whole(models_dir: Path) -> dict[Path, int]:
     return {path: load_checkpoint(path, expected_task="nodule").epoch for path in files}
 
 
-def start_long_run_and_wait_for_second_epoch(luna_root: Path, work: Path) -> Child:
-    child = start(TRAINING, *training_args(luna_root, work, "--epochs", "1000", "--epoch-size", str(EPOCH_SIZE)))
+def start_long_run_and_wait_for_second_epoch(luna_root: Path, work: Path, *extra: str,
+                                             preexec_fn: Callable[[], None] | None = None) -> Child:
+    child = start(TRAINING, *training_args(luna_root, work, "--epochs", "1000", "--epoch-size", str(EPOCH_SIZE),
+                                           *extra), preexec_fn=preexec_fn)
     child.wait_for(lambda: last_state(work / "models") is not None, "the first epoch's checkpoint")
     time.sleep(IN_SECOND_EPOCH_S)
     return child
@@ -68,15 +72,36 @@ def test_sigkill_mid_epoch_then_resume_continues_from_last_checkpoint(luna_root:
     assert loaded.samples_seen == target * EPOCH_SIZE
 
 
-def test_ctrl_c_during_training_exits_130_and_keeps_the_checkpoint(luna_root: Path, tmp_path: Path) -> None:
-    child = start_long_run_and_wait_for_second_epoch(luna_root, tmp_path)
-    child.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("loader", ["in-process", "batch ring"])
+def test_ctrl_c_during_training_exits_130_and_keeps_the_checkpoint(luna_root: Path, tmp_path: Path,
+                                                                   loader: str) -> None:
+    if loader == "in-process":
+        child = start_long_run_and_wait_for_second_epoch(luna_root, tmp_path)
+        child.send_signal(signal.SIGINT)
+    else:  # a terminal's Ctrl-C reaches the loader worker too: signal the whole process group
+        child = start_long_run_and_wait_for_second_epoch(luna_root, tmp_path, "--num-workers", "1", "--batch-ring",
+                                                         preexec_fn=os.setsid)
+        os.killpg(child.process.pid, signal.SIGINT)
     code, _, err = child.finish()
     assert code == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "interrupted" in err.strip().splitlines()[-1]
     epochs = assert_checkpoints_whole(tmp_path / "models")
     assert min(epochs.values()) >= 1
+    if loader == "batch ring":
+        assert _group_ends(child.process.pid), "a loader worker outlived the interrupted training"
+
+
+def _group_ends(group: int, timeout_s: float = 20.0) -> bool:
+    """Whether every process of the process group exits within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_diverging_loss_stops_naming_the_batch_and_writes_no_checkpoint(luna_root: Path, tmp_path: Path) -> None:
