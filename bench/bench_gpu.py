@@ -82,6 +82,8 @@ BOOK_DIAGNOSE_WORKERS = 4
 WARMUP_BATCHES = 6
 PROBE_BATCHES = 6
 UTILISATION_PERIOD_S = 0.1
+Variant = tuple[str, Callable[["UtilisationMonitor"], float], str]
+"""One timed loop: its name, the function that runs it (watching utilisation) and a note."""
 
 
 @dataclasses.dataclass
@@ -224,24 +226,23 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
                                    amp, args.seconds / 2, device, monitor)
         return run
 
-    figures = training_figures(section, book, ours, model_step, 32, "our defaults", args, device)
     large = args.large_batch
-    ring_variants = [(args.workers, None)] + ([] if args.skip_compile else [(args.workers, "reduce-overhead")])
+
+    def variant(workers: int, batch_ring: bool, compile_mode: str | None = None) -> Variant:
+        """Our loop at the large batch in bf16 with these workers, with or without the batch ring."""
+        config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=batch_ring)
+        name = (f"ours, batch {large}, bf16" + (", batch ring" if batch_ring else "") + f", {workers} workers"
+                + (", CUDA graphs" if compile_mode else ""))
+        note = (f"--amp --batch-size {large} --num-workers {workers}" + (" --batch-ring" if batch_ring else "")
+                + (" (compile mode reduce-overhead)" if compile_mode else ""))
+        return name, our_training(NoduleTask, config, compile_mode, device, args.seconds), note
+
+    # The batch ring right after the plain large-batch loop, so a cut-short run still compares them.
+    early = [variant(args.workers, True)]
+    late = [] if args.skip_compile else [variant(args.workers, True, "reduce-overhead")]
     for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
-        ring_variants.append((workers, None))
-        config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers)
-        run = our_training(NoduleTask, config, None, device, args.seconds)
-        figures.append(_measure(section, f"ours, batch {large}, bf16, {workers} workers", run, "samples/s",
-                                f"--amp --batch-size {large} --num-workers {workers}", figures[0].name, device))
-    for workers, compile_mode in ring_variants:  # workers write into a reused, page-locked ring
-        config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=True)
-        run = our_training(NoduleTask, config, compile_mode, device, args.seconds)
-        name = f"ours, batch {large}, bf16, batch ring, {workers} workers" + (", CUDA graphs" if compile_mode else "")
-        note = f"--amp --batch-size {large} --num-workers {workers} --batch-ring"
-        figures.append(_measure(section, name, run, "samples/s", note + (" (compile mode reduce-overhead)"
-                                                                          if compile_mode else ""),
-                                figures[0].name, device))
-    return figures
+        late += [variant(workers, False), variant(workers, True)]
+    return training_figures(section, book, ours, model_step, 32, "our defaults", args, device, early, late)
 
 
 # --- segmenter ------------------------------------------------------------------------------
@@ -299,14 +300,17 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
 def training_figures(section: str, book: Callable[[UtilisationMonitor], float],
                      ours: Callable[..., Callable[[UtilisationMonitor], float]],
                      model_step: Callable[..., Callable[[UtilisationMonitor], float]], book_batch: int,
-                     default_note: str, args: argparse.Namespace, device: torch.device) -> list[Figure]:
-    """The book-style loop, then our loop and the model step alone at the book's batch and at ``--large-batch``."""
+                     default_note: str, args: argparse.Namespace, device: torch.device,
+                     early: Sequence[Variant] = (), late: Sequence[Variant] = ()) -> list[Figure]:
+    """The book-style loop, then our loop and the model step alone at the book's batch and at ``--large-batch``;
+    ``early`` variants run right after our large-batch loop, ``late`` ones at the end."""
     large = args.large_batch
-    variants: list[tuple[str, Callable[[UtilisationMonitor], float], str]] = [
+    variants: list[Variant] = [
         (f"book-style, batch {book_batch}, fp32", book, f"{args.book_workers} workers"),
         (f"ours, batch {book_batch}, fp32", ours(book_batch, False), default_note),
         (f"ours, batch {book_batch}, bf16", ours(book_batch, True), "--amp"),
         (f"ours, batch {large}, bf16", ours(large, True), f"--amp --batch-size {large}"),
+        *early,
         (f"model step only, batch {book_batch}, fp32, channels-first", model_step(book_batch, False, False),
          "no data"),
         (f"model step only, batch {large}, bf16, channels-last", model_step(large, True, True), "no data"),
@@ -315,6 +319,7 @@ def training_figures(section: str, book: Callable[[UtilisationMonitor], float],
         variants.append((f"ours, batch {large}, bf16, compiled", ours(large, True, "default"), "--amp --compile"))
         variants.append((f"ours, batch {large}, bf16, compiled, CUDA graphs", ours(large, True, "reduce-overhead"),
                          "torch.compile mode reduce-overhead (not a CLI option yet)"))
+    variants += late
     return [_measure(section, name, run, "samples/s", note, variants[0][0], device) for name, run, note in variants]
 
 
