@@ -569,16 +569,18 @@ def process_group(info: DistributedInfo) -> Iterator[None]:
 
 
 def diagnose_series(selection: Sequence[tuple[str, Path]], models: DiagnosisModels, config: DiagnoseConfig,
-                    device: torch.device, figures: bool, save_mask: bool, prefetch: int = 0) -> list[SeriesDiagnosis]:
+                    device: torch.device, figures: bool, save_mask: bool, prefetch: int = 0,
+                    show_progress: bool = True) -> list[SeriesDiagnosis]:
     """Load and diagnose each CT, rendering the per-finding figures (and the mask) as bytes.
 
     With ``prefetch`` > 0, that many worker processes load the next CTs and
     find their lungs while this one runs the models (:mod:`p2ch_luna.prefetch`).
+    A progress bar shows with ``show_progress`` and two CTs or more.
     """
     results = []
     with contextlib.closing(prefetch_module.prepared_cts(selection, config.lung_margin_mm, prefetch)) as prepared_all:
         for (_, path), prepared in tqdm(zip(selection, prepared_all), desc="diagnose", unit="CT",
-                                        total=len(selection), disable=len(selection) < 2):
+                                        total=len(selection), disable=not show_progress or len(selection) < 2):
             results.append(_diagnose_prepared(prepared, path, models, config, device, figures, save_mask))
     return results
 
@@ -703,7 +705,7 @@ def run(args: argparse.Namespace) -> int:
     with process_group(info):
         mine = shard(selection, info.rank, info.world_size)
         results = diagnose_series(mine, models, config, device, figures=args.output is not None,
-                                  save_mask=args.save_mask, prefetch=prefetch)
+                                  save_mask=args.save_mask, prefetch=prefetch, show_progress=info.is_main)
         gathered = gather_to_main(results, info)
     if gathered is None:
         return 0

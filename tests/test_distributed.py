@@ -154,6 +154,7 @@ def test_diagnosis_split_over_two_ranks_matches_one_process(tiny_dataset: Path, 
     one_printed = capsys.readouterr().out
     completed = _torchrun(["--standalone", "--nproc-per-node", "2"], "p2ch_luna.diagnose", args(tmp_path / "two"))
     assert "on cpu x 2" in completed.stdout  # one report, from rank 0, over both ranks
+    assert "| 3/3 [" in completed.stderr and "| 2/2 [" not in completed.stderr  # rank 0's progress bar only
 
     one = json.loads((tmp_path / "one" / REPORT_FILE).read_text())
     two = json.loads((tmp_path / "two" / REPORT_FILE).read_text())
