@@ -32,9 +32,12 @@ def _cli_args(task: str, data_root: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("task", ["nodule", "segmentation"])
-def test_cuda_amp_training_saves_finite_checkpoints(task: str, tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("task, loader", [("nodule", "plain"), ("nodule", "batch ring"), ("segmentation", "plain")])
+def test_cuda_amp_training_saves_finite_checkpoints(task: str, loader: str, tiny_dataset: Path,
+                                                    tmp_path: Path) -> None:
     extra = ["--balanced", "--chunk-shape", "16", "24", "24"] if task == "nodule" else []
+    if loader == "batch ring":
+        extra += ["--num-workers", "2", "--batch-ring"]
     assert training.main(_cli_args(task, tiny_dataset, tmp_path, *extra)) == 0
     last = next((tmp_path / "models").glob(f"{task}_*.last.state"))
     loaded = load_checkpoint(last, expected_task=task)
