@@ -144,7 +144,7 @@ class RingLoader:
                 weakref.finalize(self, _page_unlock, buffer)
         self._free: collections.deque[int] = collections.deque(range(slots))
         self._dispatched: set[int] = set()
-        self._copies: collections.deque[tuple[torch.cuda.Event | None, int]] = collections.deque()
+        self._copies: collections.deque[tuple[Any, int]] = collections.deque()
         self.loader = DataLoader(_RingWriter(dataset, self.buffers),
                                  batch_sampler=_SlotBatchSampler(self, sampler, batch_size, drop_last),
                                  num_workers=workers, prefetch_factor=PREFETCH_FACTOR, persistent_workers=True,
@@ -158,11 +158,16 @@ class RingLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             slot, size = batch.pop(SLOT_KEY), batch.pop(SIZE_KEY)
-            self._dispatched.discard(slot)
             arrays = {key: _take(buffer[slot, :size], self.device) for key, buffer in self.buffers.items()}
-            self._copies.append((_copy_done_event(self.device), slot))
-            self._free_copied_slots()
+            self.copied(slot, _copy_done_event(self.device))
             yield {**arrays, **batch}
+
+    def copied(self, slot: int, done: Any) -> None:
+        """Record that ``slot``'s batch arrived and its copy out was queued; ``done`` (an event with
+        ``query``/``synchronize``, or None when the copy is already done) tells when the slot is free."""
+        self._dispatched.discard(slot)
+        self._copies.append((done, slot))
+        self._free_copied_slots()
 
     def take_slot(self) -> int:
         """A free slot for the batch being dispatched (waiting for the oldest device copy if none is free)."""

@@ -125,3 +125,43 @@ def test_training_with_too_little_shared_memory_stops_with_one_line(tiny_dataset
     assert code == 1 and "Traceback" not in error and len(error.splitlines()) == 1
     assert "--batch-ring needs" in error and "lower --batch-size" in error
     assert not list((tmp_path / "models").glob("*.state"))
+
+
+class FakeCopyEvent:
+    """Stands in for the CUDA event of a slot's copy to the device (this test has no GPU)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+def test_slots_come_back_when_their_device_copies_are_done(dataset: CandidateDataset) -> None:
+    """The CUDA slot accounting, driven by hand: a slot is reused only after its copy has finished."""
+    loader = RingLoader(dataset, list(range(8)), batch_size=2, workers=1, device=CPU)
+    slots = [loader.take_slot() for _ in range(ring_slots(1))]
+    assert sorted(slots) == list(range(ring_slots(1)))
+    events = [FakeCopyEvent() for _ in range(3)]
+    for slot, event in zip(slots, events):
+        loader.copied(slot, event)
+    assert not any(event.waited for event in events)  # copies still running, few in flight: nobody waits
+    assert loader.take_slot() == slots[0] and events[0].waited  # no free slot: wait for the oldest copy
+    events[1].done = True
+    late_event = FakeCopyEvent()
+    loader.copied(slots[3], late_event)  # a new arrival frees the finished copies...
+    assert not events[2].waited and not late_event.waited
+    assert loader.take_slot() == slots[1]  # ...so this slot comes back without waiting
+    more = [FakeCopyEvent() for _ in range(3)]
+    for slot, event in zip(slots[4:], more):
+        loader.copied(slot, event)  # now more copies in flight than IN_FLIGHT_COPIES: the oldest are awaited
+    assert events[2].waited and not late_event.waited and not more[0].waited
+    # Slots 0 and 1 went out again but their batches never arrived (a pass abandoned part-way):
+    # the next pass takes them back, along with slot 2, whose copy was awaited above.
+    loader.reclaim_dispatched_slots()
+    assert sorted(loader.take_slot() for _ in range(3)) == sorted(slots[:3])
+    assert loader.take_slot() == slots[3] and late_event.waited
