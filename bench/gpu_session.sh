@@ -7,9 +7,9 @@
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
-# STEPS picks the steps (default all, in this order): tests, transfer, cutting, input, gpu, series.
+# STEPS picks the steps (default all, in this order): tests, transfer, cutting, input, step, gpu, series.
 # Everything does not fit one 10-minute device call; split it, e.g.
-#   STEPS=tests,cutting,input,gpu bash bench/gpu_session.sh .device-models --sections classifier --worker-sweep 4 8
+#   STEPS=tests,cutting,input,step,gpu bash bench/gpu_session.sh .device-models --sections classifier --worker-sweep 4 8
 #   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections segmenter,diagnosis
 #
 # Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
@@ -25,7 +25,7 @@ fi
 export PYTHONUNBUFFERED=1
 models=()
 if [ $# -gt 0 ] && [ -d "$1" ]; then models=(--models-dir "$1"); shift; fi
-steps=",${STEPS:-tests,transfer,cutting,input,gpu,series},"
+steps=",${STEPS:-tests,transfer,cutting,input,step,gpu,series},"
 want() { [[ $steps == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 if want tests; then
@@ -46,6 +46,11 @@ if want input; then
     echo "== bench_input.py (the input path alone: plain DataLoader against the batch ring)"
     timeout "${INPUT_TIMEOUT:-150}" python3 bench/bench_input.py --workers 4 8 --seconds 3 2>&1 \
         | tee "$out/bench_input.log" | grep -v "it/s\]"
+fi
+if want step; then
+    echo "== bench_classifier_step.py (the classifier's model step alone, and where its GPU time goes)"
+    timeout "${STEP_TIMEOUT:-120}" python3 bench/bench_classifier_step.py --seconds 2 --skip-compile 2>&1 \
+        | tee "$out/bench_classifier_step.log"
 fi
 if want gpu; then
     echo "== bench_gpu.py"
