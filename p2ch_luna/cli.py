@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -19,6 +20,21 @@ from .paths import add_path_arguments
 log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 130
+WORKER_ERROR = re.compile(r"\ACaught (\w+) (in DataLoader worker process \d+)\.\n")
+"""How a DataLoader re-raises a worker's exception: this line, then the worker's whole traceback."""
+
+
+def one_line_message(error: BaseException) -> str:
+    """``error``'s message; for one re-raised from a DataLoader worker, the worker's own message
+    (the last line of the traceback it carries) and which worker it was."""
+    text = str(error)
+    match = WORKER_ERROR.match(text)
+    if match is None:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    marker = f"{match.group(1)}: "
+    original = last.split(marker, 1)[1] if marker in last else last
+    return f"{original} ({match.group(2)})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,7 +106,7 @@ def run_command(
     except LunaError as error:
         if args.debug:
             raise
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line_message(error)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         if args.debug:

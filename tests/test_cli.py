@@ -40,6 +40,20 @@ def test_luna_errors_become_one_line_and_exit_code(capsys: pytest.CaptureFixture
     assert "Traceback" not in stderr
 
 
+def test_an_error_from_a_loader_worker_is_shown_as_its_own_one_line_message(capsys: pytest.CaptureFixture) -> None:
+    torch_utils = pytest.importorskip("torch._utils")
+    try:
+        raise DataError("CT a.mhd: data file a.raw holds 10 bytes, expected 20 (truncated)")
+    except DataError:  # what a DataLoader worker sends back, re-raised as the main process does
+        wrapped = torch_utils.ExceptionWrapper(where="in DataLoader worker process 3")
+    with pytest.raises(DataError) as raised:
+        wrapped.reraise()
+    assert len(str(raised.value).splitlines()) > 3  # torch's message carries the worker's traceback
+    assert run(raising(raised.value), []) == 1
+    assert capsys.readouterr().err == ("p2ch-test: error: CT a.mhd: data file a.raw holds 10 bytes, expected 20 "
+                                       "(truncated) (in DataLoader worker process 3)\n")
+
+
 def test_debug_re_raises(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(DataError, match="bad file"):
         run(raising(DataError("bad file")), ["--debug"])

@@ -240,9 +240,13 @@ def test_tolerated_csv_quirks_still_cache_every_series(edit, logged: str | None,
         assert re.search(rf"WARNING .*{logged}", captured.err), captured.err
 
 
+@pytest.mark.parametrize("loader", [[], ["--num-workers", "1"], ["--num-workers", "1", "--batch-ring"]],
+                         ids=["in-process", "worker", "batch ring"])
 def test_candidate_centres_outside_the_ct_stop_training_with_a_clear_message(luna_copy: Path, tmp_path: Path,
-                                                                            capsys: pytest.CaptureFixture) -> None:
-    """Every row of the validation series moved 5 m away: prepcache does not care, training names the row's CT."""
+                                                                            capsys: pytest.CaptureFixture,
+                                                                            loader: list[str]) -> None:
+    """Every row of the validation series moved 5 m away: prepcache does not care, training names the row's CT
+    (in one line also when a loader worker meets the row)."""
     uid = split_by_series(sorted(list_series_on_disk(luna_copy)))[1][0]
     for name in ("candidates.csv", "annotations.csv", "annotations_with_malignancy.csv"):
         table = pd.read_csv(luna_copy / name, dtype={"seriesuid": str})
@@ -251,7 +255,7 @@ def test_candidate_centres_outside_the_ct_stop_training_with_a_clear_message(lun
     assert prepcache.main(["--data-root", str(luna_copy), "--cache-dir", str(tmp_path / "cache")]) == 0
     capsys.readouterr()
 
-    code = training.main(training_args(luna_copy, tmp_path, "--epochs", "1", "--epoch-size", "4"))
+    code = training.main(training_args(luna_copy, tmp_path, "--epochs", "1", "--epoch-size", "4", *loader))
     err = capsys.readouterr().err
     if code == 0:  # skipping the rows is fine too, as long as it is said
         assert re.search(rf"WARNING .*{uid}.*outside", err), err
