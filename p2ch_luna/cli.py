@@ -2,16 +2,20 @@
 
 Each entry point builds its parser with :func:`make_parser` (which adds the path
 and logging options) and runs its body through :func:`run_command`, which
-configures logging once and turns :class:`~p2ch_luna.errors.LunaError` and
-Ctrl-C into one-line messages with a non-zero exit code.
+configures logging once and turns :class:`~p2ch_luna.errors.LunaError`, a dead
+DataLoader worker and Ctrl-C into one-line messages with a non-zero exit code
+(``--debug``: full tracebacks).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
+import threading
+from typing import Iterator
 from typing import Callable, Sequence
 
 from .errors import LunaError
@@ -22,6 +26,10 @@ log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130
 WORKER_ERROR = re.compile(r"\ACaught (\w+) (in DataLoader worker process \d+)\.\n")
 """How a DataLoader re-raises a worker's exception: this line, then the worker's whole traceback."""
+
+
+WORKER_DIED = "DataLoader worker (pid"
+"""How torch's DataLoader begins the RuntimeError it raises when a worker process dies (killed, crashed)."""
 
 
 def one_line_message(error: BaseException) -> str:
@@ -102,15 +110,42 @@ def run_command(
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
-        result = body(args)
+        with contextlib.nullcontext() if args.debug else _thread_errors_logged():
+            result = body(args)
     except LunaError as error:
         if args.debug:
             raise
         print(f"{parser.prog}: error: {one_line_message(error)}", file=sys.stderr)
         return error.exit_code
+    except RuntimeError as error:
+        if args.debug or not str(error).startswith(WORKER_DIED):
+            raise
+        print(f"{parser.prog}: error: {str(error).strip().rstrip('.')}: out of memory? Try fewer --num-workers "
+              "or a smaller --batch-size", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return int(result or 0)
+
+
+@contextlib.contextmanager
+def _thread_errors_logged() -> Iterator[None]:
+    """While the command runs, an exception that ends a background thread is one warning line, not a
+    traceback (e.g. multiprocessing's resource-sharing thread when a loader worker is killed)."""
+    previous = threading.excepthook
+
+    def log_error(failure: threading.ExceptHookArgs) -> None:
+        if failure.exc_type is SystemExit:
+            return
+        name = failure.thread.name if failure.thread is not None else "?"
+        log.warning("background thread %s stopped: %s: %s (--debug shows the traceback)", name,
+                    failure.exc_type.__name__, failure.exc_value)
+
+    threading.excepthook = log_error
+    try:
+        yield
+    finally:
+        threading.excepthook = previous

@@ -6,6 +6,7 @@ import argparse
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,30 @@ def test_an_error_from_a_loader_worker_is_shown_as_its_own_one_line_message(caps
     assert run(raising(raised.value), []) == 1
     assert capsys.readouterr().err == ("p2ch-test: error: CT a.mhd: data file a.raw holds 10 bytes, expected 20 "
                                        "(truncated) (in DataLoader worker process 3)\n")
+
+
+def test_a_dead_loader_worker_is_one_line_with_a_hint(capsys: pytest.CaptureFixture) -> None:
+    died = RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. ")
+    assert run(raising(died), []) == 1
+    assert capsys.readouterr().err == ("p2ch-test: error: DataLoader worker (pid 123) is killed by signal: Killed: "
+                                       "out of memory? Try fewer --num-workers or a smaller --batch-size\n")
+    with pytest.raises(RuntimeError, match="something else"):
+        run(raising(RuntimeError("something else")), [])
+
+
+def test_a_failing_background_thread_is_one_warning_line(capsys: pytest.CaptureFixture) -> None:
+    def body(args: argparse.Namespace) -> int:
+        thread = threading.Thread(target=lambda: 1 / 0, name="helper")
+        thread.start()
+        thread.join()
+        return 0
+
+    before = threading.excepthook
+    assert run(body, []) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "WARNING" in err and "background thread helper stopped: ZeroDivisionError" in err
+    assert threading.excepthook is before  # restored afterwards
 
 
 def test_debug_re_raises(capsys: pytest.CaptureFixture) -> None:

@@ -92,6 +92,27 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_checkpoint(luna_root: Pa
         assert _group_ends(child.process.pid), "a loader worker outlived the interrupted training"
 
 
+@pytest.mark.parametrize("loader", [["--num-workers", "1"], ["--num-workers", "1", "--batch-ring"]],
+                         ids=["worker", "batch ring"])
+def test_a_killed_loader_worker_stops_training_with_one_line(luna_root: Path, tmp_path: Path,
+                                                               loader: list[str]) -> None:
+    """As the kernel's out-of-memory killer would: SIGKILL the loader workers in the middle of a run."""
+    child = start_long_run_and_wait_for_second_epoch(luna_root, tmp_path, *loader)
+    workers = _children(child.process.pid)
+    assert workers, "no loader worker found"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    code, _, err = child.finish()
+    assert_one_line_error(code, err, "DataLoader worker", "--num-workers", expected_code=1)
+    assert min(assert_checkpoints_whole(tmp_path / "models").values()) >= 1
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids of ``pid``'s children (Linux ``/proc``)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted({int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()})
+
+
 def _group_ends(group: int, timeout_s: float = 20.0) -> bool:
     """Whether every process of the process group exits within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
