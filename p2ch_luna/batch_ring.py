@@ -105,7 +105,7 @@ class _SlotBatchSampler(Sampler[tuple[int, list[int]]]):
     """The batches of ``sampler``, each with a free slot of ``ring`` taken as the DataLoader dispatches it."""
 
     def __init__(self, ring: RingLoader, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
-        self.ring, self.sampler = ring, sampler
+        self.ring = ring
         self.batches = BatchSampler(sampler, batch_size, drop_last)
 
     def __len__(self) -> int:

@@ -15,8 +15,7 @@ import logging
 import re
 import sys
 import threading
-from typing import Iterator
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import LunaError
 from .paths import add_path_arguments
@@ -26,8 +25,6 @@ log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130
 WORKER_ERROR = re.compile(r"\ACaught (\w+) (in DataLoader worker process \d+)\.\n")
 """How a DataLoader re-raises a worker's exception: this line, then the worker's whole traceback."""
-
-
 WORKER_DIED = "DataLoader worker (pid"
 """How torch's DataLoader begins the RuntimeError it raises when a worker process dies (killed, crashed)."""
 

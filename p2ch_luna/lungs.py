@@ -237,9 +237,9 @@ def fill_holes_in_slices(mask: np.ndarray) -> np.ndarray:
     by one labelling of the background instead of a dilation repeated until it
     stops changing: about twice as fast.
     """
-    background, _ = ndimage.label(~mask, structure=_SLICE_CROSS)
+    background, count = ndimage.label(~mask, structure=_SLICE_CROSS)
     edges = [background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]]
-    outside = np.zeros(int(background.max()) + 1, dtype=bool)
+    outside = np.zeros(count + 1, dtype=bool)
     outside[np.concatenate([edge.ravel() for edge in edges])] = True
     outside[0] = False  # label 0 is the mask itself
     return ~outside[background]

@@ -194,8 +194,8 @@ def build_loader(
     workers = config.num_workers
     batch_size = batch_size or config.batch_size
     if ring:
-        if not isinstance(dataset, RingDataset) or workers < 1:
-            raise ValueError("a batch ring needs a RingDataset and at least one worker")
+        if not isinstance(dataset, RingDataset):
+            raise ValueError(f"a batch ring needs a RingDataset, not {type(dataset).__name__}")
         return RingLoader(dataset, sampler, batch_size, workers, context.device, drop_last=drop_last)
     return DataLoader(
         dataset,
