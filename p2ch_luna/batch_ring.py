@@ -141,7 +141,7 @@ class RingLoader:
         if device.type == "cuda":
             for buffer in self.buffers.values():
                 _page_lock(buffer)
-                weakref.finalize(self, _page_unlock, buffer)
+                weakref.finalize(self, _page_unlock, buffer, os.getpid())
         self._free: collections.deque[int] = collections.deque(range(slots))
         self._dispatched: set[int] = set()
         self._copies: collections.deque[tuple[Any, int]] = collections.deque()
@@ -224,9 +224,12 @@ def _page_lock(buffer: torch.Tensor) -> None:
         raise LunaError(f"could not page-lock the batch ring (cudaHostRegister error {error}); "
                         "leave out --batch-ring")
     if not buffer.is_pinned():
-        _page_unlock(buffer)
+        _page_unlock(buffer, os.getpid())
         raise LunaError("the page-locked batch ring does not count as pinned memory here; leave out --batch-ring")
 
 
-def _page_unlock(buffer: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+def _page_unlock(buffer: torch.Tensor, owner_pid: int) -> None:
+    """Undo ``_page_lock`` in the process that did it. A forked DataLoader worker inherits the ring and may
+    collect it; there CUDA cannot start, and trying killed the worker ("initialization error")."""
+    if os.getpid() == owner_pid:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())

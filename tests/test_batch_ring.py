@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from batch_checks import assert_same_batch
-from p2ch_luna.batch_ring import RingDataset, RingLoader, check_shared_memory, ring_bytes, ring_slots
+from p2ch_luna.batch_ring import RingDataset, _page_unlock, RingLoader, check_shared_memory, ring_bytes, ring_slots
 from p2ch_luna.cache import ChunkCache
 from p2ch_luna.config import TrainConfig
 from p2ch_luna.datasets import CandidateDataset, nodule_table
@@ -165,3 +166,20 @@ def test_slots_come_back_when_their_device_copies_are_done(dataset: CandidateDat
     loader.reclaim_dispatched_slots()
     assert sorted(loader.take_slot() for _ in range(3)) == sorted(slots[:3])
     assert loader.take_slot() == slots[3] and late_event.waited
+
+
+def test_a_forked_process_leaves_the_page_locked_ring_to_its_owner() -> None:
+    """A DataLoader worker forked after a CUDA ring was made may collect it; undoing the page lock there would
+    start CUDA in the fork and kill the worker (seen on an H200). Here CUDA cannot start at all in the child
+    (no device in CI), so the child exits 0 only if it leaves the buffer alone."""
+    buffer = torch.zeros(16)
+    owner = os.getpid()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            _page_unlock(buffer, owner)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
