@@ -1,18 +1,25 @@
-"""Where the classifier's training step spends its GPU time: layout, precision, batch and compile
-variants of the model step alone (random batch on the device), then a profile of one variant.
+"""Where the classifier's training step spends its GPU time: layout, precision, batch, first-convolution
+and compile variants of the model step alone (random batch on the device), then profiles.
 
     python bench/bench_classifier_step.py [--device cuda] [--seconds 3] [--profile-batch 256]
 
 Each variant times forward + backward + SGD step of ``LunaModel`` on a
 1x32x48x48 batch already on the device (no data path): the ceiling that
-``bench_gpu.py``'s end-to-end figures are measured against. The profile lists
-the operators with the most device time for batch ``--profile-batch``, bfloat16,
-channels-last.
+``bench_gpu.py``'s end-to-end figures are measured against. "1-channel conv1"
+runs the first convolution on its one input channel as ``nn.Conv3d`` would
+(otherwise ``ChannelPaddedConv3d`` pads it to 8 channels on CUDA); "unfolded"
+runs the input batch norm and then that convolution (otherwise
+``normalised_convolution``); "all cuDNN algorithms" lets cuDNN's autotuner try
+every algorithm (``torch.backends.cudnn.benchmark_limit = 0``). Unmarked is the
+model's default on CUDA. On the CPU only batch 32, float32, with and without
+the folded first layer, runs. The profile lists the operators with the most device time for
+batch ``--profile-batch``, bfloat16, channels-last, the model's default.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -28,23 +35,51 @@ from p2ch_luna.models import LunaModel  # noqa: E402
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
 
 WARMUP_STEPS = 5
+DEFAULT_BENCHMARK_LIMIT = torch.backends.cudnn.benchmark_limit
 
 
-def make_step(batch: int, amp: bool, channels_last: bool, compiled: bool, input_norm: bool,
-              device: torch.device):
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One timed form of the model step; the defaults are the model's default on CUDA at batch 256, bf16."""
+
+    batch: int = 256
+    amp: bool = True
+    channels_last: bool = True
+    compiled: bool = False
+    input_norm: bool = True
+    padded: bool = True
+    folded: bool = True
+    all_algorithms: bool = False
+
+    @property
+    def label(self) -> str:
+        marks = [f"batch {self.batch:5d}", "bf16" if self.amp else "fp32",
+                 "channels-last" if self.channels_last else "channels-first"]
+        marks += [mark for mark, on in [("compiled", self.compiled), ("no-input-batchnorm", not self.input_norm),
+                                        ("1-channel conv1", not self.padded),
+                                        ("unfolded", self.input_norm and not self.folded),
+                                        ("all cuDNN algorithms", self.all_algorithms)] if on]
+        return " ".join(marks)
+
+
+def make_step(variant: Variant, device: torch.device):
     """A closure running one training step of a fresh seeded model on a fixed random batch; returns its size."""
     torch.manual_seed(0)
+    batch = variant.batch
     model = LunaModel().to(device)
-    if not input_norm:
+    if not variant.input_norm:
         model.tail_batchnorm = nn.Identity()
-    inputs = torch.randn(batch, 1, *CHUNK_SHAPE_IRC, device=device)
-    if channels_last:
+    if not variant.padded:
+        model.block1.conv1.channel_multiple = 1
+    model.fold_input_normalisation = variant.folded  # explicit, so the CPU can time both forms
+    inputs = torch.randn(batch, 1, *CHUNK_SHAPE_IRC, device=device) * 300 - 500
+    if variant.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
         inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
     labels = torch.randint(0, 2, (batch,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    forward = torch.compile(model) if compiled else model
-    autocast = amp_settings(amp, device)
+    forward = torch.compile(model) if variant.compiled else model
+    autocast = amp_settings(variant.amp, device)
 
     def step() -> int:
         optimizer.zero_grad(set_to_none=True)
@@ -68,28 +103,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_backends(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {name}", flush=True)
-    variants = [  # batch, amp, channels_last, compiled, input_norm
-        (32, False, False, False, True),
-        (256, False, False, False, True),
-        (256, False, True, False, True),
-        (256, True, False, False, True),
-        (256, True, True, False, True),
-        (256, True, True, False, False),
-        (1024, True, True, False, True),
+    variants = [
+        Variant(batch=32, amp=False, channels_last=False, padded=False, folded=False),  # the defaults until now
+        Variant(batch=32, amp=False, channels_last=False),
+        Variant(padded=False, folded=False),
+        Variant(folded=False),
+        Variant(padded=False),
+        Variant(),
+        Variant(input_norm=False),
+        Variant(amp=False),
+        Variant(batch=1024),
+        Variant(all_algorithms=True),
     ]
     if not args.skip_compile:
-        variants += [(256, True, True, True, True), (1024, True, True, True, True)]
-    for batch, amp, channels_last, compiled, input_norm in variants:
-        label = (f"batch {batch:5d} {'bf16' if amp else 'fp32'} {'channels-last ' if channels_last else 'channels-first'}"
-                 f"{' compiled' if compiled else ''}{'' if input_norm else ' no-input-batchnorm'}")
+        variants += [Variant(compiled=True), Variant(batch=1024, compiled=True)]
+    if device.type == "cpu":  # bfloat16 and large batches take minutes there; compare the first layer's forms
+        variants = [Variant(batch=32, amp=False, padded=False, folded=folded) for folded in (False, True)]
+    for variant in variants:
+        torch.backends.cudnn.benchmark_limit = 0 if variant.all_algorithms else DEFAULT_BENCHMARK_LIMIT
         try:
-            value = step_rate(make_step(batch, amp, channels_last, compiled, input_norm, device), args.seconds, device,
-                              WARMUP_STEPS)
-            print(f"{label:<62s} {value:10.0f} samples/s", flush=True)
+            value = step_rate(make_step(variant, device), args.seconds, device, WARMUP_STEPS)
+            print(f"{variant.label:<76s} {value:10.0f} samples/s", flush=True)
         except Exception as error:  # keep the other variants' figures
-            print(f"{label:<62s} FAILED {type(error).__name__}: {error}", flush=True)
+            print(f"{variant.label:<76s} FAILED {type(error).__name__}: {error}", flush=True)
+    torch.backends.cudnn.benchmark_limit = DEFAULT_BENCHMARK_LIMIT
 
-    step = make_step(args.profile_batch, True, True, False, True, device)
+    profiled = Variant(batch=args.profile_batch, amp=device.type == "cuda")
+    print(f"\nprofile: {profiled.label}", flush=True)
+    print_profile(make_step(profiled, device), device)
+    return 0
+
+
+def print_profile(step, device: torch.device) -> None:
+    """The operators with the most device time over 5 steps (after warm-up)."""
     for _ in range(WARMUP_STEPS):
         step()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -100,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step()
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(profile.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
-    return 0
+    print(profile.key_averages().table(sort_by=sort_by, row_limit=16, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":

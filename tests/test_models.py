@@ -223,3 +223,57 @@ def test_input_batchnorm_matches_torch_batchnorm(momentum: float | None, channel
     reference.eval(), ours.eval()
     x = torch.randn(2, channels, 5, 5, 5) * 300 - 500
     torch.testing.assert_close(ours(x), reference(x))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("channels", [1, 3, 8])
+def test_channel_padding_keeps_the_convolution_and_its_gradients(memory_format: torch.memory_format,
+                                                                 channels: int) -> None:
+    from p2ch_luna.models.classifier import pad_channels
+
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, channels, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64)
+    padded_x, padded_weight = pad_channels(x, weight, 8, memory_format)
+    assert padded_x.shape[1] == padded_weight.shape[1] == 8
+    assert padded_x.is_contiguous(memory_format=memory_format)
+    assert padded_weight.is_contiguous(memory_format=memory_format)
+    expected = torch.nn.functional.conv3d(x, weight, bias, padding=1)
+    actual = torch.nn.functional.conv3d(padded_x, padded_weight, bias, padding=1)
+    torch.testing.assert_close(actual, expected)
+    upstream = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(actual, [x, weight], upstream),
+                               torch.autograd.grad(expected, [x, weight], upstream))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_folded_input_normalisation_gives_the_plain_outputs_gradients_and_statistics(
+        memory_format: torch.memory_format) -> None:
+    """LunaModel in training: normalised_convolution against batch norm then convolution, step after step."""
+    torch.manual_seed(0)
+    models = {}
+    for fold in (False, True):
+        torch.manual_seed(0)
+        model = LunaModel(input_shape=TINY_CHUNK).double().to(memory_format=memory_format).train()
+        model.fold_input_normalisation = fold
+        with torch.no_grad():  # a batch norm that is not the identity at the start
+            model.tail_batchnorm.weight.fill_(1.7)
+            model.tail_batchnorm.bias.fill_(-0.3)
+        models[fold] = model
+    optimizers = {fold: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) for fold, model in models.items()}
+    for step in range(3):
+        inputs = (torch.randn(4, 1, *TINY_CHUNK, dtype=torch.float64) * 300 - 600).contiguous(
+            memory_format=memory_format)
+        results = {}
+        for fold, model in models.items():
+            optimizers[fold].zero_grad()
+            logits = model(inputs)
+            torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1, 0])).backward()
+            results[fold] = logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+            optimizers[fold].step()
+        torch.testing.assert_close(results[True][0], results[False][0])
+        torch.testing.assert_close(results[True][1], results[False][1])
+        assert results[True][1]["tail_batchnorm.weight"].abs().item() > 0
+    torch.testing.assert_close(models[True].state_dict(), models[False].state_dict())
+    assert models[True].tail_batchnorm.num_batches_tracked.item() == 3
