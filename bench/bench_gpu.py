@@ -13,8 +13,9 @@ Every figure comes from this process, on the same synthetic data and device:
   (int16 chunks batched in the workers, augmentation batched on the GPU,
   channels-last, cuDNN autotuning, no host wait per batch), at the book's
   batch 32 in float32 and bfloat16, and at ``--large-batch`` (256) in bfloat16, eager and
-  ``torch.compile``-d; for the classifier also with ``--batch-ring`` (eager and with CUDA
-  graphs) and, with ``--worker-sweep``, with other worker counts, with and without the ring;
+  ``torch.compile``-d; for the classifier also with the plain loader (``--no-batch-ring``), with
+  the model's first layer as it was (batch norm, then a 1-channel ``nn.Conv3d``), with CUDA graphs
+  and, with ``--worker-sweep``, with other worker counts, with and without the ring;
 - segmenter training (7x64x64 crops): the book-style loop of
   ``bench_segmentation.py`` (pickled float32 chunks memoised in a diskcache
   ``FanoutCache``, batch 16, one augmentation transform per batch, float32
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -160,14 +162,18 @@ def engine_rate(task: Task, model: nn.Module, config: TrainConfig, device: torch
 
 
 def our_training(task_class: type[Task], config: TrainConfig, compile_mode: str | None, device: torch.device,
-                 seconds: float) -> Callable[[UtilisationMonitor], float]:
+                 seconds: float, adjust: Callable[[nn.Module], None] | None = None
+                 ) -> Callable[[UtilisationMonitor], float]:
     """A variant running our task and engine as ``python -m p2ch_luna.training`` would (model placement,
-    channels-last, cuDNN autotuning, optional ``torch.compile``)."""
+    channels-last, cuDNN autotuning, optional ``torch.compile``); ``adjust`` changes the built model first."""
     def run(monitor: UtilisationMonitor) -> float:
         tune_backends(device)
         task = task_class(RunContext(config, device))
         torch.manual_seed(0)
-        model = place_model(task.build_model().model, config, device)
+        model = task.build_model().model
+        if adjust is not None:
+            adjust(model)
+        model = place_model(model, config, device)
         compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
         return engine_rate(task, compiled, config, device, seconds, monitor)
     return run
@@ -228,17 +234,25 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
 
     large = args.large_batch
 
-    def variant(workers: int, batch_ring: bool, compile_mode: str | None = None) -> Variant:
+    def earlier_first_layer(model: nn.Module) -> None:
+        model.block1.conv1.channel_multiple = 1
+        model.fold_input_normalisation = False
+
+    def variant(workers: int, batch_ring: bool, compile_mode: str | None = None, earlier: bool = False) -> Variant:
         """Our loop at the large batch in bf16 with these workers, with or without the batch ring."""
         config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=batch_ring)
-        name = (f"ours, batch {large}, bf16" + (", batch ring" if batch_ring else "") + f", {workers} workers"
-                + (", CUDA graphs" if compile_mode else ""))
-        note = (f"--amp --batch-size {large} --num-workers {workers}" + (" --batch-ring" if batch_ring else "")
-                + (" (compile mode reduce-overhead)" if compile_mode else ""))
-        return name, our_training(NoduleTask, config, compile_mode, device, args.seconds), note
+        loader = ", batch ring" if batch_ring else ", plain loader"
+        name = (f"ours, batch {large}, bf16{loader}, {workers} workers"
+                + (", CUDA graphs" if compile_mode else "") + (", earlier first layer" if earlier else ""))
+        note = (f"--amp --batch-size {large} --num-workers {workers} --" + ("" if batch_ring else "no-") + "batch-ring"
+                + (" (compile mode reduce-overhead)" if compile_mode else "")
+                + (" (batch norm, then nn.Conv3d on 1 channel)" if earlier else ""))
+        return name, our_training(NoduleTask, config, compile_mode, device, args.seconds,
+                                  earlier_first_layer if earlier else None), note
 
-    # The batch ring right after the plain large-batch loop, so a cut-short run still compares them.
-    early = [variant(args.workers, True)]
+    # Our defaults use the batch ring on CUDA. The plain loader, and the model's first layer as it was, right after
+    # our large-batch loop, so a cut-short run still compares them.
+    early = [variant(args.workers, False), variant(args.workers, True, earlier=True)]
     late = [] if args.skip_compile else [variant(args.workers, True, "reduce-overhead")]
     for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
         late += [variant(workers, False), variant(workers, True)]
@@ -391,6 +405,7 @@ def _measure(section: str, name: str, run: Callable[[UtilisationMonitor], float]
              baseline: str, device: torch.device) -> Figure:
     """Run one variant (which watches utilisation over its own timed part); a failure is printed, not raised."""
     monitor = UtilisationMonitor(device)
+    gc.collect()  # the earlier variants' loaders go before this one forks its workers
     started = time.perf_counter()
     try:
         value = run(monitor)

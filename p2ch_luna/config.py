@@ -43,7 +43,8 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = 0
-    batch_ring: bool = False
+    batch_ring: bool | None = None
+    """``--batch-ring``: None picks it where it applies (see ``tasks.base.uses_batch_ring``)."""
     ratio: int = 0
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     optimizer: str = "sgd"

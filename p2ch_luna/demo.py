@@ -55,7 +55,7 @@ class DemoConfig:
     malignancy_epoch_size: int
     chunk_shape: tuple[int, int, int]
     batch_size: int
-    num_workers: int
+    num_workers: int | None
     device: str
 
     @property
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--chunk-shape", type=int, nargs=3, default=[16, 24, 24], metavar=("I", "R", "C"),
                        help="classifier chunk size in voxels (the book's is 32 48 48; smaller trains faster on a CPU)")
     train.add_argument("--batch-size", type=int, default=32, help="classifier batch size")
-    train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    train.add_argument("--num-workers", type=int, default=None,
+                       help="DataLoader worker processes (default: the training command's, 0 on the CPU)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -143,8 +144,8 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     folders = config.folder_args()
-    common = ["--seed", str(config.seed), "--device", config.device, "--num-workers", str(config.num_workers),
-              "--comment", "demo", *folders]
+    workers = [] if config.num_workers is None else ["--num-workers", str(config.num_workers)]
+    common = ["--seed", str(config.seed), "--device", config.device, *workers, "--comment", "demo", *folders]
     chunk = [str(n) for n in config.chunk_shape]
     _prepare_dataset(config, timings)
     _stage("prepcache", prepcache.main, [*folders], timings)

@@ -81,9 +81,6 @@ CUDA_SEGMENTATION_BATCH = 32
 CPU_CLASSIFICATION_BATCH = 16
 """Candidates per classifier batch on the CPU (x4 mirror views: 64 chunks; measured fastest in channels-last)."""
 CUDA_CLASSIFICATION_BATCH = 64
-CUDA_PREFETCH = 1
-"""Default ``--prefetch`` on CUDA: one worker process loads the next CT and finds its lungs meanwhile.
-On the CPU the default is 0: the models use every core, and a worker measured no faster (2 cores)."""
 GROUPINGS = ("peaks", "components")
 DENSE_HU = -600
 """Peak grouping: voxels of the segmentation at or above this HU form the blobs (ground glass included)."""
@@ -640,10 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"slices per segmentation batch (default {CPU_SEGMENTATION_BATCH} on the CPU, "
                               f"{CUDA_SEGMENTATION_BATCH} on CUDA)")
     running.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    running.add_argument("--prefetch", type=_non_negative_int, default=None, metavar="N",
+    running.add_argument("--prefetch", type=_non_negative_int, default=0, metavar="N",
                          help="with several CTs: N worker processes load the next CTs and find their lungs "
-                              f"while the models run on the current one (0: one CT at a time, all in this "
-                              f"process; default {CUDA_PREFETCH} on CUDA, 0 on the CPU)")
+                              "while the models run on the current one (default 0: one CT at a time, all in "
+                              "this process; workers measured no faster on 2 CPU cores and slower on an H200 "
+                              "machine with 16 cores, on synthetic CTs that take little time to read)")
     running.add_argument("--amp", action="store_true",
                          help="mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 "
                               "(ignored on the CPU, where bfloat16 measured far slower)")
@@ -691,7 +689,6 @@ def run(args: argparse.Namespace) -> int:
     if args.amp and device.type != "cuda":
         log.warning("--amp is ignored on %s: bfloat16 autocast measured many times slower than float32", device)
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
-    prefetch = args.prefetch if args.prefetch is not None else (CUDA_PREFETCH if device.type == "cuda" else 0)
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
         grouping=args.grouping, flips=args.flips,
@@ -705,7 +702,7 @@ def run(args: argparse.Namespace) -> int:
     with process_group(info):
         mine = shard(selection, info.rank, info.world_size)
         results = diagnose_series(mine, models, config, device, figures=args.output is not None,
-                                  save_mask=args.save_mask, prefetch=prefetch, show_progress=info.is_main)
+                                  save_mask=args.save_mask, prefetch=args.prefetch, show_progress=info.is_main)
         gathered = gather_to_main(results, info)
     if gathered is None:
         return 0

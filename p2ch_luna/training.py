@@ -32,6 +32,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 
 RUN_TIME_FORMAT = "%Y-%m-%d_%H.%M.%S"
 COMMENT_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+CUDA_LOADER_WORKERS = 8
+"""Default ``--num-workers`` on CUDA: on an H200 with 16 cores, 8 workers fed the classifier faster than 16
+(batch 256, bfloat16: 7,709 against 7,420 samples/s with the batch ring, 5,957 against 5,093 without)."""
 RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "paths", "resume")
 """Config fields that ``--resume`` takes from the command line instead of the checkpoint."""
 CONFIG_SUFFIX = ".config.json"
@@ -117,13 +121,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--epochs", type=int, default=1, help="number of epochs (in total, also with --resume)")
     run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per batch, per process")
-    run.add_argument("--num-workers", type=int, default=0,
-                     help="DataLoader worker processes (0: load in the training process, best on a few CPUs)")
-    run.add_argument("--batch-ring", action="store_true",
+    run.add_argument("--num-workers", type=int, default=None,
+                     help="DataLoader worker processes per training process (0: load in the training process, "
+                          f"best on a few CPUs). Default: 0 on the CPU; on CUDA {CUDA_LOADER_WORKERS}, or fewer "
+                          "where the machine's cores, shared by the processes on it, are fewer")
+    run.add_argument("--batch-ring", action=argparse.BooleanOptionalAction, default=None,
                      help="the workers write training batches into a reused ring of shared-memory buffers "
                           "(page-locked on CUDA) instead of fresh shared memory per batch, so the training "
                           "process no longer copies or pins them; same batches (nodule and malignancy tasks, "
-                          "needs --num-workers >= 1)")
+                          "needs --num-workers >= 1). Default: on for those tasks on CUDA with workers")
     run.add_argument("--epoch-size", type=int, default=None, help="training samples per epoch (default: dataset size)")
     run.add_argument("--val-size", type=int, default=None, help="cap on validation samples (default: all)")
     run.add_argument("--val-stride", type=int, default=10, help="every N-th series (sorted by UID) is validation")
@@ -179,12 +185,16 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
-    if args.ratio < 0 or args.num_workers < 0:
+    num_workers = args.num_workers
+    if num_workers is None:
+        num_workers = default_num_workers(args.device, torch.cuda.is_available(), usable_cpu_count(),
+                                          local_world_size())
+    if args.ratio < 0 or num_workers < 0:
         raise UsageError("--ratio and --num-workers must be >= 0")
     if args.batch_ring and not task_class.supports_batch_ring:
         ring_tasks = [name for name in TASK_CLASSES if get_task_class(name).supports_batch_ring]
         raise UsageError(f"--batch-ring is not available for the {args.task} task (only for {', '.join(ring_tasks)})")
-    if args.batch_ring and args.num_workers < 1:
+    if args.batch_ring and num_workers < 1:
         raise UsageError("--batch-ring needs --num-workers >= 1 (the workers write into the ring)")
     if args.batch_size % args.grad_accumulation:
         raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --grad-accumulation "
@@ -204,7 +214,7 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         paths=paths_from_args(args),
         epochs=args.epochs,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         batch_ring=args.batch_ring,
         ratio=args.ratio,
         augment=augment_from_args(args, task_class),
@@ -269,6 +279,32 @@ def _body(args: argparse.Namespace) -> int:
         print(f"last checkpoint: {result.last_path}")
         print(f"tensorboard: {result.run_dirs['trn']} {result.run_dirs['val']}")
     return 0
+
+
+def default_num_workers(device: str, cuda_available: bool, cpu_count: int, processes_here: int) -> int:
+    """``--num-workers`` when not given: 0 on the CPU (the model step uses every core); on CUDA
+    ``CUDA_LOADER_WORKERS``, capped so that the ``processes_here`` training processes on this machine and
+    their workers fit its ``cpu_count`` cores."""
+    on_cuda = device.startswith("cuda") or (device == "auto" and cuda_available)
+    if not on_cuda:
+        return 0
+    cores_per_process = cpu_count // max(processes_here, 1)
+    return max(0, min(CUDA_LOADER_WORKERS, cores_per_process - 1))
+
+
+def usable_cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_world_size() -> int:
+    """Training processes on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 # --- training -------------------------------------------------------------------------

@@ -32,12 +32,13 @@ def _cli_args(task: str, data_root: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("task, loader", [("nodule", "plain"), ("nodule", "batch ring"), ("segmentation", "plain")])
+@pytest.mark.parametrize("task, loader", [("nodule", "in process"), ("nodule", "batch ring"), ("nodule", "default"),
+                                          ("segmentation", "in process"), ("segmentation", "default")])
 def test_cuda_amp_training_saves_finite_checkpoints(task: str, loader: str, tiny_dataset: Path,
                                                     tmp_path: Path) -> None:
     extra = ["--balanced", "--chunk-shape", "16", "24", "24"] if task == "nodule" else []
-    if loader == "batch ring":
-        extra += ["--num-workers", "2", "--batch-ring"]
+    extra += {"in process": ["--num-workers", "0"], "batch ring": ["--num-workers", "2", "--batch-ring"],
+              "default": []}[loader]
     assert training.main(_cli_args(task, tiny_dataset, tmp_path, *extra)) == 0
     last = next((tmp_path / "models").glob(f"{task}_*.last.state"))
     loaded = load_checkpoint(last, expected_task=task)
@@ -46,6 +47,8 @@ def test_cuda_amp_training_saves_finite_checkpoints(task: str, loader: str, tiny
     assert np.isfinite(loaded.metrics["loss"])
     config = json.loads(next((tmp_path / "models").glob(f"{task}_*.config.json")).read_text())
     assert config["amp"] is True
+    if loader == "default":  # loader workers on CUDA (and the batch ring where the task has one)
+        assert config["num_workers"] == training.default_num_workers("cuda", True, training.usable_cpu_count(), 1)
 
 
 def test_cuda_segmentation_matches_cpu() -> None:
@@ -72,6 +75,28 @@ def test_cuda_classification_matches_cpu_and_bf16_stays_close() -> None:
     bf16 = diagnose.classify_chunks(hu, centers, model, 16, CUDA, amp=True, flips=True)
     np.testing.assert_allclose(on_cuda, on_cpu, atol=2e-3)
     np.testing.assert_allclose(bf16, on_cpu, atol=3e-2)
+
+
+def test_padded_and_folded_first_convolution_give_the_plain_outputs_and_gradients() -> None:
+    """ChannelPaddedConv3d (8 channels, channels-last) and normalised_convolution on CUDA against batch norm then
+    nn.Conv3d on the one input channel, in training mode."""
+    torch.manual_seed(0)
+    model = build_model("luna", input_shape=[16, 24, 24]).to(CUDA, torch.float64).train()
+    inputs = torch.randn(4, 1, 16, 24, 24, device=CUDA, dtype=torch.float64) * 300 - 500
+    results = []
+    for multiple, memory_format, fold in [(1, torch.contiguous_format, False), (8, torch.contiguous_format, False),
+                                          (8, torch.channels_last_3d, False), (1, torch.contiguous_format, True),
+                                          (8, torch.channels_last_3d, True)]:
+        model.block1.conv1.channel_multiple = multiple
+        model.fold_input_normalisation = fold
+        model.to(memory_format=memory_format)
+        model.zero_grad(set_to_none=True)
+        logits = model(inputs.contiguous(memory_format=memory_format))
+        logits.pow(2).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    for logits, grads in results[1:]:
+        torch.testing.assert_close(logits, results[0][0])
+        torch.testing.assert_close(grads, results[0][1])
 
 
 @pytest.mark.parametrize("batch_ring", [False, True])

@@ -61,6 +61,7 @@ def test_tiny_run_writes_checkpoints_config_and_tensorboard(tiny_dataset: Path, 
     assert load_checkpoint(best).task == "nodule"
     config = json.loads(only_file(out / "models", "nodule_*_e2e.config.json").read_text())
     assert config["ratio"] == 1 and config["augment"]["flip"] is True
+    assert config["num_workers"] == 0 and config["batch_ring"] is None  # the CPU defaults
     reported = capsys.readouterr().out
     assert str(best) in reported and str(last) in reported
 
@@ -119,6 +120,32 @@ def test_batch_ring_trains_to_the_same_weights(tiny_dataset: Path, tmp_path: Pat
     assert ring.samples_seen == plain.samples_seen == 32 and ring.config["batch_ring"] is True
     for name, value in plain.model.state_dict().items():
         assert torch.equal(value, ring.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("device, cuda_available, cpus, processes, expected", [
+    ("cpu", True, 16, 1, 0), ("auto", False, 16, 1, 0), ("auto", True, 16, 1, training.CUDA_LOADER_WORKERS),
+    ("cuda:1", True, 64, 1, training.CUDA_LOADER_WORKERS), ("cuda", True, 16, 4, 3), ("cuda", True, 8, 8, 0),
+    ("cuda", True, 2, 1, 1)])
+def test_default_num_workers(device: str, cuda_available: bool, cpus: int, processes: int, expected: int) -> None:
+    assert training.default_num_workers(device, cuda_available, cpus, processes) == expected
+
+
+@pytest.mark.parametrize("asked, device, workers, supported, expected", [
+    (None, "cuda", 2, True, True), (None, "cpu", 2, True, False), (None, "cuda", 0, True, False),
+    (None, "cuda", 2, False, False), (False, "cuda", 2, True, False), (True, "cpu", 1, True, True)])
+def test_batch_ring_by_default_only_on_cuda_with_workers(asked: bool | None, device: str, workers: int,
+                                                         supported: bool, expected: bool) -> None:
+    from p2ch_luna.tasks.base import uses_batch_ring
+
+    config = TrainConfig(task="nodule", paths=resolve_paths(), num_workers=workers, batch_ring=asked)
+    assert uses_batch_ring(config, torch.device(device), supported) is expected
+
+
+def test_no_batch_ring_is_recorded(tiny_dataset: Path, tmp_path: Path) -> None:
+    assert training.main(tiny_args(tiny_dataset, tmp_path, "--num-workers", "1", "--no-batch-ring",
+                                   "--epoch-size", "8")) == 0
+    config = json.loads(only_file(tmp_path / "models", "nodule_*.config.json").read_text())
+    assert config["batch_ring"] is False and config["num_workers"] == 1
 
 
 @pytest.mark.parametrize("argument", [["--comment", "a b"], ["--batch-size", "0"], ["--model-kwargs", "[1]"],

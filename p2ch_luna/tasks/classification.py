@@ -37,7 +37,7 @@ from ..models.classifier import CHUNK_SHAPE_IRC
 from ..models.weights import init_book_weights
 from ..sampling import BalancedSampler, ShardedSequentialSampler
 from ..tblog import add_classification_curves
-from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, to_memory_format
+from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, to_memory_format, uses_batch_ring
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class ClassificationTask(Task):
         config, context = self.config, self.context
         sampler = BalancedSampler(dataset.labels, ratio=config.ratio, epoch_size=config.epoch_size,
                                   seed=config.seed, rank=context.rank, world_size=context.world_size)
-        return build_loader(dataset, sampler, context, ring=config.batch_ring)
+        return build_loader(dataset, sampler, context,
+                            ring=uses_batch_ring(config, context.device, self.supports_batch_ring))
 
     def val_loader(self) -> Iterable[Batch]:
         dataset = self.datasets()[1]
