@@ -70,17 +70,22 @@ def ring_bytes(dataset: RingDataset, batch_size: int, workers: int) -> int:
     return ring_slots(workers) * batch_size * per_sample
 
 
+def shared_memory_free(folder: str = SHARED_MEMORY_DIR) -> int | None:
+    """Bytes free in ``folder`` (the shared-memory file system), or None where there is no such file system."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
 def check_shared_memory(needed: int, folder: str = SHARED_MEMORY_DIR) -> None:
     """Raise a clear error when ``folder`` (the shared-memory file system) has less than ``needed`` bytes free.
 
     Running out later would kill a process with SIGBUS when it first writes to a page.
     """
-    try:
-        stats = os.statvfs(folder)
-    except OSError:  # no such file system here: nothing to check
-        return
-    free = stats.f_bavail * stats.f_frsize
-    if needed > free:
+    free = shared_memory_free(folder)
+    if free is not None and needed > free:
         raise LunaError(f"--batch-ring needs {needed / 2**30:.2f} GiB of shared memory but {folder} has "
                         f"{free / 2**30:.2f} GiB free: lower --batch-size or --num-workers, "
                         "or leave out --batch-ring")

@@ -183,3 +183,25 @@ def test_a_forked_process_leaves_the_page_locked_ring_to_its_owner() -> None:
         os._exit(0)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("asked", [None, True])
+def test_too_little_shared_memory_drops_a_default_ring_but_not_an_asked_for_one(
+        dataset: CandidateDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        asked: bool | None) -> None:
+    import dataclasses
+
+    from p2ch_luna.tasks import base
+
+    context = _context(tmp_path, workers=1, batch_size=4)
+    context = dataclasses.replace(context, config=dataclasses.replace(context.config, batch_ring=asked))
+    monkeypatch.setattr(base, "shared_memory_free", lambda: 1000)  # bytes: less than any ring needs
+    monkeypatch.setattr("p2ch_luna.batch_ring.shared_memory_free", lambda folder=None: 1000)
+    if asked is None:  # the default on CUDA: a warning, and the plain loader's batches
+        loader = build_loader(dataset, list(range(8)), context, ring=True)
+        assert not isinstance(loader, RingLoader)
+        assert "no batch ring" in caplog.text and "--no-batch-ring" in caplog.text
+        assert len(list(loader)) == 2
+    else:  # --batch-ring: the clear error
+        with pytest.raises(LunaError, match="--batch-ring needs"):
+            build_loader(dataset, list(range(8)), context, ring=True)
