@@ -8,9 +8,13 @@
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
 # STEPS picks the steps (default all, in this order): tests, transfer, cutting, input, step, gpu, series.
-# Everything does not fit one 10-minute device call; split it, e.g.
-#   STEPS=tests,cutting,input,step,gpu bash bench/gpu_session.sh .device-models --sections classifier --worker-sweep 4 8
-#   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections segmenter,diagnosis
+# Everything does not fit one 10-minute device call; split it. On an H200 on 2026-11-27,
+#   TEST_TIMEOUT=90 STEP_TIMEOUT=80 BENCH_TIMEOUT=210 STEPS=tests,step,gpu bash bench/gpu_session.sh \
+#       .device-models --seconds 3 --sections classifier --skip-compile --worker-sweep 8
+# took 223 s of command time (the tests 54 s), plus about 30 s to start the machine. With
+# --sections classifier,diagnosis, diagnosis did not fit in BENCH_TIMEOUT=210 after the classifier:
+# give it its own call, e.g.
+#   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections diagnosis,segmenter
 #
 # Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
 set -uo pipefail
