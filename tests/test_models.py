@@ -277,3 +277,22 @@ def test_folded_input_normalisation_gives_the_plain_outputs_gradients_and_statis
         assert results[True][1]["tail_batchnorm.weight"].abs().item() > 0
     torch.testing.assert_close(models[True].state_dict(), models[False].state_dict())
     assert models[True].tail_batchnorm.num_batches_tracked.item() == 3
+
+
+def test_compiled_folded_model_matches_the_eager_plain_one() -> None:
+    """``--compile`` traces LunaModel's folded first layer (the CUDA default) to the eager model's values and
+    gradients (float64, CPU inductor)."""
+    torch.manual_seed(0)
+    folded = LunaModel(conv_channels=2, depth=2, input_shape=(8, 16, 16)).double()
+    folded.fold_input_normalisation = True
+    plain = LunaModel(conv_channels=2, depth=2, input_shape=(8, 16, 16)).double()
+    plain.load_state_dict(folded.state_dict())
+    plain.fold_input_normalisation = False
+    inputs = torch.randn(4, 1, 8, 16, 16, dtype=torch.float64) * 300 - 500
+    compiled_logits = torch.compile(folded)(inputs)
+    compiled_logits.pow(2).sum().backward()
+    logits = plain(inputs)
+    logits.pow(2).sum().backward()
+    torch.testing.assert_close(compiled_logits, logits)
+    torch.testing.assert_close([p.grad for p in folded.parameters()], [p.grad for p in plain.parameters()])
+    torch.testing.assert_close(folded.state_dict(), plain.state_dict())  # running statistics updated alike
