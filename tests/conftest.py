@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def restore_locale() -> Iterator[None]:
+    """Each test starts in the process's locale: SimpleITK's DICOM writer (GDCM), used to make test series,
+    sets the C locale, which left later tests' text I/O ASCII-only (torch's inductor failed to read its
+    templates)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
