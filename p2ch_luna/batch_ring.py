@@ -79,16 +79,25 @@ def shared_memory_free(folder: str = SHARED_MEMORY_DIR) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+class SharedMemoryShortage(LunaError):
+    """The batch ring would not fit in the shared-memory file system (raised before anything is allocated)."""
+
+    def __init__(self, needed: int, free: int, folder: str) -> None:
+        super().__init__(f"--batch-ring needs {needed / 2**30:.2f} GiB of shared memory but {folder} has "
+                         f"{free / 2**30:.2f} GiB free: lower --batch-size or --num-workers, "
+                         "or leave out --batch-ring")
+        self.needed, self.free = needed, free
+
+
 def check_shared_memory(needed: int, folder: str = SHARED_MEMORY_DIR) -> None:
-    """Raise a clear error when ``folder`` (the shared-memory file system) has less than ``needed`` bytes free.
+    """Raise :class:`SharedMemoryShortage` when ``folder`` (the shared-memory file system) has less than
+    ``needed`` bytes free.
 
     Running out later would kill a process with SIGBUS when it first writes to a page.
     """
     free = shared_memory_free(folder)
     if free is not None and needed > free:
-        raise LunaError(f"--batch-ring needs {needed / 2**30:.2f} GiB of shared memory but {folder} has "
-                        f"{free / 2**30:.2f} GiB free: lower --batch-size or --num-workers, "
-                        "or leave out --batch-ring")
+        raise SharedMemoryShortage(needed, free, folder)
 
 
 class _RingWriter(Dataset):

@@ -191,12 +191,9 @@ def test_too_little_shared_memory_drops_a_default_ring_but_not_an_asked_for_one(
         asked: bool | None) -> None:
     import dataclasses
 
-    from p2ch_luna.tasks import base
-
     context = _context(tmp_path, workers=1, batch_size=4)
     context = dataclasses.replace(context, config=dataclasses.replace(context.config, batch_ring=asked))
-    monkeypatch.setattr(base, "shared_memory_free", lambda: 1000)  # bytes: less than any ring needs
-    monkeypatch.setattr("p2ch_luna.batch_ring.shared_memory_free", lambda folder=None: 1000)
+    monkeypatch.setattr("p2ch_luna.batch_ring.shared_memory_free", lambda folder=None: 1000)  # bytes: too few
     if asked is None:  # the default on CUDA: a warning, and the plain loader's batches
         loader = build_loader(dataset, list(range(8)), context, ring=True)
         assert not isinstance(loader, RingLoader)

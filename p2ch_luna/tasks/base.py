@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..augment import AugmentConfig
-from ..batch_ring import RingDataset, RingLoader, ring_bytes, shared_memory_free
+from ..batch_ring import RingDataset, RingLoader, SharedMemoryShortage
 from ..config import TrainConfig
 from ..models.layout import to_memory_format  # noqa: F401  (part of the task interface)
 
@@ -199,12 +199,14 @@ def build_loader(
     if ring:
         if not isinstance(dataset, RingDataset):
             raise ValueError(f"a batch ring needs a RingDataset, not {type(dataset).__name__}")
-        needed, free = ring_bytes(dataset, batch_size, workers), shared_memory_free()
-        if config.batch_ring is None and free is not None and needed > free:  # a default, not asked for
-            log.warning("no batch ring: it needs %.2f GiB of shared memory and %.2f GiB are free; using the plain "
-                        "loader (--no-batch-ring says so and silences this)", needed / 2**30, free / 2**30)
-        else:
+        try:
             return RingLoader(dataset, sampler, batch_size, workers, context.device, drop_last=drop_last)
+        except SharedMemoryShortage as shortage:
+            if config.batch_ring is not None:  # asked for: the clear error
+                raise
+            log.warning("no batch ring: it needs %.2f GiB of shared memory and %.2f GiB are free; using the plain "
+                        "loader (--no-batch-ring says so and silences this)", shortage.needed / 2**30,
+                        shortage.free / 2**30)
     return DataLoader(
         dataset,
         batch_size=batch_size,
