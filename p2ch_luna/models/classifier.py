@@ -83,14 +83,14 @@ class InputBatchNorm3d(nn.BatchNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_batch_statistics:
             return super().forward(x)
-        mean, variance = self.batch_statistics(x)
+        mean, scale = self.batch_mean_and_scale(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        scale = self.weight * torch.rsqrt(variance + self.eps)
         shift = self.bias - mean * scale
         return (_at_least_float32(x) * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
-    def batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's per-channel mean and biased variance (float32 or wider); updates the running statistics."""
+    def batch_mean_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's per-channel mean and ``weight / sqrt(variance + eps)`` (float32 or wider), so that the
+        normalised output is ``(x - mean) * scale + bias``; updates the running statistics."""
         self._check_input_dim(x)
         reduce_dims = [0, *range(2, x.dim())]
         values = _at_least_float32(x)
@@ -102,7 +102,7 @@ class InputBatchNorm3d(nn.BatchNorm3d):
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
             unbiased = variance * (count / max(count - 1, 1))
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        return mean, variance
+        return mean, self.weight * torch.rsqrt(variance + self.eps)
 
 
 def normalised_convolution(norm: InputBatchNorm3d, conv: ChannelPaddedConv3d, x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +121,8 @@ def normalised_convolution(norm: InputBatchNorm3d, conv: ChannelPaddedConv3d, x:
     step at batch 256, bfloat16, went from 7,932 to 9,288 samples/s (+17%;
     9,553 without any input batch norm; ``bench/bench_classifier_step.py``).
     """
-    mean, variance = norm.batch_statistics(x)
+    mean, scale = norm.batch_mean_and_scale(x)
     channel_shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = norm.weight * torch.rsqrt(variance + norm.eps)
     centred = _at_least_float32(x) - mean.view(channel_shape)
     scaled_weight = conv.weight * scale.view(channel_shape)
     shift_weight = (conv.weight * norm.bias.view(channel_shape)).sum(dim=1, keepdim=True)
