@@ -26,11 +26,12 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 @dataclasses.dataclass(frozen=True)
 class DistributedInfo:
-    """This process's place in the run: rank, world size and rank on its node."""
+    """This process's place in the run: rank, world size, rank on its node and processes on its node."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_distributed(self) -> bool:
@@ -42,15 +43,17 @@ class DistributedInfo:
 
 
 def distributed_info_from_env(environ: dict[str, str] | None = None) -> DistributedInfo:
-    """Rank, world size and local rank from torchrun's environment variables."""
+    """Rank, world size, local rank and local world size from torchrun's environment variables."""
     environ = dict(os.environ) if environ is None else environ
     try:
         world_size = int(environ.get("WORLD_SIZE", "1"))
         rank = int(environ.get("RANK", "0"))
         local_rank = int(environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError as error:
-        raise UsageError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers: {error}") from None
-    return DistributedInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+        raise UsageError(f"WORLD_SIZE/RANK/LOCAL_RANK/LOCAL_WORLD_SIZE must be integers: {error}") from None
+    return DistributedInfo(rank=rank, world_size=world_size, local_rank=local_rank,
+                           local_world_size=local_world_size)
 
 
 def resolve_device(request: str, info: DistributedInfo) -> torch.device:

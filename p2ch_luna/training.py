@@ -188,7 +188,7 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
     num_workers = args.num_workers
     if num_workers is None:
         num_workers = default_num_workers(args.device, torch.cuda.is_available(), usable_cpu_count(),
-                                          local_world_size())
+                                          distributed_info_from_env().local_world_size)
     if args.ratio < 0 or num_workers < 0:
         raise UsageError("--ratio and --num-workers must be >= 0")
     if args.batch_ring and not task_class.supports_batch_ring:
@@ -298,13 +298,6 @@ def usable_cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
-
-def local_world_size() -> int:
-    """Training processes on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
 
 
 # --- training -------------------------------------------------------------------------

@@ -177,4 +177,5 @@ def test_environment_without_torchrun_is_one_process() -> None:
     info = distributed_info_from_env({})
     assert info == DistributedInfo(0, 1, 0) and not info.is_distributed and info.is_main
     assert distributed_info_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}).world_size == 4
+    assert distributed_info_from_env({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}).local_world_size == 2
     assert resolve_device("cpu", info) == torch.device("cpu")
