@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import locale
+import os
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # small_conv's Triton kernels run in Triton's CPU interpreter (before it loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint

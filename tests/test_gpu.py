@@ -78,8 +78,8 @@ def test_cuda_classification_matches_cpu_and_bf16_stays_close() -> None:
 
 
 def test_padded_and_folded_first_convolution_give_the_plain_outputs_and_gradients() -> None:
-    """ChannelPaddedConv3d (8 channels, channels-last) and normalised_convolution on CUDA against batch norm then
-    nn.Conv3d on the one input channel, in training mode."""
+    """LunaConv3d's channel padding (8 channels, channels-last) and normalised_convolution on CUDA against
+    batch norm then nn.Conv3d on the one input channel, in training mode (float64: cuDNN, no Triton kernels)."""
     torch.manual_seed(0)
     model = build_model("luna", input_shape=[16, 24, 24]).to(CUDA, torch.float64).train()
     inputs = torch.randn(4, 1, 16, 24, 24, device=CUDA, dtype=torch.float64) * 300 - 500

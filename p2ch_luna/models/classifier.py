@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import small_conv
 from .weights import init_book_weights
 
 CHUNK_SHAPE_IRC = (32, 48, 48)
@@ -17,6 +18,10 @@ N_CLASSES = 2
 POOL_FACTOR = 2
 CUDA_CHANNEL_MULTIPLE = 8
 """Input channels that cuDNN's tensor-core convolution kernels want a multiple of (bfloat16/float16)."""
+TRITON_MAX_CHANNELS = 16
+"""Layers of at most this many output channels use ``small_conv``'s Triton kernels on CUDA by default: on
+an H200 the training step ran at 14,535 samples/s so (blocks 1-2), 13,894 with block 1 alone, 9,252 on
+cuDNN alone; with blocks 3-4 too it was slower than with 1-2 (those layers ran faster on cuDNN)."""
 
 
 def pad_channels(x: torch.Tensor, weight: torch.Tensor, multiple: int,
@@ -37,31 +42,60 @@ def pad_channels(x: torch.Tensor, weight: torch.Tensor, multiple: int,
     return padded, padded_weight.contiguous(memory_format=memory_format)
 
 
-class ChannelPaddedConv3d(nn.Conv3d):
-    """``nn.Conv3d`` that, on CUDA, pads its input channels with zeros up to ``channel_multiple``.
+class LunaConv3d(nn.Conv3d):
+    """``nn.Conv3d`` with the classifier's two ways to run faster on CUDA, and an optional fused ReLU.
 
-    The classifier's first convolution reads one channel. cuDNN ran it with a
-    generic kernel plus layout conversions (``implicit_convolveNd_sgemm``,
-    ``nchwToNhwc``); padded to 8 channels (zero weights for the extra ones,
-    channels-last) it runs on the tensor-core kernels of the other layers,
-    with the same result. On an H200 that made the training step at batch
-    256, bfloat16, 3% faster (7,669 -> 7,932 samples/s; 9,061 -> 9,288 with
-    ``normalised_convolution``; ``bench/bench_classifier_step.py``).
-    Parameters and state_dict keys are those of ``nn.Conv3d``; off CUDA, or
-    with ``channel_multiple = 1``, it is a plain ``nn.Conv3d``.
+    - Small channel counts go to ``small_conv``'s Triton kernels (3x3x3, stride
+      1, padding 1, the ReLU fused in ``rectified``; where Triton runs):
+      ``triton`` None (the default) does so on CUDA for layers of at most
+      ``TRITON_MAX_CHANNELS`` output channels, True wherever those kernels run
+      (the CPU too, under Triton's interpreter), False never. Same results as
+      cuDNN within rounding (bfloat16 gradients as close to float32 ones as
+      cuDNN's, measured on an H200).
+    - Otherwise, on CUDA, the input channels are padded with zeros up to
+      ``channel_multiple``: cuDNN ran the classifier's 1-channel first
+      convolution with a generic kernel plus layout conversions
+      (``implicit_convolveNd_sgemm``, ``nchwToNhwc``); padded to 8 channels
+      (zero weights for the extra ones, channels-last) it runs on the
+      tensor-core kernels of the other layers, with the same result. On an
+      H200 that made the training step at batch 256, bfloat16, 3% faster
+      (7,669 -> 7,932 samples/s; ``bench/bench_classifier_step.py``).
+
+    Parameters and state_dict keys are those of ``nn.Conv3d``; on the CPU (and
+    with ``channel_multiple = 1``, ``triton = False``) it is a plain ``nn.Conv3d``.
     """
 
     channel_multiple: int = CUDA_CHANNEL_MULTIPLE
+    triton: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convolve(x, self.weight, self.bias)
 
-    def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """This layer's convolution of ``x`` with another ``weight``/``bias`` of its shape (padded the same way)."""
+    def rectified(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(self(x))``, the ReLU fused into the convolution where the Triton kernels run."""
+        return self.convolve(x, self.weight, self.bias, rectify=True)
+
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether this layer convolves ``x`` with ``small_conv``'s kernels (see ``triton``)."""
+        if self.triton is False or not small_conv.shape_applies(self) or not small_conv.runs_on(x, self.out_channels):
+            return False
+        return bool(self.triton) or (x.is_cuda and self.out_channels <= TRITON_MAX_CHANNELS)
+
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 rectify: bool = False) -> torch.Tensor:
+        """``relu?(conv(x, weight) + bias)`` with another ``weight`` of this layer's shape; ``bias`` is None, one
+        value per output channel, or a (1, K, D, H, W) map added to every volume of the batch."""
+        if self.uses_triton(x):
+            return small_conv.convolution(x, weight, bias, rectify)
+        vector = bias if bias is None or bias.dim() == 1 else None
         if not x.is_cuda or self.channel_multiple <= 1 or x.shape[1] % self.channel_multiple == 0:
-            return self._conv_forward(x, weight, bias)
-        padded, padded_weight = pad_channels(x, weight, self.channel_multiple, torch.channels_last_3d)
-        return self._conv_forward(padded, padded_weight, bias)
+            y = self._conv_forward(x, weight, vector)
+        else:
+            padded, padded_weight = pad_channels(x, weight, self.channel_multiple, torch.channels_last_3d)
+            y = self._conv_forward(padded, padded_weight, vector)
+        if vector is not bias:
+            y = y + bias
+        return y.relu_() if rectify else y
 
 
 class InputBatchNorm3d(nn.BatchNorm3d):
@@ -105,8 +139,10 @@ class InputBatchNorm3d(nn.BatchNorm3d):
         return mean, self.weight * torch.rsqrt(variance + self.eps)
 
 
-def normalised_convolution(norm: InputBatchNorm3d, conv: ChannelPaddedConv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(norm(x))`` for ``norm`` in training mode, computed without a gradient with respect to ``norm(x)``.
+def normalised_convolution(norm: InputBatchNorm3d, conv: LunaConv3d, x: torch.Tensor,
+                           rectify: bool = False) -> torch.Tensor:
+    """``relu?(conv(norm(x)))`` for ``norm`` in training mode, computed without a gradient with respect to
+    ``norm(x)``.
 
     Per channel c, ``norm(x) = (x - mean_c) * scale_c + beta_c``, so
 
@@ -127,7 +163,7 @@ def normalised_convolution(norm: InputBatchNorm3d, conv: ChannelPaddedConv3d, x:
     scaled_weight = conv.weight * scale.view(channel_shape)
     shift_weight = (conv.weight * norm.bias.view(channel_shape)).sum(dim=1, keepdim=True)
     inside = centred.new_ones((1, 1, *x.shape[2:]))
-    return conv.convolve(centred, scaled_weight, None) + conv.convolve(inside, shift_weight, conv.bias)
+    return conv.convolve(centred, scaled_weight, conv.convolve(inside, shift_weight, conv.bias), rectify)
 
 
 class LunaBlock(nn.Module):
@@ -135,20 +171,16 @@ class LunaBlock(nn.Module):
 
     def __init__(self, in_channels: int, conv_channels: int) -> None:
         super().__init__()
-        self.conv1 = ChannelPaddedConv3d(in_channels, conv_channels, kernel_size=3, padding=1, bias=True)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv3d(conv_channels, conv_channels, kernel_size=3, padding=1, bias=True)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.conv1 = LunaConv3d(in_channels, conv_channels, kernel_size=3, padding=1, bias=True)
+        self.conv2 = LunaConv3d(conv_channels, conv_channels, kernel_size=3, padding=1, bias=True)
         self.maxpool = nn.MaxPool3d(POOL_FACTOR, POOL_FACTOR)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_conv1(self.conv1(x))
+        return self.after_conv1(self.conv1.rectified(x))
 
     def after_conv1(self, x: torch.Tensor) -> torch.Tensor:
-        """The block from its first convolution's output on."""
-        x = self.relu1(x)
-        x = self.relu2(self.conv2(x))
-        return self.maxpool(x)
+        """The block from its first convolution's rectified output on."""
+        return self.maxpool(self.conv2.rectified(x))
 
 
 class LunaModel(nn.Module):
@@ -190,7 +222,7 @@ class LunaModel(nn.Module):
         fold = self.fold_input_normalisation if self.fold_input_normalisation is not None else x.is_cuda
         if fold and isinstance(norm, InputBatchNorm3d) and norm.uses_batch_statistics and not x.requires_grad:
             first = blocks.pop(0)
-            x = first.after_conv1(normalised_convolution(norm, first.conv1, x))
+            x = first.after_conv1(normalised_convolution(norm, first.conv1, x, rectify=True))
         else:
             x = norm(x)
         for block in blocks:
