@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_training import as_book_classifier  # noqa: E402
 from p2ch_luna import diagnose, synth  # noqa: E402
 from p2ch_luna.ct import HU_MAX, HU_MIN, extract_chunk, load_ct  # noqa: E402
 from p2ch_luna.models import build_model  # noqa: E402
@@ -96,9 +97,11 @@ def book_style(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.
 
 
 def book_copies(models: diagnose.DiagnosisModels, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Copies of the segmentation and nodule models for the book-style path: on ``device``, default layout."""
-    return tuple(copy.deepcopy(loaded.model).to(device, memory_format=torch.contiguous_format).eval()
-                 for loaded in (models.segmentation, models.nodule))
+    """Copies of the segmentation and nodule models for the book-style path: on ``device``, default layout, the
+    classifier computing as the book's."""
+    segmentation, nodule = (copy.deepcopy(loaded.model).to(device, memory_format=torch.contiguous_format).eval()
+                            for loaded in (models.segmentation, models.nodule))
+    return segmentation, as_book_classifier(nodule)
 
 
 def load_or_build(path: Path | None, task: str) -> LoadedCheckpoint | torch.nn.Module:

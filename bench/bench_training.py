@@ -46,6 +46,7 @@ from p2ch_luna.config import TrainConfig  # noqa: E402
 from p2ch_luna.datasets import CandidateDataset  # noqa: E402
 from p2ch_luna.engine import amp_settings, train_one_epoch, tune_backends  # noqa: E402
 from p2ch_luna.models import LunaModel  # noqa: E402
+from p2ch_luna.models.classifier import LunaConv3d  # noqa: E402
 from p2ch_luna.paths import resolve_paths  # noqa: E402
 from p2ch_luna.sampling import BalancedSampler, make_generator  # noqa: E402
 from p2ch_luna.tasks import RunContext  # noqa: E402
@@ -136,12 +137,27 @@ def book_style(dataset: CandidateDataset, sampler: BalancedSampler, workers: int
     return time_batches(step, batches, device)
 
 
+def as_book_classifier(model: LunaModel) -> LunaModel:
+    """``model`` computing as the book's LunaModel does, on any device: ``nn.BatchNorm3d`` on the input, then
+    each convolution on cuDNN as ``nn.Conv3d`` (no folded batch norm, no channel padding, no Triton kernels)."""
+    norm = torch.nn.BatchNorm3d(model.tail_batchnorm.num_features).to(model.tail_batchnorm.weight.device)
+    norm.load_state_dict(model.tail_batchnorm.state_dict())
+    norm.train(model.tail_batchnorm.training)
+    model.tail_batchnorm = norm
+    model.fold_input_normalisation = False
+    for conv in model.modules():
+        if isinstance(conv, LunaConv3d):
+            conv.triton = False
+            conv.channel_multiple = 1
+    return model
+
+
 def book_style_step(dataset: CandidateDataset, sampler: BalancedSampler, workers: int,
                     device: torch.device) -> Callable[[], int]:
-    """One step of the book's loop per call (float32 channels-first model, per-sample CPU augmentation
-    in the workers); returns the batch size."""
+    """One step of the book's loop per call (the book's float32 channels-first model, per-sample CPU
+    augmentation in the workers); returns the batch size."""
     torch.manual_seed(0)
-    model = LunaModel(input_shape=dataset.chunk_shape_irc).to(device)
+    model = as_book_classifier(LunaModel(input_shape=dataset.chunk_shape_irc)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=BOOK_LR, momentum=BOOK_MOMENTUM)
     loader = torch.utils.data.DataLoader(BookStyleDataset(dataset, seed=0), batch_size=BOOK_BATCH_SIZE,
                                          sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda")
