@@ -7,12 +7,14 @@ Each variant times forward + backward + SGD step of ``LunaModel`` on a
 1x32x48x48 batch already on the device (no data path): the ceiling that
 ``bench_gpu.py``'s end-to-end figures are measured against. "1-channel conv1"
 runs the first convolution on its one input channel as ``nn.Conv3d`` would
-(otherwise ``ChannelPaddedConv3d`` pads it to 8 channels on CUDA); "unfolded"
+(otherwise ``LunaConv3d`` pads it to 8 channels on CUDA); "unfolded"
 runs the input batch norm and then that convolution (otherwise
 ``normalised_convolution``); "all cuDNN algorithms" lets cuDNN's autotuner try
 every algorithm (``torch.backends.cudnn.benchmark_limit = 0``). Unmarked is the
-model's default on CUDA. On the CPU only batch 32, float32, with and without
-the folded first layer, runs. The profile lists the operators with the most device time for
+model's default on CUDA. "Triton <=N" runs the layers of at most N output
+channels on ``small_conv``'s Triton kernels and the others on cuDNN ("cuDNN
+only": none); ``--triton-sweep`` times only those. On the CPU only batch 32,
+float32, with and without the folded first layer, runs. The profile lists the operators with the most device time for
 batch ``--profile-batch``, bfloat16, channels-last, the model's default.
 """
 
@@ -31,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import step_rate, synchronize  # noqa: E402
 from p2ch_luna.engine import amp_settings, tune_backends  # noqa: E402
-from p2ch_luna.models import LunaModel  # noqa: E402
-from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
+from p2ch_luna.models import LunaModel, small_conv  # noqa: E402
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, LunaConv3d  # noqa: E402
 
 WARMUP_STEPS = 5
 DEFAULT_BENCHMARK_LIMIT = torch.backends.cudnn.benchmark_limit
@@ -50,6 +52,8 @@ class Variant:
     padded: bool = True
     folded: bool = True
     all_algorithms: bool = False
+    triton_channels: int | None = None
+    """Layers of at most this many output channels use small_conv's Triton kernels (0: none); None: the default."""
 
     @property
     def label(self) -> str:
@@ -59,6 +63,8 @@ class Variant:
                                         ("1-channel conv1", not self.padded),
                                         ("unfolded", self.input_norm and not self.folded),
                                         ("all cuDNN algorithms", self.all_algorithms)] if on]
+        if self.triton_channels is not None:
+            marks.append(f"Triton <={self.triton_channels}" if self.triton_channels else "cuDNN only")
         return " ".join(marks)
 
 
@@ -72,6 +78,10 @@ def make_step(variant: Variant, device: torch.device):
     if not variant.padded:
         model.block1.conv1.channel_multiple = 1
     model.fold_input_normalisation = variant.folded  # explicit, so the CPU can time both forms
+    if variant.triton_channels is not None:
+        for conv in model.modules():
+            if isinstance(conv, LunaConv3d):
+                conv.triton = conv.out_channels <= variant.triton_channels
     inputs = torch.randn(batch, 1, *CHUNK_SHAPE_IRC, device=device) * 300 - 500
     if variant.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -98,17 +108,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed stretch per variant")
     parser.add_argument("--profile-batch", type=int, default=256)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--triton-sweep", action="store_true",
+                        help="only the variants that move layers between cuDNN and the Triton kernels")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     tune_backends(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {name}", flush=True)
+    cudnn = 0  # the first layer's forms are cuDNN's
     variants = [
-        Variant(batch=32, amp=False, channels_last=False, padded=False, folded=False),  # the defaults until now
-        Variant(batch=32, amp=False, channels_last=False),
-        Variant(padded=False, folded=False),
-        Variant(folded=False),
-        Variant(padded=False),
+        Variant(batch=32, amp=False, channels_last=False, padded=False, folded=False, triton_channels=cudnn),
+        Variant(batch=32, amp=False, channels_last=False, triton_channels=cudnn),
+        Variant(padded=False, folded=False, triton_channels=cudnn),
+        Variant(folded=False, triton_channels=cudnn),
+        Variant(padded=False, triton_channels=cudnn),
+        Variant(triton_channels=cudnn),
         Variant(),
         Variant(input_norm=False),
         Variant(amp=False),
@@ -117,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if not args.skip_compile:
         variants += [Variant(compiled=True), Variant(batch=1024, compiled=True)]
+    if args.triton_sweep:
+        variants = [Variant(triton_channels=channels) for channels in (0, 8, 16, 32, 64)]
+        variants += [Variant(amp=False, triton_channels=0), Variant(amp=False), Variant(batch=1024, triton_channels=0),
+                     Variant(batch=1024)]
     if device.type == "cpu":  # bfloat16 and large batches take minutes there; compare the first layer's forms
         variants = [Variant(batch=32, amp=False, padded=False, folded=folded) for folded in (False, True)]
     for variant in variants:
@@ -141,12 +159,17 @@ def print_profile(step, device: torch.device) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
         for _ in range(5):
             step()
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(profile.key_averages().table(sort_by=sort_by, row_limit=16, max_name_column_width=60), flush=True)
+    print("the same by input shapes (operators only):", flush=True)
+    print(profile.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=14, max_name_column_width=30,
+                                                                max_shapes_column_width=70), flush=True)
+    for key, tile in small_conv.TILE_CHOICE.chosen.items():
+        print(f"tile: {key[0]:<12s} C={key[1]:<3d} K={key[2]:<3d} {key[3]} {key[4:7]} {key[7]} voxels: {tile}")
 
 
 if __name__ == "__main__":

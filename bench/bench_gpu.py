@@ -9,12 +9,13 @@ Every figure comes from this process, on the same synthetic data and device:
 - classifier training (1x32x48x48 chunks): the book-style loop of
   ``bench_training.py`` (per-sample float32 augmentation with one
   ``grid_sample`` each in ``--book-workers`` DataLoader workers, batch 32,
-  float32 channels-first ``LunaModel``, SGD) against our task and engine
+  the book's float32 channels-first ``LunaModel`` (``nn.BatchNorm3d``, cuDNN convolutions), SGD) against our
+  task and engine
   (int16 chunks batched in the workers, augmentation batched on the GPU,
   channels-last, cuDNN autotuning, no host wait per batch), at the book's
   batch 32 in float32 and bfloat16, and at ``--large-batch`` (256) in bfloat16, eager and
   ``torch.compile``-d; for the classifier also with the plain loader (``--no-batch-ring``), with
-  the model's first layer as it was (batch norm, then a 1-channel ``nn.Conv3d``), with CUDA graphs
+  every convolution on cuDNN (none on ``small_conv``'s Triton kernels), with CUDA graphs
   and, with ``--worker-sweep``, with other worker counts, with and without the ring;
 - segmenter training (7x64x64 crops): the book-style loop of
   ``bench_segmentation.py`` (pickled float32 chunks memoised in a diskcache
@@ -70,6 +71,7 @@ from p2ch_luna.ct import list_series_on_disk, load_ct  # noqa: E402
 from p2ch_luna.engine import amp_settings, train_one_epoch, tune_backends  # noqa: E402
 from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations, split_by_series  # noqa: E402
 from p2ch_luna.models.checkpoint import load_checkpoint  # noqa: E402
+from p2ch_luna.models.classifier import LunaConv3d  # noqa: E402
 from p2ch_luna.paths import Paths, resolve_paths  # noqa: E402
 from p2ch_luna.sampling import BalancedSampler, make_generator  # noqa: E402
 from p2ch_luna.segmentation_data import TRAIN_CROP  # noqa: E402
@@ -234,25 +236,26 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
 
     large = args.large_batch
 
-    def earlier_first_layer(model: nn.Module) -> None:
-        model.block1.conv1.channel_multiple = 1
-        model.fold_input_normalisation = False
+    def cudnn_convolutions(model: nn.Module) -> None:
+        for conv in model.modules():
+            if isinstance(conv, LunaConv3d):
+                conv.triton = False
 
-    def variant(workers: int, batch_ring: bool, compile_mode: str | None = None, earlier: bool = False) -> Variant:
+    def variant(workers: int, batch_ring: bool, compile_mode: str | None = None, cudnn: bool = False) -> Variant:
         """Our loop at the large batch in bf16 with these workers, with or without the batch ring."""
         config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=batch_ring)
         loader = ", batch ring" if batch_ring else ", plain loader"
         name = (f"ours, batch {large}, bf16{loader}, {workers} workers"
-                + (", CUDA graphs" if compile_mode else "") + (", earlier first layer" if earlier else ""))
+                + (", CUDA graphs" if compile_mode else "") + (", cuDNN convolutions" if cudnn else ""))
         note = (f"--amp --batch-size {large} --num-workers {workers} --" + ("" if batch_ring else "no-") + "batch-ring"
                 + (" (compile mode reduce-overhead)" if compile_mode else "")
-                + (" (batch norm, then nn.Conv3d on 1 channel)" if earlier else ""))
+                + (" (every convolution on cuDNN, none on the Triton kernels)" if cudnn else ""))
         return name, our_training(NoduleTask, config, compile_mode, device, args.seconds,
-                                  earlier_first_layer if earlier else None), note
+                                  cudnn_convolutions if cudnn else None), note
 
-    # Our defaults use the batch ring on CUDA. The plain loader, and the model's first layer as it was, right after
-    # our large-batch loop, so a cut-short run still compares them.
-    early = [variant(args.workers, False), variant(args.workers, True, earlier=True)]
+    # Our defaults use the batch ring and small_conv's Triton kernels on CUDA. The plain loader, and every
+    # convolution on cuDNN, right after our large-batch loop, so a cut-short run still compares them.
+    early = [variant(args.workers, False), variant(args.workers, True, cudnn=True)]
     late = [] if args.skip_compile else [variant(args.workers, True, "reduce-overhead")]
     for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
         late += [variant(workers, False), variant(workers, True)]

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # One GPU-machine session, as a single command: install the carried wheels, run the GPU tests,
-# time the hand-over of a batch from a DataLoader worker and the input path with and without the
-# batch ring, then bench_gpu.py, then (with MODELS_DIR) diagnosis of several CTs without and
-# with --prefetch.
+# time the classifier's model step with its layers on cuDNN or on the Triton kernels, the hand-over
+# of a batch from a DataLoader worker and the input path with and without the batch ring, then
+# bench_gpu.py, each classifier convolution both ways, then (with MODELS_DIR) diagnosis of several
+# CTs without and with --prefetch.
 # Logs and the JSON figures go to $OUT (default /tmp/gpu_session).
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
-# STEPS picks the steps (default all, in this order): tests, transfer, cutting, input, step, gpu, series.
+# STEPS picks the steps (default all, in this order): tests, sweep, transfer, cutting, input, step, gpu,
+# layers, series.
 # Everything does not fit one 10-minute device call; split it. On an H200 on 2026-11-27,
-#   TEST_TIMEOUT=90 STEP_TIMEOUT=80 BENCH_TIMEOUT=210 STEPS=tests,step,gpu bash bench/gpu_session.sh \
-#       .device-models --seconds 3 --sections classifier --skip-compile --worker-sweep 8
-# took 223 s of command time (the tests 54 s), plus about 30 s to start the machine. With
-# --sections classifier,diagnosis, diagnosis did not fit in BENCH_TIMEOUT=210 after the classifier:
-# give it its own call, e.g.
+#   TEST_TIMEOUT=130 SWEEP_TIMEOUT=100 BENCH_TIMEOUT=240 LAYER_TIMEOUT=60 STEPS=tests,sweep,gpu,layers \
+#       bash bench/gpu_session.sh --seconds 3 --sections classifier --skip-compile --worker-sweep 8
+# took 459 s of command time, plus about 40 s to start the machine; the tests took about 130 s
+# (Triton compiles each kernel form on first use; the second run on a machine reuses its cache).
+# Diagnosis and the segmenter need a call of their own, e.g.
 #   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections diagnosis,segmenter
 #
 # Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
@@ -29,13 +31,19 @@ fi
 export PYTHONUNBUFFERED=1
 models=()
 if [ $# -gt 0 ] && [ -d "$1" ]; then models=(--models-dir "$1"); shift; fi
-steps=",${STEPS:-tests,transfer,cutting,input,step,gpu,series},"
+steps=",${STEPS:-tests,sweep,transfer,cutting,input,step,gpu,layers,series},"
 want() { [[ $steps == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 if want tests; then
     echo "== GPU tests"
     timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_augment.py \
+        tests/test_small_conv.py \
         2>&1 | tee "$out/tests.log" | tail -n 15
+fi
+if want sweep; then
+    echo "== bench_classifier_step.py --triton-sweep (the model step with the Triton kernels on more or fewer layers)"
+    timeout "${SWEEP_TIMEOUT:-150}" python3 bench/bench_classifier_step.py --seconds 2 --triton-sweep 2>&1 \
+        | tee "$out/bench_triton_sweep.log"
 fi
 if want transfer; then
     echo "== bench_batch_transfer.py (host only: what a worker-made batch costs the main process)"
@@ -60,6 +68,10 @@ if want gpu; then
     echo "== bench_gpu.py"
     timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
         | tee "$out/bench_gpu.log" | grep -v "it/s\]\|series/s\]"
+fi
+if want layers; then
+    echo "== bench_small_conv.py (each classifier convolution, cuDNN against small_conv's Triton kernels)"
+    timeout "${LAYER_TIMEOUT:-150}" python3 bench/bench_small_conv.py 2>&1 | tee "$out/bench_small_conv.log"
 fi
 if want series && [ ${#models[@]} -gt 0 ]; then
     echo "== bench_diagnose.py --series"
