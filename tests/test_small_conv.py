@@ -105,6 +105,14 @@ def test_fastest_agreeing_tile_never_picks_a_tile_with_another_result(caplog: py
     nans = {tile: torch.full((3,), float("nan")) for tile in tiles}
     assert small_conv.fastest_agreeing_tile(tiles, nans.__getitem__, times.__getitem__) == tiles[2]
 
+    def out_of_resources(tile: small_conv.Tile) -> torch.Tensor:
+        if tile == tiles[2]:
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return base
+    with caplog.at_level("WARNING", logger="p2ch_luna.models.small_conv"):
+        assert small_conv.fastest_agreeing_tile(tiles, out_of_resources, times.__getitem__) == tiles[1]
+    assert "does not run here" in caplog.text
+
 
 @needs_kernels
 @pytest.mark.parametrize("in_channels, out_channels", [(1, 8), (8, 8), (8, 16), (16, 8), (3, 5)])

@@ -230,7 +230,8 @@ def usable_tiles(tiles: tuple[Tile, ...], reduction: int) -> list[Tile]:
 def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], torch.Tensor],
                           seconds: Callable[[Tile], float]) -> Tile:
     """The tile with the least ``seconds(tile)`` among those whose ``run(tile)`` agrees with the first tile's
-    (the plainest form, the reference) within ``TILE_TOLERANCE``; the others are logged and left out.
+    (the plainest form, the reference) within ``TILE_TOLERANCE``; the others, and those that fail to build
+    or run (a launch form may need more shared memory than a smaller GPU has), are logged and left out.
 
     On an H200 (Triton 3.6) one candidate, (128, 32) with the bit-mask gather and 8 output columns,
     computed a wrong 8-channel weight gradient at full size (relative difference 1.4) while every
@@ -241,7 +242,11 @@ def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], torch.Tensor]
     scale = reference.norm().clamp_min(torch.finfo(torch.float64).tiny)
     agreeing = [tiles[0]]
     for tile in tiles[1:]:
-        difference = float((run(tile).detach().double() - reference).norm() / scale)
+        try:
+            difference = float((run(tile).detach().double() - reference).norm() / scale)
+        except Exception as error:  # e.g. more shared memory than this GPU has: the form is no candidate here
+            logger.warning("small_conv: %s does not run here (%s: %s); not used", tile, type(error).__name__, error)
+            continue
         if difference > TILE_TOLERANCE:  # NaN (non-finite data) compares False: nothing to tell the tiles apart
             logger.warning("small_conv: %s disagrees with %s (relative difference %.2g); not used", tile, tiles[0],
                            difference)
