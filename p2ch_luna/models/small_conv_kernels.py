@@ -25,11 +25,15 @@ def _tap_offsets(r, C: tl.constexpr):
 
 
 @triton.jit
+def _voxel_coordinates(m, D, H, W):
+    """The (d, h, w) of each voxel index ``m`` within its volume."""
+    return (m // (W * H)) % D, (m // W) % H, m % W
+
+
+@triton.jit
 def _gather_input(x_ptr, m, m_ok, r, D, H, W, C: tl.constexpr, R: tl.constexpr):
     """The implicit-matrix tile ``x[voxel m shifted by tap(r), channel(r)]`` (zero outside the volume)."""
-    w_index = m % W
-    h_index = (m // W) % H
-    d_index = (m // (W * H)) % D
+    d_index, h_index, w_index = _voxel_coordinates(m, D, H, W)
     channel, dz, dy, dx = _tap_offsets(r, C)
     z = d_index[:, None] + dz[None, :]
     y = h_index[:, None] + dy[None, :]
@@ -43,9 +47,7 @@ def _gather_input(x_ptr, m, m_ok, r, D, H, W, C: tl.constexpr, R: tl.constexpr):
 @triton.jit
 def _valid_taps(m, m_ok, D, H, W):
     """Per voxel a 27-bit mask, bit ``tap`` set where that tap's neighbour lies inside the volume."""
-    w_index = m % W
-    h_index = (m // W) % H
-    d_index = (m // (W * H)) % D
+    d_index, h_index, w_index = _voxel_coordinates(m, D, H, W)
     z_bits = tl.where(d_index > 0, 0x1FF, 0) | 0x3FE00 | tl.where(d_index < D - 1, 0x7FC0000, 0)
     y_bits = tl.where(h_index > 0, 0x1C0E07, 0) | 0xE07038 | tl.where(h_index < H - 1, 0x70381C0, 0)
     x_bits = tl.where(w_index > 0, 0x1249249, 0) | 0x2492492 | tl.where(w_index < W - 1, 0x4924924, 0)
