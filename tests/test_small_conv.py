@@ -223,6 +223,25 @@ def test_works_on_checks_the_kernels_once_and_reports_failures(monkeypatch: pyte
 
 
 @needs_kernels
+@pytest.mark.parametrize("trainable", ["bias", "weight", "input"])
+def test_gradients_of_one_trainable_input_alone(trainable: str) -> None:
+    """Frozen layers (fine-tuning freezes the early blocks): only the inputs that need a gradient get one."""
+    for device in _kernel_devices():
+        generator = torch.Generator(device=device).manual_seed(3)
+        tensors = {"input": _channels_last(torch.randn(2, 8, 3, 4, 5, device=device, generator=generator)),
+                   "weight": torch.randn(8, 8, 3, 3, 3, device=device, generator=generator),
+                   "bias": torch.randn(8, device=device, generator=generator)}
+        tensors[trainable].requires_grad_()
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            y = small_conv.convolution(tensors["input"], tensors["weight"], tensors["bias"], True)
+        expected = torch.nn.functional.conv3d(tensors["input"], tensors["weight"], tensors["bias"], padding=1).relu()
+        upstream = torch.randn(y.shape, device=device, generator=generator)
+        (grad,) = torch.autograd.grad(y, [tensors[trainable]], upstream)
+        (expected_grad,) = torch.autograd.grad(expected, [tensors[trainable]], upstream)
+        assert _relative_error(grad, expected_grad) < 1e-5
+
+
+@needs_kernels
 def test_convolution_rejects_mismatched_weights() -> None:
     with pytest.raises(ValueError, match=r"expected \(K, 2, 3, 3, 3\) weights"):
         small_conv.convolution(torch.zeros(1, 2, 3, 3, 3), torch.zeros(4, 3, 3, 3, 3))

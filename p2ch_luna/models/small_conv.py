@@ -407,13 +407,15 @@ class _Convolution(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = forward_pass(grad.to(weights.dtype), input_gradient_weight(weights), None, False).to(x_dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:  # the kernel sums the per-channel bias gradient on the way
             vector_bias = ctx.needs_input_grad[2] and not ctx.bias_is_map
             grad_weight, grad_bias = weight_gradient(inputs, grad.to(inputs.dtype), vector_bias)
             grad_weight = grad_weight.to(weight_dtype)
         if ctx.needs_input_grad[2]:
             if ctx.bias_is_map:
                 grad_bias = grad.float().sum(0, keepdim=True)
+            elif grad_bias is None:  # frozen weights, trainable bias
+                grad_bias = grad.float().sum((0, 2, 3, 4))
             grad_bias = grad_bias.to(bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None
 
