@@ -13,7 +13,8 @@ runs the input batch norm and then that convolution (otherwise
 every algorithm (``torch.backends.cudnn.benchmark_limit = 0``). Unmarked is the
 model's default on CUDA. "Triton <=N" runs the layers of at most N output
 channels on ``small_conv``'s Triton kernels and the others on cuDNN ("cuDNN
-only": none); ``--triton-sweep`` times only those. On the CPU only batch 32,
+only": none); ``--triton-sweep`` times only those. ``--accuracy-batch N`` first
+compares one step's bfloat16 gradients with float32 ones, per parameter. On the CPU only batch 32,
 float32, with and without the folded first layer, runs. The profile lists the operators with the most device time for
 batch ``--profile-batch``, bfloat16, channels-last, the model's default.
 """
@@ -110,11 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--triton-sweep", action="store_true",
                         help="only the variants that move layers between cuDNN and the Triton kernels")
+    parser.add_argument("--accuracy-batch", type=int, default=0, metavar="N",
+                        help="first compare one step's gradients, bf16 on cuDNN and bf16 by default, against "
+                             "float32 on cuDNN without TF32, at batch N (0: skip)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     tune_backends(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {name}", flush=True)
+    if args.accuracy_batch:
+        print_gradient_accuracy(device, args.accuracy_batch)
     cudnn = 0  # the first layer's forms are cuDNN's
     variants = [
         Variant(batch=32, amp=False, channels_last=False, padded=False, folded=False, triton_channels=cudnn),
@@ -150,6 +156,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nprofile: {profiled.label}", flush=True)
     print_profile(make_step(profiled, device), device)
     return 0
+
+
+def print_gradient_accuracy(device: torch.device, batch: int) -> None:
+    """Per parameter, the relative error of one bfloat16 step's gradient, every convolution on cuDNN and the
+    model's default, against a float32 step on cuDNN without TF32 (same weights, inputs and labels)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    inputs = (torch.randn(batch, 1, *CHUNK_SHAPE_IRC, device=device, generator=generator) * 300 - 500).contiguous(
+        memory_format=torch.channels_last_3d)
+    labels = torch.randint(0, 2, (batch,), device=device, generator=generator)
+    grads = {}
+    saved_tf32 = torch.backends.cudnn.allow_tf32
+    for name, triton_channels, amp in [("reference", 0, False), ("cuDNN bf16", 0, True), ("default bf16", None, True)]:
+        torch.manual_seed(0)
+        model = LunaModel().to(device).to(memory_format=torch.channels_last_3d)
+        if triton_channels is not None:
+            for conv in model.modules():
+                if isinstance(conv, LunaConv3d):
+                    conv.triton = conv.out_channels <= triton_channels
+        torch.backends.cudnn.allow_tf32 = amp
+        with amp_settings(amp, device).autocast(device):
+            logits = model(inputs)
+        nn.functional.cross_entropy(logits.float(), labels).backward()
+        grads[name] = {key: p.grad.double() for key, p in model.named_parameters()}
+    torch.backends.cudnn.allow_tf32 = saved_tf32
+    print(f"gradient relative error against float32, batch {batch}:")
+    print(f"  {'parameter':<24s} {'cuDNN bf16':>10s} {'default bf16':>13s}")
+    for key, reference in grads["reference"].items():
+        errors = [float((grads[name][key] - reference).norm() / reference.norm().clamp_min(1e-30))
+                  for name in ("cuDNN bf16", "default bf16")]
+        print(f"  {key:<24s} {errors[0]:10.3f} {errors[1]:13.3f}", flush=True)
 
 
 def print_profile(step, device: torch.device) -> None:

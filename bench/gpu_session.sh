@@ -42,7 +42,8 @@ if want tests; then
 fi
 if want sweep; then
     echo "== bench_classifier_step.py --triton-sweep (the model step with the Triton kernels on more or fewer layers)"
-    timeout "${SWEEP_TIMEOUT:-150}" python3 bench/bench_classifier_step.py --seconds 2 --triton-sweep 2>&1 \
+    timeout "${SWEEP_TIMEOUT:-150}" python3 bench/bench_classifier_step.py --seconds 2 --triton-sweep \
+        --accuracy-batch 64 2>&1 \
         | tee "$out/bench_triton_sweep.log"
 fi
 if want transfer; then
