@@ -13,10 +13,11 @@ runs the input batch norm and then that convolution (otherwise
 every algorithm (``torch.backends.cudnn.benchmark_limit = 0``). Unmarked is the
 model's default on CUDA. "Triton <=N" runs the layers of at most N output
 channels on ``small_conv``'s Triton kernels and the others on cuDNN ("cuDNN
-only": none); ``--triton-sweep`` times only those. ``--accuracy-batch N`` first
-compares one step's bfloat16 gradients with float32 ones, per parameter. On the CPU only batch 32,
-float32, with and without the folded first layer, runs. The profile lists the operators with the most device time for
-batch ``--profile-batch``, bfloat16, channels-last, the model's default.
+only": none); ``--triton-sweep`` times only those. ``--accuracy-batch N``
+first compares one step's bfloat16 gradients with float32 ones, per
+parameter. On the CPU only batch 32, float32, with and without the folded
+first layer, runs. The profile lists the operators with the most device time
+for batch ``--profile-batch``, bfloat16, channels-last, the model's default.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_training import step_rate, synchronize  # noqa: E402
+from bench_training import route_convolutions, step_rate, synchronize  # noqa: E402
 from p2ch_luna.engine import amp_settings, tune_backends  # noqa: E402
 from p2ch_luna.models import LunaModel, small_conv  # noqa: E402
-from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, LunaConv3d  # noqa: E402
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
 
 WARMUP_STEPS = 5
 DEFAULT_BENCHMARK_LIMIT = torch.backends.cudnn.benchmark_limit
@@ -80,9 +81,7 @@ def make_step(variant: Variant, device: torch.device):
         model.block1.conv1.channel_multiple = 1
     model.fold_input_normalisation = variant.folded  # explicit, so the CPU can time both forms
     if variant.triton_channels is not None:
-        for conv in model.modules():
-            if isinstance(conv, LunaConv3d):
-                conv.triton = conv.out_channels <= variant.triton_channels
+        route_convolutions(model, variant.triton_channels)
     inputs = torch.randn(batch, 1, *CHUNK_SHAPE_IRC, device=device) * 300 - 500
     if variant.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -171,9 +170,7 @@ def print_gradient_accuracy(device: torch.device, batch: int) -> None:
         torch.manual_seed(0)
         model = LunaModel().to(device).to(memory_format=torch.channels_last_3d)
         if triton_channels is not None:
-            for conv in model.modules():
-                if isinstance(conv, LunaConv3d):
-                    conv.triton = conv.out_channels <= triton_channels
+            route_convolutions(model, triton_channels)
         torch.backends.cudnn.allow_tf32 = amp
         with amp_settings(amp, device).autocast(device):
             logits = model(inputs)

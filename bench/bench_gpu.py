@@ -71,7 +71,6 @@ from p2ch_luna.ct import list_series_on_disk, load_ct  # noqa: E402
 from p2ch_luna.engine import amp_settings, train_one_epoch, tune_backends  # noqa: E402
 from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations, split_by_series  # noqa: E402
 from p2ch_luna.models.checkpoint import load_checkpoint  # noqa: E402
-from p2ch_luna.models.classifier import LunaConv3d  # noqa: E402
 from p2ch_luna.paths import Paths, resolve_paths  # noqa: E402
 from p2ch_luna.sampling import BalancedSampler, make_generator  # noqa: E402
 from p2ch_luna.segmentation_data import TRAIN_CROP  # noqa: E402
@@ -237,9 +236,7 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
     large = args.large_batch
 
     def cudnn_convolutions(model: nn.Module) -> None:
-        for conv in model.modules():
-            if isinstance(conv, LunaConv3d):
-                conv.triton = False
+        bench_training.route_convolutions(model, 0)
 
     def variant(workers: int, batch_ring: bool, compile_mode: str | None = None, cudnn: bool = False) -> Variant:
         """Our loop at the large batch in bf16 with these workers, with or without the batch ring."""

@@ -137,6 +137,14 @@ def book_style(dataset: CandidateDataset, sampler: BalancedSampler, workers: int
     return time_batches(step, batches, device)
 
 
+def route_convolutions(model: torch.nn.Module, triton_channels: int) -> None:
+    """``model``'s convolutions of at most ``triton_channels`` output channels on ``small_conv``'s Triton kernels,
+    the others on cuDNN (0: every one on cuDNN)."""
+    for conv in model.modules():
+        if isinstance(conv, LunaConv3d):
+            conv.triton = conv.out_channels <= triton_channels
+
+
 def as_book_classifier(model: LunaModel) -> LunaModel:
     """``model`` computing as the book's LunaModel does, on any device: ``nn.BatchNorm3d`` on the input, then
     each convolution on cuDNN as ``nn.Conv3d`` (no folded batch norm, no channel padding, no Triton kernels)."""
@@ -145,9 +153,9 @@ def as_book_classifier(model: LunaModel) -> LunaModel:
     norm.train(model.tail_batchnorm.training)
     model.tail_batchnorm = norm
     model.fold_input_normalisation = False
+    route_convolutions(model, 0)
     for conv in model.modules():
         if isinstance(conv, LunaConv3d):
-            conv.triton = False
             conv.channel_multiple = 1
     return model
 
