@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,21 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import synchronize  # noqa: E402
 from p2ch_luna.models import small_conv  # noqa: E402
-from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, LunaConv3d  # noqa: E402
+from p2ch_luna.models import LunaModel  # noqa: E402
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, POOL_FACTOR, LunaConv3d  # noqa: E402
 
 WARMUP = 3
 
 
-def classifier_layers(chunk_shape: Sequence[int] = CHUNK_SHAPE_IRC, conv_channels: int = 8,
-                      depth: int = 4) -> list[tuple[str, int, int, tuple[int, ...]]]:
-    """(name, input channels, output channels, volume shape) of each LunaModel convolution."""
+def classifier_layers(chunk_shape: Sequence[int] = CHUNK_SHAPE_IRC) -> list[tuple[str, int, int, tuple[int, ...]]]:
+    """(name, input channels, output channels, volume shape) of each convolution of a ``LunaModel`` reading
+    ``chunk_shape`` volumes."""
+    model = LunaModel(input_shape=chunk_shape)
     layers = []
-    channels, shape = 1, tuple(chunk_shape)
-    for block in range(depth):
-        out = conv_channels * 2**block
-        layers.append((f"block{block + 1}.conv1", channels, out, shape))
-        layers.append((f"block{block + 1}.conv2", out, out, shape))
-        channels, shape = out, tuple(size // 2 for size in shape)
+    shape = tuple(chunk_shape)
+    for name in model.block_names:
+        block = getattr(model, name)
+        for conv_name in ("conv1", "conv2"):
+            conv = getattr(block, conv_name)
+            layers.append((f"{name}.{conv_name}", conv.in_channels, conv.out_channels, shape))
+        shape = tuple(size // POOL_FACTOR for size in shape)
     return layers
 
 
@@ -61,7 +65,6 @@ def median_ms(run: Callable[[], object], repeats: int, device: torch.device) -> 
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
             started = time.perf_counter()
             run()
             times.append((time.perf_counter() - started) * 1000)

@@ -299,7 +299,6 @@ def usable_cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-
 # --- training -------------------------------------------------------------------------
 
 

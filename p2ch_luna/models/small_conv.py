@@ -387,7 +387,7 @@ class _Convolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rectify: bool,
                 dtype: torch.dtype) -> torch.Tensor:
-        inputs = x.to(dtype)
+        inputs = x.to(dtype).contiguous(memory_format=torch.channels_last_3d)  # once, for both passes
         weights = weight.to(dtype)
         y = forward_pass(inputs, weights, bias, rectify)
         ctx.rectify = rectify
