@@ -9,6 +9,8 @@ with one line naming the file.
 
 from __future__ import annotations
 
+import glob
+
 import gzip
 import logging
 import math
@@ -150,22 +152,30 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Ct:
     raise DataError(f"CT {path}: unknown format (expected .mhd, .mha, .nii, .nii.gz or a DICOM folder)")
 
 
+SERIES_PATTERNS = ("{uid}.mhd", "subset*/{uid}.mhd", "subset*/*/{uid}.mhd")
+"""Where a series' ``.mhd`` may lie under a data root, first match wins: the root itself, the
+LUNA16 ``subset<k>/`` folders, and one folder deeper (``subset0/subset0/`` from unzipping a
+subset archive into a folder of its own name)."""
+
+
 def find_series_path(data_root: str | Path, series_uid: str) -> Path:
-    """Path of ``<series_uid>.mhd`` under ``data_root/subset*/`` (or ``data_root`` itself)."""
+    """Path of ``<series_uid>.mhd`` under ``data_root`` (see ``SERIES_PATTERNS``)."""
     root = Path(data_root)
-    candidates = [root / f"{series_uid}.mhd", *sorted(root.glob(f"subset*/{series_uid}.mhd"))]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    for pattern in SERIES_PATTERNS:
+        for candidate in sorted(root.glob(pattern.format(uid=glob.escape(series_uid)))):
+            if candidate.is_file():
+                return candidate
     raise DataError(f"series UID {series_uid} not found under {root}/subset*/ (no {series_uid}.mhd)")
 
 
 def list_series_on_disk(data_root: str | Path) -> dict[str, Path]:
-    """Every ``subset*/<uid>.mhd`` under ``data_root``, keyed by series UID."""
+    """Every series' ``.mhd`` under ``data_root`` (see ``SERIES_PATTERNS``), keyed by series UID."""
     root = Path(data_root)
-    series = {}
-    for path in sorted(root.glob("subset*/*.mhd")):
-        series.setdefault(path.stem, path)
+    series: dict[str, Path] = {}
+    for pattern in SERIES_PATTERNS:
+        for path in sorted(root.glob(pattern.format(uid="*"))):
+            if path.is_file():
+                series.setdefault(path.stem, path)
     return series
 
 

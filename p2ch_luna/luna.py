@@ -236,7 +236,7 @@ def read_candidate_table(data_root: str | Path, require_on_disk: bool = True,
     """Read the LUNA16 CSVs under ``data_root`` into the candidate table.
 
     With ``require_on_disk`` (the default) only series whose ``.mhd`` exists
-    under ``data_root/subset*/`` are kept.
+    under ``data_root`` (``ct.SERIES_PATTERNS``: ``subset*/`` and the like) are kept.
     """
     root = Path(data_root)
     if not root.is_dir():

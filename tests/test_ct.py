@@ -12,7 +12,8 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2ch_luna.ct import HU_MAX, HU_MIN, MIN_SLICES, Ct, extract_chunk, load_ct, read_metaimage_header
+from p2ch_luna.ct import (HU_MAX, HU_MIN, MIN_SLICES, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct,
+                          read_metaimage_header)
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
 
@@ -358,6 +359,24 @@ def test_missing_and_unknown_files(tmp_path: Path) -> None:
     other.write_bytes(b"x")
     with pytest.raises(DataError, match="unknown format"):
         load_ct(other)
+
+
+def test_series_are_found_flat_in_subsets_and_in_nested_subsets(tmp_path: Path) -> None:
+    """Both lookups accept the same layouts; a UID with glob characters matches only itself."""
+    volume = small_volume()
+    flat = write_mhd(tmp_path, volume, name="1.1")
+    (tmp_path / "subset3").mkdir()
+    in_subset = write_mhd(tmp_path / "subset3", volume, name="1.2")
+    (tmp_path / "subset0" / "subset0").mkdir(parents=True)
+    nested = write_mhd(tmp_path / "subset0" / "subset0", volume, name="1.3")
+    (tmp_path / "other").mkdir()
+    write_mhd(tmp_path / "other", volume, name="1.4")
+    expected = {"1.1": flat, "1.2": in_subset, "1.3": nested}
+    assert list_series_on_disk(tmp_path) == expected
+    assert {uid: find_series_path(tmp_path, uid) for uid in expected} == expected
+    for missing in ("1.4", "1.*", "[1].1"):
+        with pytest.raises(DataError, match="not found"):
+            find_series_path(tmp_path, missing)
 
 
 # ---------------------------------------------------------------------------
