@@ -3,7 +3,8 @@
 Files read from the data root:
 
 - ``annotations.csv`` (``seriesuid,coordX,coordY,coordZ,diameter_mm``): nodules >= 3 mm;
-- ``candidates.csv`` or ``candidates_V2.csv`` (``seriesuid,coordX,coordY,coordZ,class``);
+- ``candidates_V2.csv`` (also inside the ``candidates_V2/`` folder its archive unpacks to)
+  or else ``candidates.csv`` (``seriesuid,coordX,coordY,coordZ,class``);
 - ``annotations_with_malignancy.csv`` (the book's, optional): ``mal_bool`` per nodule.
   Without it malignancy is unknown (``<NA>``), not False.
 
@@ -38,7 +39,8 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 ANNOTATIONS_FILE = "annotations.csv"
-CANDIDATES_FILES = ("candidates_V2.csv", "candidates.csv")
+CANDIDATES_FILES = ("candidates_V2.csv", "candidates_V2/candidates_V2.csv", "candidates.csv")
+"""Looked for in this order under the data root; the first that exists is read."""
 MALIGNANCY_FILE = "annotations_with_malignancy.csv"
 VALIDATION_STRIDE = 10
 """Every 10th series (sorted by UID) is validation, as in the book."""

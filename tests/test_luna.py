@@ -16,6 +16,7 @@ from p2ch_luna.luna import (
     TABLE_COLUMNS,
     attach_malignancy,
     build_candidate_table,
+    find_candidates_file,
     read_annotations,
     read_candidate_table,
     read_candidates,
@@ -188,6 +189,18 @@ def test_read_candidate_table_errors(tmp_path: Path) -> None:
     (tmp_path / "annotations.csv").write_text(ANNOTATIONS_HEADER)
     with pytest.raises(DataError, match="candidates"):
         read_candidate_table(tmp_path)
+
+
+def test_candidates_file_is_v2_then_v2_folder_then_v1(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no candidates_V2.csv or .* in"):
+        find_candidates_file(tmp_path)
+    (tmp_path / "candidates.csv").write_text(CANDIDATES_HEADER)
+    assert find_candidates_file(tmp_path) == tmp_path / "candidates.csv"
+    (tmp_path / "candidates_V2").mkdir()
+    (tmp_path / "candidates_V2" / "candidates_V2.csv").write_text(CANDIDATES_HEADER)
+    assert find_candidates_file(tmp_path) == tmp_path / "candidates_V2" / "candidates_V2.csv"
+    (tmp_path / "candidates_V2.csv").write_text(CANDIDATES_HEADER)
+    assert find_candidates_file(tmp_path) == tmp_path / "candidates_V2.csv"
 
 
 def test_tiny_dataset_table(tiny_dataset: Path) -> None:
