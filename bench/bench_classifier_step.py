@@ -202,7 +202,8 @@ def print_profile(step, device: torch.device) -> None:
     print(profile.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=14, max_name_column_width=30,
                                                                 max_shapes_column_width=70), flush=True)
     for key, tile in small_conv.TILE_CHOICE.chosen.items():
-        print(f"tile: {key[0]:<12s} C={key[1]:<3d} K={key[2]:<3d} {key[3]} {key[4:7]} {key[7]} voxels: {tile}")
+        form = tile or "torch (no launch form agreed)"
+        print(f"tile: {key[0]:<12s} C={key[1]:<3d} K={key[2]:<3d} {key[3]} {key[4:7]} {key[7]} voxels: {form}")
 
 
 if __name__ == "__main__":

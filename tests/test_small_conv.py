@@ -7,6 +7,8 @@ compiled, in float32 and under bfloat16 autocast too.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 
@@ -82,36 +84,110 @@ def test_tile_choice_caches_one_tile_per_problem() -> None:
     choice = small_conv.TileChoice()
     launched = []
     tiles = [small_conv.Tile(64, 32), small_conv.Tile(128, 32)]
-    assert choice.choose(("k", 1), tiles, launched.append, torch.device("cpu"), 1 << 30) == tiles[0]
-    assert choice.choose(("k", 1), tiles[::-1], launched.append, torch.device("cpu"), 1 << 30) == tiles[0]
-    assert launched == []  # off CUDA nothing is timed
+
+    def expected() -> torch.Tensor:
+        raise AssertionError("unchecked devices compute no reference")
+    assert choice.choose(("k", 1), tiles, launched.append, torch.device("cpu"), 1 << 30, expected) == tiles[0]
+    assert choice.choose(("k", 1), tiles[::-1], launched.append, torch.device("cpu"), 1 << 30, expected) == tiles[0]
+    assert launched == []  # off CUDA nothing is timed or checked
     assert small_conv.usable_tiles(small_conv.FORWARD_TILES, 27) == [
         tile for tile in small_conv.FORWARD_TILES if tile.block_r == 32]
 
 
 def test_fastest_agreeing_tile_never_picks_a_tile_with_another_result(caplog: pytest.LogCaptureFixture) -> None:
-    """A candidate whose result differs from the first tile's (a miscompiled kernel) is left out, however fast;
-    rounding-sized differences and non-finite data do not exclude one."""
+    """A candidate whose result differs from torch's (a miscompiled kernel) is left out, however fast, the
+    first tile too; rounding-sized differences and non-finite data do not exclude one; None when none agrees."""
     tiles = [small_conv.Tile(64, 32), small_conv.Tile(128, 32), small_conv.Tile(128, 64), small_conv.Tile(256, 32)]
     base = torch.linspace(-1, 1, 1000)
     results = {tiles[0]: base, tiles[1]: base * (1 + 1e-3), tiles[2]: -base, tiles[3]: base + 1e-4}
     times = {tiles[0]: 4.0, tiles[1]: 2.0, tiles[2]: 1.0, tiles[3]: 3.0}
     with caplog.at_level("WARNING", logger="p2ch_luna.models.small_conv"):
-        best = small_conv.fastest_agreeing_tile(tiles, results.__getitem__, times.__getitem__)
+        best = small_conv.fastest_agreeing_tile(tiles, results.__getitem__, base, times.__getitem__)
     assert best == tiles[1]
-    assert "disagrees" in caplog.text and repr(tiles[2]) in caplog.text
+    assert "disagrees with torch" in caplog.text and repr(tiles[2]) in caplog.text
     results[tiles[1]] = base * 1.5
-    assert small_conv.fastest_agreeing_tile(tiles, results.__getitem__, times.__getitem__) == tiles[3]
+    assert small_conv.fastest_agreeing_tile(tiles, results.__getitem__, base, times.__getitem__) == tiles[3]
+    assert small_conv.fastest_agreeing_tile(tiles, results.__getitem__, base) == tiles[0]  # untimed: the first
+    results[tiles[0]] = base * 0.5  # the plainest form is no reference: it is checked like the rest
+    assert small_conv.fastest_agreeing_tile(tiles, results.__getitem__, base, times.__getitem__) == tiles[3]
+    assert small_conv.fastest_agreeing_tile(tiles, results.__getitem__, base) == tiles[3]
+    assert small_conv.fastest_agreeing_tile(tiles, results.__getitem__, base * 3, times.__getitem__) is None
     nans = {tile: torch.full((3,), float("nan")) for tile in tiles}
-    assert small_conv.fastest_agreeing_tile(tiles, nans.__getitem__, times.__getitem__) == tiles[2]
+    assert small_conv.fastest_agreeing_tile(tiles, nans.__getitem__, base[:3], times.__getitem__) == tiles[2]
 
     def out_of_resources(tile: small_conv.Tile) -> torch.Tensor:
         if tile == tiles[2]:
             raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
         return base
     with caplog.at_level("WARNING", logger="p2ch_luna.models.small_conv"):
-        assert small_conv.fastest_agreeing_tile(tiles, out_of_resources, times.__getitem__) == tiles[1]
+        assert small_conv.fastest_agreeing_tile(tiles, out_of_resources, base, times.__getitem__) == tiles[1]
     assert "does not run here" in caplog.text
+
+
+def test_relative_difference_compares_volumes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked float64 sums give the whole tensors' relative difference, whatever the memory layouts."""
+    monkeypatch.setattr(small_conv, "DIFFERENCE_CHUNK", 7)
+    generator = torch.Generator().manual_seed(5)
+    expected = torch.randn(2, 3, 4, 5, 6, generator=generator)
+    got = _channels_last(expected + 0.1 * torch.randn(expected.shape, generator=generator)).bfloat16()
+    assert small_conv.relative_difference(got, expected) == pytest.approx(_relative_error(got, expected), rel=1e-9)
+    assert small_conv.relative_difference(expected, expected) == 0.0
+    matrix = torch.randn(54, 5, generator=generator)
+    assert small_conv.relative_difference(matrix * 2, matrix) == pytest.approx(1.0)
+
+
+class _FaultyKernels:
+    """The kernels module with one launch form miscompiled: its results come out negated."""
+
+    def __init__(self, faulty: small_conv.Tile) -> None:
+        self.real, self.faulty = small_conv.kernels(), faulty
+
+    def __getattr__(self, name: str) -> object:
+        kernel, output = getattr(self.real, name), {"conv3x3x3_kernel": 3, "conv3x3x3_weight_grad_kernel": 2}[name]
+        faulty = self.faulty
+
+        class Launcher:
+            def __getitem__(self, grid: tuple) -> Callable[..., None]:
+                def launch(*args: torch.Tensor, **options: object) -> None:
+                    kernel[grid](*args, **options)
+                    if (options["BLOCK_M"], options["BLOCK_R"], options["BITMASK"]) == (
+                            faulty.block_m, faulty.block_r, faulty.bitmask):
+                        args[output].neg_()
+                return launch
+        return Launcher()
+
+
+@needs_kernels
+def test_a_miscompiled_form_is_never_used_and_torch_stands_in_when_no_form_is_right(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With the check on (as on CUDA), a form computing wrong at the real problem is skipped for a right one;
+    where every form is wrong, torch computes that problem, values and all gradients stay correct."""
+    good, bad = small_conv.Tile(64, 32), small_conv.Tile(128, 64)
+    faulty_kernels = _FaultyKernels(bad)
+    monkeypatch.setattr(small_conv, "kernels", lambda: faulty_kernels)
+    for device in _kernel_devices():
+        for tiles, chosen in [((bad, good), good), ((bad,), None)]:
+            monkeypatch.setattr(small_conv, "FORWARD_TILES", tiles)
+            monkeypatch.setattr(small_conv, "WEIGHT_GRAD_TILES", tiles)
+            monkeypatch.setattr(small_conv, "TILE_CHOICE", small_conv.TileChoice(checked_device_types=("cpu", "cuda")))
+            generator = torch.Generator(device=device).manual_seed(11)
+            x = _channels_last(torch.randn(2, 4, 3, 5, 4, device=device, generator=generator)).requires_grad_()
+            weight = torch.randn(6, 4, 3, 3, 3, device=device, generator=generator).requires_grad_()
+            bias = torch.randn(6, device=device, generator=generator).requires_grad_()
+            with torch.backends.cudnn.flags(allow_tf32=False), \
+                    caplog.at_level("WARNING", logger="p2ch_luna.models.small_conv"):
+                y = small_conv.convolution(x, weight, bias, True)
+                upstream = torch.randn(y.shape, device=device, generator=generator)
+                grads = torch.autograd.grad(y, [x, weight, bias], upstream)
+            expected = torch.nn.functional.conv3d(x.double(), weight.double(), bias.double(), padding=1).relu()
+            assert _relative_error(y, expected) < 1e-5
+            for grad, expected_grad in zip(grads, torch.autograd.grad(expected, [x, weight, bias],
+                                                                      upstream.double())):
+                assert _relative_error(grad, expected_grad) < 1e-5
+            assert set(small_conv.TILE_CHOICE.chosen.values()) == {chosen}
+            assert "disagrees with torch" in caplog.text
+            assert ("no launch form reproduces torch's result" in caplog.text) == (chosen is None)
+            caplog.clear()
 
 
 @needs_kernels

@@ -14,11 +14,12 @@ on these kernels (``bench/bench_small_conv.py``,
 ``bench/bench_classifier_step.py --triton-sweep``).
 
 Each problem size gets the fastest of a few launch forms (``Tile``), timed on
-its first call; a form must reproduce the plainest one's result, since on the
-H200 one form was miscompiled at full size (``fastest_agreeing_tile``). Before
-the first use on a GPU the kernels check themselves against torch on a small
-convolution (``works_on``); where Triton is missing, too old, cannot build or
-computes wrong, cuDNN convolves instead.
+its first call; a form must reproduce torch's own result for that problem
+(cuDNN's, on a GPU), since on the H200 one form was miscompiled at full size
+(``fastest_agreeing_tile``), and where no form does, torch computes that
+problem. Before the first use on a GPU the kernels check themselves against
+torch on a small convolution (``works_on``); where Triton is missing, too old,
+cannot build or computes wrong, cuDNN convolves instead.
 
 ``convolution(x, weight, bias, rectify)`` is ``relu?(conv3d(x, weight, padding=1) + bias)``;
 ``bias`` may be a per-channel vector or a (1, K, D, H, W) map added to every
@@ -34,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import re
 from types import ModuleType
@@ -60,8 +62,10 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPLITS_PER_MULTIPROCESSOR = 16
 """Weight-gradient programs per multiprocessor: enough to fill the chip, few enough partial sums."""
 TILE_TOLERANCE = 2e-2
-"""Largest relative difference from the reference tile's result that a candidate may show (rounding in
-another summation order stays near 1e-3 in bfloat16)."""
+"""Largest relative difference from torch's result that a launch form may show on a problem (both round their
+bfloat16 outputs, about 4e-3 apart at most; a miscompiled form was 1.4 off)."""
+DIFFERENCE_CHUNK = 1 << 24
+"""Elements compared at a time, so the check needs no float64 copy of a whole activation."""
 TUNED_VOXELS = 1 << 20
 """Problems of fewer voxels take the first tile untimed (timing them costs more than any tile saves)."""
 
@@ -88,7 +92,7 @@ FORWARD_TILES = (Tile(128, 32), Tile(128, 64), Tile(128, 32, bitmask=True, narro
                  Tile(128, 64, bitmask=True), Tile(128, 64, bitmask=True, narrow=True),
                  Tile(256, 64, num_warps=8, bitmask=True, narrow=True),
                  Tile(256, 32, num_warps=8, bitmask=True, narrow=True))
-"""The candidates, the plainest first (the reference the others must agree with)."""
+"""The candidates, the plainest first (the one used untimed: small problems, the interpreter)."""
 # (128, 32) with the bit-mask gather and 8 output columns computed wrong 8-channel weight gradients at full
 # size on an H200 (see fastest_agreeing_tile), so it is no candidate.
 WEIGHT_GRAD_TILES = (Tile(128, 32), Tile(64, 64), Tile(64, 64, bitmask=True, narrow=True),
@@ -227,51 +231,78 @@ def usable_tiles(tiles: tuple[Tile, ...], reduction: int) -> list[Tile]:
     return [tile for tile in tiles if tile.block_r < 2 * reduction] or [min(tiles, key=lambda t: t.block_r)]
 
 
-def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], torch.Tensor],
-                          seconds: Callable[[Tile], float]) -> Tile:
-    """The tile with the least ``seconds(tile)`` among those whose ``run(tile)`` agrees with the first tile's
-    (the plainest form, the reference) within ``TILE_TOLERANCE``; the others, and those that fail to build
-    or run (a launch form may need more shared memory than a smaller GPU has), are logged and left out.
+def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||got - expected|| / ||expected||``, summed in float64 a chunk at a time; NaN where either holds a
+    non-finite value. Volumes are compared in channels-last order (a view of the kernels' outputs)."""
+    got, expected = _flat(got.detach()), _flat(expected.detach())
+    difference = reference = 0.0
+    for got_part, expected_part in zip(got.split(DIFFERENCE_CHUNK), expected.split(DIFFERENCE_CHUNK)):
+        expected_part = expected_part.double()
+        difference += float((got_part.double() - expected_part).square().sum())
+        reference += float(expected_part.square().sum())
+    return math.sqrt(difference) / max(math.sqrt(reference), torch.finfo(torch.float64).tiny)
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.permute(0, 2, 3, 4, 1) if tensor.dim() == 5 else tensor).reshape(-1)
+
+
+def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], torch.Tensor], expected: torch.Tensor,
+                          seconds: Callable[[Tile], float] | None = None) -> Tile | None:
+    """Among the tiles whose ``run(tile)`` agrees with ``expected`` (torch's result for the same problem)
+    within ``TILE_TOLERANCE``, the one with the least ``seconds(tile)``, or without ``seconds`` the first;
+    None where none agrees. Tiles that disagree, or fail to build or run (a launch form may need more shared
+    memory than a smaller GPU has), are logged and left out.
 
     On an H200 (Triton 3.6) one candidate, (128, 32) with the bit-mask gather and 8 output columns,
     computed a wrong 8-channel weight gradient at full size (relative difference 1.4) while every
     other candidate, and that one on small volumes and in the interpreter, agreed: a compiler fault no
-    test on small data can rule out for other shapes or GPUs, hence the check on the real problem.
+    test on small data can rule out for other shapes or GPUs, hence the check on the real problem, against
+    torch rather than another form, which the same fault could hit.
     """
-    reference = run(tiles[0]).detach().double().clone()
-    scale = reference.norm().clamp_min(torch.finfo(torch.float64).tiny)
-    agreeing = [tiles[0]]
-    for tile in tiles[1:]:
+    agreeing = []
+    for tile in tiles:
         try:
-            difference = float((run(tile).detach().double() - reference).norm() / scale)
+            difference = relative_difference(run(tile), expected)
         except Exception as error:  # e.g. more shared memory than this GPU has: the form is no candidate here
             logger.warning("small_conv: %s does not run here (%s: %s); not used", tile, type(error).__name__, error)
             continue
         if difference > TILE_TOLERANCE:  # NaN (non-finite data) compares False: nothing to tell the tiles apart
-            logger.warning("small_conv: %s disagrees with %s (relative difference %.2g); not used", tile, tiles[0],
+            logger.warning("small_conv: %s disagrees with torch (relative difference %.2g); not used", tile,
                            difference)
             continue
+        if seconds is None:
+            return tile
         agreeing.append(tile)
-    return min(agreeing, key=seconds)
+    return min(agreeing, key=seconds, default=None)
 
 
 class TileChoice:
-    """Which tile each kernel uses for a given problem: on CUDA the fastest of the candidates that agree with
-    the first (``fastest_agreeing_tile``), timed on the problem's first call; for small problems and under
-    the interpreter the first. An explicit cache, one per process."""
+    """Which tile each kernel uses for a given problem, or None where torch computes it: on the first call of
+    a problem on a checked device (CUDA), the fastest of the candidates that reproduce torch's result
+    (``fastest_agreeing_tile``; for small problems the first that does, untimed); elsewhere (the
+    interpreter, whose tests compare every result with float64) the first. An explicit cache, one per
+    process."""
 
-    def __init__(self) -> None:
-        self.chosen: dict[tuple, Tile] = {}
+    def __init__(self, checked_device_types: tuple[str, ...] = ("cuda",)) -> None:
+        self.chosen: dict[tuple, Tile | None] = {}
+        self.checked_device_types = checked_device_types
 
     def choose(self, key: tuple, tiles: list[Tile], launch: Callable[[Tile], torch.Tensor], device: torch.device,
-               voxels: int) -> Tile:
-        """The tile for ``key``; ``launch(tile)`` runs the kernel (repeatably) and returns its result."""
+               voxels: int, expected: Callable[[], torch.Tensor]) -> Tile | None:
+        """The tile for ``key``, or None; ``launch(tile)`` runs the kernel (repeatably) and returns its result,
+        ``expected()`` computes that result with torch."""
         if key in self.chosen:
             return self.chosen[key]
-        if device.type != "cuda" or len(tiles) == 1 or voxels < TUNED_VOXELS:
+        if device.type not in self.checked_device_types:
             best = tiles[0]
         else:
-            best = fastest_agreeing_tile(tiles, launch, lambda tile: _cuda_milliseconds(launch, tile))
+            timed = device.type == "cuda" and len(tiles) > 1 and voxels >= TUNED_VOXELS
+            best = fastest_agreeing_tile(tiles, launch, expected(),
+                                         (lambda tile: _cuda_milliseconds(launch, tile)) if timed else None)
+            if best is None:
+                logger.warning("small_conv: no launch form reproduces torch's result for %s; torch computes it",
+                               key)
         self.chosen[key] = best
         return best
 
@@ -325,9 +356,24 @@ def forward_pass(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     key = ("forward", in_channels, out_channels, x.dtype, depth, height, width, size_class(voxels), x.device)
     with _device_guard(x):
         tile = TILE_CHOICE.choose(key, usable_tiles(FORWARD_TILES, TAPS * in_channels), launch, x.device,
-                                voxels)
+                                  voxels, lambda: torch_forward_pass(x, weight, bias, rectify))
+        if tile is None:
+            return torch_forward_pass(x, weight, bias, rectify)
         launch(tile)
     return y
+
+
+def torch_forward_pass(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       rectify: bool) -> torch.Tensor:
+    """``forward_pass`` through torch's ``conv3d`` (cuDNN on a GPU), in ``x``'s dtype as under autocast: the
+    launch forms' reference, and the stand-in where none reproduces it."""
+    vector = bias is not None and bias.dim() == 1
+    y = nn.functional.conv3d(x, weight, bias.to(x.dtype) if vector else None, padding=1)
+    if bias is not None and not vector:
+        y = y + bias.to(x.dtype)
+    if rectify:
+        y = y.relu_()
+    return y.contiguous(memory_format=torch.channels_last_3d)
 
 
 def weight_gradient(x: torch.Tensor, grad: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -361,11 +407,22 @@ def weight_gradient(x: torch.Tensor, grad: torch.Tensor, with_bias: bool) -> tup
 
     key = ("weight_grad", in_channels, out_channels, x.dtype, depth, height, width, size_class(voxels), x.device)
     with _device_guard(x):
-        tile = TILE_CHOICE.choose(key, usable_tiles(WEIGHT_GRAD_TILES, reduction), launch, x.device, voxels)
+        tile = TILE_CHOICE.choose(key, usable_tiles(WEIGHT_GRAD_TILES, reduction), launch, x.device, voxels,
+                                  lambda: weight_matrix(torch_weight_gradient(x, grad, False)[0], out_channels))
+        if tile is None:
+            return torch_weight_gradient(x, grad, with_bias)
         matrix = launch(tile)
     weight_grad = weight_from_matrix(matrix, out_channels, in_channels)
     bias_grad = holder["bias"].sum(0)[:out_channels] if with_bias else None
     return weight_grad, bias_grad
+
+
+def torch_weight_gradient(x: torch.Tensor, grad: torch.Tensor,
+                          with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight_gradient`` through torch (cuDNN on a GPU): the launch forms' reference and stand-in."""
+    shape = (grad.shape[1], x.shape[1], 3, 3, 3)
+    weight_grad = torch.nn.grad.conv3d_weight(x, shape, grad, padding=1).float()
+    return weight_grad, grad.sum((0, 2, 3, 4), dtype=torch.float32) if with_bias else None
 
 
 def size_class(voxels: int) -> str:
