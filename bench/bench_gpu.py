@@ -68,7 +68,7 @@ from p2ch_luna import diagnose, synth  # noqa: E402
 from p2ch_luna.augment import AugmentConfig  # noqa: E402
 from p2ch_luna.config import TrainConfig  # noqa: E402
 from p2ch_luna.ct import list_series_on_disk, load_ct  # noqa: E402
-from p2ch_luna.engine import amp_settings, train_one_epoch, tune_backends  # noqa: E402
+from p2ch_luna.engine import EpochResult, amp_settings, train_one_epoch, tune_backends  # noqa: E402
 from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations, split_by_series  # noqa: E402
 from p2ch_luna.models.checkpoint import load_checkpoint  # noqa: E402
 from p2ch_luna.paths import Paths, resolve_paths  # noqa: E402
@@ -100,14 +100,18 @@ class Figure:
     utilisation: float | None = None
     baseline: str | None = None
     note: str = ""
+    input_wait: float | None = None
+    """Fraction of the timed stretch our engine spent waiting for its loader (None for other loops)."""
 
 
 class UtilisationMonitor:
-    """Mean GPU utilisation (percent, from NVML through torch) while the context is open."""
+    """Mean GPU utilisation (percent, from NVML through torch) while the context is open; a loop that knows
+    its time waiting for input records it in ``input_wait``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.samples: list[float] = []
+        self.input_wait: float | None = None
         self._stop = threading.Event()
 
     @property
@@ -149,17 +153,17 @@ def engine_rate(task: Task, model: nn.Module, config: TrainConfig, device: torch
     loader = task.train_loader()
     generator = make_generator(config.seed, 1, device)
 
-    def run(count: int) -> tuple[int, float]:
-        result = train_one_epoch(task, model, optimizer, bench_training._Limited(loader, count), epoch=1,
-                                 device=device, generator=generator, amp=amp, show_progress=False)
-        return result.samples, result.seconds
+    def run(count: int) -> EpochResult:
+        return train_one_epoch(task, model, optimizer, bench_training._Limited(loader, count), epoch=1,
+                               device=device, generator=generator, amp=amp, show_progress=False)
 
     run(WARMUP_BATCHES)
-    samples, elapsed = run(PROBE_BATCHES)
-    count = max(PROBE_BATCHES, int(seconds * samples / elapsed / config.batch_size))
+    probe = run(PROBE_BATCHES)
+    count = max(PROBE_BATCHES, int(seconds * probe.samples / probe.seconds / config.batch_size))
     with monitor.watch():
-        samples, elapsed = run(min(count, len(loader)))
-    return samples / elapsed
+        timed = run(min(count, len(loader)))
+    monitor.input_wait = timed.input_wait_fraction
+    return timed.samples / timed.seconds
 
 
 def our_training(task_class: type[Task], config: TrainConfig, compile_mode: str | None, device: torch.device,
@@ -412,9 +416,10 @@ def _measure(section: str, name: str, run: Callable[[UtilisationMonitor], float]
     except Exception as error:  # one failing variant must not lose the others' figures
         print(f"  {section}: {name} FAILED: {type(error).__name__}: {error}", flush=True)
         return Figure(section, name, float("nan"), unit, None, baseline, f"failed: {type(error).__name__}")
-    figure = Figure(section, name, value, unit, monitor.mean, baseline, note)
+    figure = Figure(section, name, value, unit, monitor.mean, baseline, note, monitor.input_wait)
     util = f", GPU {figure.utilisation:.0f}%" if figure.utilisation is not None else ""
-    print(f"  {section}: {name}: {value:.2f} {unit}{util} ({time.perf_counter() - started:.0f}s)", flush=True)
+    wait = f", waiting for input {100 * figure.input_wait:.0f}%" if figure.input_wait is not None else ""
+    print(f"  {section}: {name}: {value:.2f} {unit}{util}{wait} ({time.perf_counter() - started:.0f}s)", flush=True)
     return figure
 
 
@@ -431,7 +436,9 @@ def print_table(figures: Sequence[Figure]) -> None:
             speedup = (reference.value / figure.value if figure.unit == "s/CT" else figure.value / reference.value)
             ratio = f"{speedup:6.2f}x"
         util = f"{figure.utilisation:5.0f}%" if figure.utilisation is not None else "     -"
-        print(f"  {figure.name:<60s} {figure.value:10.2f} {figure.unit:<10s} {ratio:>7s}  GPU {util}  {figure.note}")
+        wait = f"{100 * figure.input_wait:4.0f}%" if figure.input_wait is not None else "    -"
+        print(f"  {figure.name:<60s} {figure.value:10.2f} {figure.unit:<10s} {ratio:>7s}  GPU {util}  "
+              f"input wait {wait}  {figure.note}")
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:

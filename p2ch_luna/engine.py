@@ -81,12 +81,22 @@ def amp_settings(enabled: bool, device: torch.device) -> AmpSettings:
 
 @dataclasses.dataclass
 class EpochResult:
-    """One epoch's global metrics, concatenated outputs (every rank) and counters."""
+    """One epoch's global metrics, concatenated outputs (every rank) and counters.
+
+    ``input_wait_seconds`` is this process's time blocked on the loader for its next batch: the part of
+    ``seconds`` in which the input path, not the model, held training up.
+    """
 
     metrics: dict[str, float]
     outputs: Outputs
     samples: int
     seconds: float
+    input_wait_seconds: float = 0.0
+
+    @property
+    def input_wait_fraction(self) -> float:
+        """``input_wait_seconds`` as a fraction of the epoch's time (0 for an empty epoch)."""
+        return self.input_wait_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
 def move_to_device(batch: Batch, device: torch.device) -> Batch:
@@ -155,7 +165,7 @@ def train_one_epoch(
         if len(pending) == HOST_SYNC_EVERY:
             _check_finite(pending.flush(progress), epoch, device)
     _check_finite(pending.flush(progress), epoch, device)
-    return _finish(task, outputs, samples, started)
+    return _finish(task, outputs, samples, started, progress.data_seconds)
 
 
 @torch.no_grad()
@@ -199,7 +209,7 @@ def evaluate(
         rank, index = bad[0]
         raise LunaError(f"validation loss is not finite (NaN/Inf) at epoch {epoch}, batch {index} (rank {rank}); "
                         "stopping without saving this epoch")
-    return _finish(task, outputs, samples, started)
+    return _finish(task, outputs, samples, started, progress.data_seconds)
 
 
 def concatenate_outputs(outputs: list[Outputs]) -> Outputs:
@@ -209,13 +219,14 @@ def concatenate_outputs(outputs: list[Outputs]) -> Outputs:
     return {key: torch.cat([part[key] for part in outputs]) for key in outputs[0]}
 
 
-def _finish(task: Task, outputs: list[Outputs], samples: int, started: float) -> EpochResult:
+def _finish(task: Task, outputs: list[Outputs], samples: int, started: float, input_wait_seconds: float) -> EpochResult:
     local = {key: value.cpu() for key, value in concatenate_outputs(outputs).items()}
     gathered = [part for part in all_gather_objects(local) if part]
     merged = concatenate_outputs(gathered)
     total = sum(len(part["loss"]) for part in gathered) if gathered else samples
     metrics = task.epoch_metrics(merged) if merged else {}
-    return EpochResult(metrics=metrics, outputs=merged, samples=total, seconds=time.perf_counter() - started)
+    return EpochResult(metrics=metrics, outputs=merged, samples=total, seconds=time.perf_counter() - started,
+                       input_wait_seconds=input_wait_seconds)
 
 
 class _PendingLosses:
@@ -304,6 +315,11 @@ class _ProgressBar:
                 yield index, batch
                 index += 1
             self._bar = None
+
+    @property
+    def data_seconds(self) -> float:
+        """Time spent waiting in the loader's ``next`` so far."""
+        return self._data_seconds
 
     def report(self, losses: Sequence[float]) -> None:
         """Record finished batches (their losses, oldest first) and update the bar."""

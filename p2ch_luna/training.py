@@ -517,10 +517,12 @@ def _report(task: Task, writers: Mapping[str, Any], mode: str, epoch: int, resul
     metrics = result.metrics
     shown = " ".join(f"{key} {metrics[key]:.4f}" for key in task.summary_keys if key in metrics)
     rate = result.samples / result.seconds if result.seconds > 0 else math.nan
-    log.info("E%d %s %d samples in %.1fs (%.0f/s): %s", epoch, mode, result.samples, result.seconds, rate, shown)
+    log.info("E%d %s %d samples in %.1fs (%.0f/s, %.0f%% waiting for input): %s", epoch, mode, result.samples,
+             result.seconds, rate, 100 * result.input_wait_fraction, shown)
     writer = writers[mode]
     tblog.add_scalars(writer, task.tensorboard_scalars(metrics), samples_seen)
     writer.add_scalar("speed/samples_per_second", rate, samples_seen)
+    writer.add_scalar("speed/input_wait_fraction", result.input_wait_fraction, samples_seen)
     task.log_extra(writer, mode, epoch, result.outputs, samples_seen)
     writer.flush()
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -250,6 +251,28 @@ def test_bf16_autocast_on_cpu_trains_a_step() -> None:
     assert result.samples == 32 and torch.isfinite(torch.tensor(result.metrics["loss"]))
     assert not torch.equal(before, model.weight)
 
+
+
+def test_epoch_result_counts_the_time_spent_waiting_for_input() -> None:
+    """Time blocked on a slow loader is reported as input wait, for training and validation alike; a loader
+    that is ready at once leaves almost none."""
+    task, model, optimizer = _toy()
+    batches = task.train_loader()
+
+    def slow_loader() -> Iterator[dict]:
+        for batch in batches:
+            time.sleep(0.05)
+            yield batch
+    cpu = torch.device("cpu")
+    for run in (lambda loader: train_one_epoch(task, model, optimizer, loader, epoch=1, device=cpu,
+                                               generator=torch.Generator(), show_progress=False),
+                lambda loader: engine.evaluate(task, model, loader, epoch=1, device=cpu,
+                                               generator=torch.Generator(), show_progress=False)):
+        slow = run(slow_loader())
+        assert slow.input_wait_seconds >= 4 * 0.05
+        assert 0.5 < slow.input_wait_fraction <= 1.0
+        quick = run(batches)
+        assert quick.input_wait_seconds < slow.input_wait_seconds / 10
 
 def test_gradient_accumulation_matches_one_full_batch() -> None:
     task, model, optimizer = _toy()
