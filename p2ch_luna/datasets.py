@@ -17,7 +17,7 @@ bytes to copy, and the float conversion runs batched where the model runs.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from .cache import ChunkCache
 from .errors import DataError
+from .geometry import Geometry
 from .luna import VALIDATION_STRIDE, split_by_series
 from .models.classifier import CHUNK_SHAPE_IRC
 
@@ -64,6 +65,24 @@ def malignancy_table(
         picked[LABEL_COLUMN] = False
         table = pd.concat([table, picked], ignore_index=True)
     return table.reset_index(drop=True)
+
+
+def drop_centres_outside(table: pd.DataFrame, geometries: Mapping[str, Geometry]) -> pd.DataFrame:
+    """``table`` without the rows whose centre's nearest voxel lies outside their series' CT, with one warning
+    saying how many and naming the first (such a row would stop training whenever the sampler drew it; the
+    segmenter's masks skip such annotations likewise)."""
+    centres = table[CENTER_COLUMNS].to_numpy(dtype=np.float64)
+    inside = np.ones(len(table), dtype=bool)
+    for series_uid, rows in table.groupby("series_uid", sort=False).indices.items():
+        geometry = geometries[series_uid]
+        inside[rows] = geometry.contains_irc(geometry.xyz_to_irc(centres[rows])).reshape(-1)
+    if inside.all():
+        return table
+    first = table.iloc[int(np.argmin(inside))]
+    log.warning("%d row(s) left out: their centre lies outside their CT (the first: series %s at (%s) mm)",
+                int((~inside).sum()), first["series_uid"],
+                ", ".join(f"{float(first[column]):.1f}" for column in CENTER_COLUMNS))
+    return table[inside].reset_index(drop=True)
 
 
 def split_table(table: pd.DataFrame, val_stride: int = VALIDATION_STRIDE) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2ch_luna.ct import (HU_MAX, HU_MIN, MIN_SLICES, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct,
-                          read_metaimage_header)
+                          read_geometry, read_metaimage_header)
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
 
@@ -172,6 +172,10 @@ def test_mhd_round_trip_keeps_geometry(tmp_path: Path, direction: np.ndarray) ->
     chunk, center = ct.chunk(world, (3, 3, 3))
     np.testing.assert_array_equal(center, bright_irc)
     assert chunk[1, 1, 1] == 900 and (chunk == 900).sum() == 1
+    header_only = read_geometry(path)
+    assert header_only.shape_irc == ct.geometry.shape_irc == array.shape
+    for name in ("origin_xyz", "spacing_xyz", "direction"):
+        np.testing.assert_array_equal(getattr(header_only, name), getattr(ct.geometry, name))
 
 
 def test_nifti_round_trip(tmp_path: Path) -> None:
@@ -189,6 +193,24 @@ def test_nifti_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(ct.geometry.direction, np.diag([1.0, 1.0, -1.0]), atol=1e-5)
     np.testing.assert_allclose(ct.geometry.origin_xyz, (-50.0, -60.0, -70.0), atol=1e-4)
 
+
+
+def test_read_geometry_refuses_what_load_ct_refuses(tmp_path: Path) -> None:
+    path = write_mhd(tmp_path, small_volume())
+    edit_header(path, "ElementSpacing", "0.7 0 2.5")
+    for read in (read_geometry, load_ct):
+        with pytest.raises(DataError, match=r"ct.mhd: ElementSpacing = .* must be > 0"):
+            read(path)
+    nifti = tmp_path / "flat.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(small_volume()[0]), str(nifti))
+    with pytest.raises(DataError, match=r"flat.nii has 2 dimensions, expected 3"):
+        read_geometry(nifti)
+    (tmp_path / "junk.nii").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"junk.nii could not be read"):
+        read_geometry(tmp_path / "junk.nii")
+    thin = write_mhd(tmp_path, small_volume(shape=(1, 8, 10)), name="thin")
+    with pytest.raises(DataError, match="slice"):
+        read_geometry(thin)
 
 def test_nifti_without_orientation_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "scan.nii"

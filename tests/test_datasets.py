@@ -12,7 +12,8 @@ import torch
 
 from batch_checks import assert_same_batch
 from p2ch_luna.cache import ChunkCache
-from p2ch_luna.datasets import CandidateDataset, malignancy_table, nodule_table, split_table
+from p2ch_luna.datasets import CandidateDataset, drop_centres_outside, malignancy_table, nodule_table, split_table
+from p2ch_luna.geometry import Geometry
 from p2ch_luna.luna import read_candidate_table
 from p2ch_luna.tasks.base import collate_batch
 
@@ -50,6 +51,28 @@ def test_malignancy_table_skips_unknown_and_can_add_non_nodules() -> None:
     assert mixed["label"].tolist() == [True, False, False, False]
     assert (mixed["source"] == "candidate").sum() == 2
 
+
+
+def test_rows_centred_outside_their_ct_are_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Nearest-voxel rule per series geometry (a flipped axis included); all-inside tables come back as they are."""
+    upright = Geometry(np.array([-10.0, -20.0, -30.0]), np.array([1.0, 1.0, 2.0]), np.eye(3), (10, 20, 20))
+    flipped = Geometry(np.array([0.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0]), np.diag([1.0, 1.0, -1.0]), (5, 8, 8))
+    table = pd.DataFrame({
+        "series_uid": ["a", "a", "b", "a", "b", "b"],
+        "center_x": [-10.0, 9.4, 3.0, 9.6, 3.0, 3.0],
+        "center_y": [-20.0, -1.0, 3.0, -1.0, 3.0, 3.0],
+        "center_z": [-30.0, -12.0, -4.4, -12.0, -4.6, 0.6],
+        "label": [True, False, False, False, True, False],
+    })
+    with caplog.at_level("WARNING", logger="p2ch_luna.datasets"):
+        kept = drop_centres_outside(table, {"a": upright, "b": flipped})
+    # a: x 9.6 is voxel col 20 of 20; b: z -4.6 is index 5 of 5 and z 0.6 index -1
+    assert kept["center_x"].tolist() == [-10.0, 9.4, 3.0]
+    assert kept["center_z"].tolist() == [-30.0, -12.0, -4.4]
+    assert "3 row(s) left out" in caplog.text and "series a at (9.6, -1.0, -12.0) mm" in caplog.text
+    caplog.clear()
+    assert drop_centres_outside(kept, {"a": upright, "b": flipped}) is kept
+    assert not caplog.text
 
 def test_split_keeps_each_series_on_one_side(tiny_dataset: Path) -> None:
     table = nodule_table(read_candidate_table(tiny_dataset))

@@ -28,7 +28,9 @@ from torch import nn
 
 from ..augment import augment_batch_3d
 from ..cache import open_cache
-from ..datasets import CandidateDataset, malignancy_table, nodule_table, positive_count, split_table
+from ..ct import list_series_on_disk, read_geometry
+from ..datasets import (CandidateDataset, drop_centres_outside, malignancy_table, nodule_table, positive_count,
+                        split_table)
 from ..errors import DataError, UsageError
 from ..luna import read_candidate_table
 from ..metrics import classification_metrics
@@ -103,8 +105,11 @@ class ClassificationTask(Task):
         """Training and validation datasets (built once, on first use)."""
         if self._datasets is None:
             paths = self.config.paths
-            candidates = read_candidate_table(paths.require_data_root())
-            table = self.candidate_table(candidates)
+            data_root = paths.require_data_root()
+            table = self.candidate_table(read_candidate_table(data_root))
+            on_disk = list_series_on_disk(data_root)
+            table = drop_centres_outside(table, {uid: read_geometry(on_disk[uid])
+                                                 for uid in table["series_uid"].unique()})
             if table.empty:
                 raise DataError(f"no {self.task_name} samples under {paths.data_root}")
             train_table, val_table = split_table(table, self.config.val_stride)

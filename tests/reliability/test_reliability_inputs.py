@@ -242,11 +242,11 @@ def test_tolerated_csv_quirks_still_cache_every_series(edit, logged: str | None,
 
 @pytest.mark.parametrize("loader", [[], ["--num-workers", "1"], ["--num-workers", "1", "--batch-ring"]],
                          ids=["in-process", "worker", "batch ring"])
-def test_candidate_centres_outside_the_ct_stop_training_with_a_clear_message(luna_copy: Path, tmp_path: Path,
-                                                                            capsys: pytest.CaptureFixture,
-                                                                            loader: list[str]) -> None:
-    """Every row of the validation series moved 5 m away: prepcache does not care, training names the row's CT
-    (in one line also when a loader worker meets the row)."""
+def test_candidate_centres_outside_the_ct_are_left_out_with_a_warning(luna_copy: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture,
+                                                                      loader: list[str]) -> None:
+    """Every row of the validation series moved 5 m away: prepcache does not care, training leaves the rows out
+    up front with a warning naming the series, and trains on the rest (also with loader workers)."""
     uid = split_by_series(sorted(list_series_on_disk(luna_copy)))[1][0]
     for name in ("candidates.csv", "annotations.csv", "annotations_with_malignancy.csv"):
         table = pd.read_csv(luna_copy / name, dtype={"seriesuid": str})
@@ -257,11 +257,9 @@ def test_candidate_centres_outside_the_ct_stop_training_with_a_clear_message(lun
 
     code = training.main(training_args(luna_copy, tmp_path, "--epochs", "1", "--epoch-size", "4", *loader))
     err = capsys.readouterr().err
-    if code == 0:  # skipping the rows is fine too, as long as it is said
-        assert re.search(rf"WARNING .*{uid}.*outside", err), err
-    else:
-        assert_one_line_error(code, err, uid, "outside", expected_code=1)
-        assert not list((tmp_path / "models").glob("*.state")), "a checkpoint was written from a failed epoch"
+    assert code == 0, err[-2000:]
+    assert re.search(rf"WARNING .*row\(s\) left out: their centre lies outside their CT .*{uid}", err), err
+    assert list((tmp_path / "models").glob("*.best.state"))
 
 
 def test_series_uid_picks_one_series_of_a_mixed_dicom_folder(diagnosis_models: dict[str, Path], tmp_path: Path,
