@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ EPOCH_SIZE = 32
 """Eight batches of four: an epoch lasts long enough to be interrupted in the middle."""
 RUN_OUTPUTS = (".state", ".config.json")
 IN_SECOND_EPOCH_S = 0.2
+KILL_WINDOW_S = 30.0
+"""How long the loader workers are killed, again and again, before the run must have stopped."""
 
 
 def last_state(models_dir: Path) -> Path | None:
@@ -96,21 +99,40 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_checkpoint(luna_root: Pa
                          ids=["worker", "batch ring"])
 def test_a_killed_loader_worker_stops_training_with_one_line(luna_root: Path, tmp_path: Path,
                                                                loader: list[str]) -> None:
-    """As the kernel's out-of-memory killer would: SIGKILL the loader workers in the middle of a run."""
+    """As the kernel's out-of-memory killer would: SIGKILL the loader workers in the middle of a run.
+
+    Epochs of 32 samples are short: a worker found at one moment may be one whose loader is already done
+    (its death then goes unnoticed, rightly), so the loader workers are killed again until the run stops."""
     child = start_long_run_and_wait_for_second_epoch(luna_root, tmp_path, *loader)
-    workers = _children(child.process.pid)
-    assert workers, "no loader worker found"
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
+    killed = 0
+    deadline = time.monotonic() + KILL_WINDOW_S
+    while child.process.poll() is None and time.monotonic() < deadline:
+        for pid in _forked_children(child.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.2)
+    assert killed, "no loader worker found"
     code, _, err = child.finish()
     assert_one_line_error(code, err, "DataLoader worker", "--num-workers", expected_code=1)
     assert min(assert_checkpoints_whole(tmp_path / "models").values()) >= 1
 
 
-def _children(pid: int) -> list[int]:
-    """Process ids of ``pid``'s children (Linux ``/proc``)."""
-    tasks = Path(f"/proc/{pid}/task")
-    return sorted({int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()})
+def _forked_children(pid: int) -> list[int]:
+    """Process ids of ``pid``'s forked children, the loader workers: same command line, unlike a helper
+    such as multiprocessing's resource tracker (Linux ``/proc``); none once ``pid`` has gone."""
+    try:
+        tasks = Path(f"/proc/{pid}/task")
+        children = {int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()}
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    forked = []
+    for child in sorted(children):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{child}/cmdline").read_bytes() == command:
+                forked.append(child)
+    return forked
 
 
 def _group_ends(group: int, timeout_s: float = 20.0) -> bool:
