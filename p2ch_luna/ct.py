@@ -10,7 +10,6 @@ with one line naming the file.
 from __future__ import annotations
 
 import glob
-
 import gzip
 import logging
 import math
