@@ -54,6 +54,7 @@ from .geometry import Geometry
 from .luna import (
     ANNOTATIONS_FILE,
     COORD_COLUMNS,
+    EXCLUDED_FILE,
     MALIGNANCY_FILE,
     attach_malignancy,
     read_annotations,
@@ -456,7 +457,10 @@ class Truth:
 
 
 def read_truth(data_root: Path, excluded_path: Path | None = None) -> Truth | None:
-    """Annotations of ``data_root`` with malignancy attached; None when it has no annotations.csv."""
+    """Annotations of ``data_root`` with malignancy attached; None when it has no annotations.csv.
+
+    The FROC's excluded findings come from ``excluded_path``, else from ``annotations_excluded.csv`` in
+    ``data_root`` when it is there (as the official LUNA16 evaluation always uses it)."""
     annotations_path = data_root / ANNOTATIONS_FILE
     if not annotations_path.is_file():
         return None
@@ -465,6 +469,9 @@ def read_truth(data_root: Path, excluded_path: Path | None = None) -> Truth | No
     malignancy = read_malignancy(malignancy_path) if malignancy_path.is_file() else None
     nodules["is_malignant"] = attach_malignancy(nodules, malignancy)
     excluded = None
+    if excluded_path is None and (data_root / EXCLUDED_FILE).is_file():
+        excluded_path = data_root / EXCLUDED_FILE
+        log.info("FROC: marks on the findings of %s are ignored, as in the LUNA16 evaluation", excluded_path)
     if excluded_path is not None:
         excluded = read_csv_checked(excluded_path, ["seriesuid", *COORD_COLUMNS, "diameter_mm"],
                                     [*COORD_COLUMNS, "diameter_mm"], what="excluded annotations")
@@ -650,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write report.json, findings.csv, a PNG per finding (and froc.png) here")
     output.add_argument("--save-mask", action="store_true", help="with --output: the segmentation mask per series")
     output.add_argument("--annotations-excluded", type=Path, metavar="FILE",
-                        help="LUNA16 annotations_excluded.csv for the FROC")
+                        help="LUNA16 annotations_excluded.csv for the FROC (default: that file in the data "
+                             "root, when it is there)")
     return parser
 
 

@@ -42,6 +42,8 @@ ANNOTATIONS_FILE = "annotations.csv"
 CANDIDATES_FILES = ("candidates_V2.csv", "candidates_V2/candidates_V2.csv", "candidates.csv")
 """Looked for in this order under the data root; the first that exists is read."""
 MALIGNANCY_FILE = "annotations_with_malignancy.csv"
+EXCLUDED_FILE = "annotations_excluded.csv"
+"""LUNA16's findings that are neither nodules nor false positives in its FROC (optional)."""
 VALIDATION_STRIDE = 10
 """Every 10th series (sorted by UID) is validation, as in the book."""
 DIAMETER_MATCH_FRACTION = 0.25

@@ -12,6 +12,7 @@ import torch
 
 from p2ch_luna import diagnose
 from p2ch_luna.ct import Ct, load_ct
+from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.lungs import find_lungs
 from p2ch_luna.models import build_model
@@ -160,6 +161,20 @@ def test_scoring_synthetic_truth_fills_the_confusion_table(tiny_dataset: Path) -
     missed = len(nodules[nodules["series_uid"] == first])
     assert score(results, truth, uids, config).total[1:, 0].sum() == missed
 
+
+
+def test_truth_takes_annotations_excluded_from_the_data_root_unless_given(tmp_path: Path) -> None:
+    header = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+    (tmp_path / "annotations.csv").write_text(header + "1.2.3,0,0,0,6\n")
+    assert diagnose.read_truth(tmp_path).excluded is None
+    (tmp_path / "annotations_excluded.csv").write_text(header + "1.2.3,10,0,0,-1\n1.2.3,20,0,0,-1\n")
+    assert len(diagnose.read_truth(tmp_path).excluded) == 2
+    given = tmp_path / "other.csv"
+    given.write_text(header + "1.2.3,30,0,0,-1\n")
+    assert diagnose.read_truth(tmp_path, given).excluded["coordX"].tolist() == [30.0]
+    (tmp_path / "annotations_excluded.csv").write_text("seriesuid,x\n")
+    with pytest.raises(DataError, match="annotations_excluded.csv"):
+        diagnose.read_truth(tmp_path)
 
 @pytest.mark.slow
 def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untrained_models: Path,
