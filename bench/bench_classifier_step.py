@@ -203,7 +203,8 @@ def print_profile(step, device: torch.device) -> None:
                                                                 max_shapes_column_width=70), flush=True)
     for key, tile in small_conv.TILE_CHOICE.chosen.items():
         form = tile or "torch (no launch form agreed)"
-        print(f"tile: {key[0]:<12s} C={key[1]:<3d} K={key[2]:<3d} {key[3]} {key[4:7]} {key[7]} voxels: {form}")
+        print(f"tile: {key[0]:<12s} C={key[1]:<3d} K={key[2]:<3d} {key[3]} {key[4:7]} {key[7]} voxels "
+              f"{key[9:]}: {form}")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("tiles chosen:")
     for key, tile in small_conv.TILE_CHOICE.chosen.items():
         form = tile or "torch (no launch form agreed)"
-        print(f"  {key[0]:<12s} C={key[1]:<3d} K={key[2]:<3d} {str(key[3]):<15s} {key[4:7]} {key[7]}: {form}")
+        print(f"  {key[0]:<12s} C={key[1]:<3d} K={key[2]:<3d} {str(key[3]):<15s} {key[4:7]} {key[7]} {key[9:]}: "
+              f"{form}")
     return 0
 
 

@@ -137,20 +137,24 @@ def test_relative_difference_compares_volumes_in_chunks(monkeypatch: pytest.Monk
 
 
 class _FaultyKernels:
-    """The kernels module with one launch form miscompiled: its results come out negated."""
+    """The kernels module with one launch form miscompiled: the outputs at ``outputs[kernel]`` (the position
+    of that output among the launch's arguments) come out negated."""
 
-    def __init__(self, faulty: small_conv.Tile) -> None:
+    ALL_OUTPUTS = {"conv3x3x3_kernel": 3, "conv3x3x3_weight_grad_kernel": 2}
+
+    def __init__(self, faulty: small_conv.Tile, outputs: dict[str, int] | None = None) -> None:
         self.real, self.faulty = small_conv.kernels(), faulty
+        self.outputs = self.ALL_OUTPUTS if outputs is None else outputs
 
     def __getattr__(self, name: str) -> object:
-        kernel, output = getattr(self.real, name), {"conv3x3x3_kernel": 3, "conv3x3x3_weight_grad_kernel": 2}[name]
+        kernel, output = getattr(self.real, name), self.outputs.get(name)
         faulty = self.faulty
 
         class Launcher:
             def __getitem__(self, grid: tuple) -> Callable[..., None]:
                 def launch(*args: torch.Tensor, **options: object) -> None:
                     kernel[grid](*args, **options)
-                    if (options["BLOCK_M"], options["BLOCK_R"], options["BITMASK"]) == (
+                    if output is not None and (options["BLOCK_M"], options["BLOCK_R"], options["BITMASK"]) == (
                             faulty.block_m, faulty.block_r, faulty.bitmask):
                         args[output].neg_()
                 return launch
@@ -189,6 +193,29 @@ def test_a_miscompiled_form_is_never_used_and_torch_stands_in_when_no_form_is_ri
             assert ("no launch form reproduces torch's result" in caplog.text) == (chosen is None)
             caplog.clear()
 
+
+
+@needs_kernels
+def test_a_form_with_a_wrong_bias_gradient_alone_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weight-gradient kernel's bias gradient is checked on its own, not hidden in the weights' norm."""
+    good, bad = small_conv.Tile(64, 32), small_conv.Tile(128, 64)
+    faulty_kernels = _FaultyKernels(bad, {"conv3x3x3_weight_grad_kernel": 3})  # the bias partial sums
+    monkeypatch.setattr(small_conv, "kernels", lambda: faulty_kernels)
+    monkeypatch.setattr(small_conv, "FORWARD_TILES", (bad, good))
+    monkeypatch.setattr(small_conv, "WEIGHT_GRAD_TILES", (bad, good))
+    for device in _kernel_devices():
+        monkeypatch.setattr(small_conv, "TILE_CHOICE", small_conv.TileChoice(checked_device_types=("cpu", "cuda")))
+        generator = torch.Generator(device=device).manual_seed(12)
+        x = _channels_last(torch.randn(2, 4, 3, 5, 4, device=device, generator=generator))
+        weight = torch.randn(6, 4, 3, 3, 3, device=device, generator=generator).requires_grad_()
+        bias = torch.randn(6, device=device, generator=generator).requires_grad_()
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            y = small_conv.convolution(x, weight, bias, False)
+            upstream = torch.randn(y.shape, device=device, generator=generator)
+            weight_grad, bias_grad = torch.autograd.grad(y, [weight, bias], upstream)
+        torch.testing.assert_close(bias_grad, upstream.sum((0, 2, 3, 4)), rtol=1e-5, atol=1e-4)
+        chosen = {key[0]: tile for key, tile in small_conv.TILE_CHOICE.chosen.items()}
+        assert chosen == {"forward": bad, "weight_grad": good}
 
 @needs_kernels
 @pytest.mark.parametrize("in_channels, out_channels", [(1, 8), (8, 8), (8, 16), (16, 8), (3, 5)])

@@ -231,9 +231,17 @@ def usable_tiles(tiles: tuple[Tile, ...], reduction: int) -> list[Tile]:
     return [tile for tile in tiles if tile.block_r < 2 * reduction] or [min(tiles, key=lambda t: t.block_r)]
 
 
-def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+Result = torch.Tensor | tuple[torch.Tensor, ...]
+"""A kernel's output, or several (the weight gradient and the bias gradient), each checked on its own."""
+
+
+def relative_difference(got: Result, expected: Result) -> float:
     """``||got - expected|| / ||expected||``, summed in float64 a chunk at a time; NaN where either holds a
-    non-finite value. Volumes are compared in channels-last order (a view of the kernels' outputs)."""
+    non-finite value. Volumes are compared in channels-last order (a view of the kernels' outputs); for
+    several outputs, the largest of their differences."""
+    if isinstance(got, tuple):
+        differences = [relative_difference(part, reference) for part, reference in zip(got, expected, strict=True)]
+        return math.nan if any(math.isnan(d) for d in differences) else max(differences, default=0.0)
     got, expected = _flat(got.detach()), _flat(expected.detach())
     difference = reference = 0.0
     for got_part, expected_part in zip(got.split(DIFFERENCE_CHUNK), expected.split(DIFFERENCE_CHUNK)):
@@ -247,7 +255,7 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.permute(0, 2, 3, 4, 1) if tensor.dim() == 5 else tensor).reshape(-1)
 
 
-def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], torch.Tensor], expected: torch.Tensor,
+def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], Result], expected: Result,
                           seconds: Callable[[Tile], float] | None = None) -> Tile | None:
     """Among the tiles whose ``run(tile)`` agrees with ``expected`` (torch's result for the same problem)
     within ``TILE_TOLERANCE``, the one with the least ``seconds(tile)``, or without ``seconds`` the first;
@@ -288,8 +296,8 @@ class TileChoice:
         self.chosen: dict[tuple, Tile | None] = {}
         self.checked_device_types = checked_device_types
 
-    def choose(self, key: tuple, tiles: list[Tile], launch: Callable[[Tile], torch.Tensor], device: torch.device,
-               voxels: int, expected: Callable[[], torch.Tensor]) -> Tile | None:
+    def choose(self, key: tuple, tiles: list[Tile], launch: Callable[[Tile], Result], device: torch.device,
+               voxels: int, expected: Callable[[], Result]) -> Tile | None:
         """The tile for ``key``, or None; ``launch(tile)`` runs the kernel (repeatably) and returns its result,
         ``expected()`` computes that result with torch."""
         if key in self.chosen:
@@ -307,7 +315,7 @@ class TileChoice:
         return best
 
 
-def _cuda_milliseconds(launch: Callable[[Tile], torch.Tensor], tile: Tile, repeats: int = 3) -> float:
+def _cuda_milliseconds(launch: Callable[[Tile], Result], tile: Tile, repeats: int = 3) -> float:
     """Device time of ``repeats`` launches with ``tile`` (already compiled)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -353,7 +361,8 @@ def forward_pass(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             num_warps=tile.num_warps, num_stages=tile.num_stages)
         return y
 
-    key = ("forward", in_channels, out_channels, x.dtype, depth, height, width, size_class(voxels), x.device)
+    key = ("forward", in_channels, out_channels, x.dtype, depth, height, width, size_class(voxels), x.device,
+           bias_mode, rectify)  # each compiled specialisation is checked on its own
     with _device_guard(x):
         tile = TILE_CHOICE.choose(key, usable_tiles(FORWARD_TILES, TAPS * in_channels), launch, x.device,
                                   voxels, lambda: torch_forward_pass(x, weight, bias, rectify))
@@ -390,7 +399,7 @@ def weight_gradient(x: torch.Tensor, grad: torch.Tensor, with_bias: bool) -> tup
         torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1)
     holder: dict[str, torch.Tensor] = {}
 
-    def launch(tile: Tile) -> torch.Tensor:
+    def launch(tile: Tile) -> tuple[torch.Tensor, ...]:
         row_blocks = _ceil_div(reduction, tile.block_r)
         voxel_blocks = _ceil_div(voxels, tile.block_m)
         blocks_per_split = split_size(voxel_blocks, max(1, programs // row_blocks))
@@ -403,18 +412,23 @@ def weight_gradient(x: torch.Tensor, grad: torch.Tensor, with_bias: bool) -> tup
             C=in_channels, K=out_channels, K_PAD=columns, BIAS_GRAD=with_bias, PRECISION=dot_precision(x.dtype),
             BLOCK_M=tile.block_m, BLOCK_R=tile.block_r, BLOCKS_PER_SPLIT=blocks_per_split, BITMASK=tile.bitmask,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
-        return holder["weight"].sum(0)[:, :out_channels]
+        matrix = holder["weight"].sum(0)[:, :out_channels]
+        return (matrix, holder["bias"].sum(0)[:out_channels]) if with_bias else (matrix,)
 
-    key = ("weight_grad", in_channels, out_channels, x.dtype, depth, height, width, size_class(voxels), x.device)
+    def expected() -> tuple[torch.Tensor, ...]:
+        weight_grad, bias_grad = torch_weight_gradient(x, grad, with_bias)
+        matrix = weight_matrix(weight_grad, out_channels)
+        return (matrix, bias_grad) if with_bias else (matrix,)
+
+    key = ("weight_grad", in_channels, out_channels, x.dtype, depth, height, width, size_class(voxels), x.device,
+           with_bias)
     with _device_guard(x):
         tile = TILE_CHOICE.choose(key, usable_tiles(WEIGHT_GRAD_TILES, reduction), launch, x.device, voxels,
-                                  lambda: weight_matrix(torch_weight_gradient(x, grad, False)[0], out_channels))
+                                  expected)
         if tile is None:
             return torch_weight_gradient(x, grad, with_bias)
-        matrix = launch(tile)
-    weight_grad = weight_from_matrix(matrix, out_channels, in_channels)
-    bias_grad = holder["bias"].sum(0)[:out_channels] if with_bias else None
-    return weight_grad, bias_grad
+        matrix, *bias_grad = launch(tile)
+    return weight_from_matrix(matrix, out_channels, in_channels), bias_grad[0] if with_bias else None
 
 
 def torch_weight_gradient(x: torch.Tensor, grad: torch.Tensor,
