@@ -185,8 +185,7 @@ def _self_test_errors(device: torch.device) -> list[float]:
     on_device = [t.detach().to(device, torch.float32).requires_grad_() for t in leaves]
     y = convolution(on_device[0].contiguous(memory_format=torch.channels_last_3d), on_device[1], on_device[2], True)
     grads = torch.autograd.grad(y, on_device, upstream.to(device, torch.float32))
-    return [float((got.detach().cpu().double() - want).norm() / want.norm())
-            for got, want in zip([y, *grads], [expected.detach(), *expected_grads])]
+    return [relative_difference(got.cpu(), want) for got, want in zip([y, *grads], [expected, *expected_grads])]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
