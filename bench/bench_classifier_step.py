@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import route_convolutions, step_rate, synchronize  # noqa: E402
 from p2ch_luna.engine import amp_settings, tune_backends  # noqa: E402
+from p2ch_luna.kernel_support import relative_difference  # noqa: E402
 from p2ch_luna.models import LunaModel, small_conv  # noqa: E402
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
 
@@ -180,7 +181,7 @@ def print_gradient_accuracy(device: torch.device, batch: int) -> None:
     print(f"gradient relative error against float32, batch {batch}:")
     print(f"  {'parameter':<24s} {'cuDNN bf16':>10s} {'default bf16':>13s}")
     for key, reference in grads["reference"].items():
-        errors = [small_conv.relative_difference(grads[name][key], reference)
+        errors = [relative_difference(grads[name][key], reference)
                   for name in ("cuDNN bf16", "default bf16")]
         print(f"  {key:<24s} {errors[0]:10.3f} {errors[1]:13.3f}", flush=True)
 

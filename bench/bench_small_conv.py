@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import synchronize  # noqa: E402
+from p2ch_luna.kernel_support import relative_difference  # noqa: E402
 from p2ch_luna.models import small_conv  # noqa: E402
 from p2ch_luna.models import LunaModel  # noqa: E402
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, POOL_FACTOR, LunaConv3d  # noqa: E402
@@ -69,11 +70,6 @@ def median_ms(run: Callable[[], object], repeats: int, device: torch.device) -> 
             run()
             times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
-
-
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.float()
-    return float((actual.float() - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

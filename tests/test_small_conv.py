@@ -12,6 +12,7 @@ from typing import Callable
 import pytest
 import torch
 
+from p2ch_luna import kernel_support
 from p2ch_luna.models import LunaModel, small_conv
 from p2ch_luna.models.classifier import LunaConv3d
 
@@ -126,14 +127,14 @@ def test_fastest_agreeing_tile_never_picks_a_tile_with_another_result(caplog: py
 
 def test_relative_difference_compares_volumes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunked float64 sums give the whole tensors' relative difference, whatever the memory layouts."""
-    monkeypatch.setattr(small_conv, "DIFFERENCE_CHUNK", 7)
+    monkeypatch.setattr(kernel_support, "DIFFERENCE_CHUNK", 7)
     generator = torch.Generator().manual_seed(5)
     expected = torch.randn(2, 3, 4, 5, 6, generator=generator)
     got = _channels_last(expected + 0.1 * torch.randn(expected.shape, generator=generator)).bfloat16()
-    assert small_conv.relative_difference(got, expected) == pytest.approx(_relative_error(got, expected), rel=1e-9)
-    assert small_conv.relative_difference(expected, expected) == 0.0
+    assert kernel_support.relative_difference(got, expected) == pytest.approx(_relative_error(got, expected), rel=1e-9)
+    assert kernel_support.relative_difference(expected, expected) == 0.0
     matrix = torch.randn(54, 5, generator=generator)
-    assert small_conv.relative_difference(matrix * 2, matrix) == pytest.approx(1.0)
+    assert kernel_support.relative_difference(matrix * 2, matrix) == pytest.approx(1.0)
 
 
 class _FaultyKernels:

@@ -35,14 +35,13 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
-import os
-import re
 from types import ModuleType
 from typing import Callable
 
 import torch
 from torch import nn
+
+from ..kernel_support import Result, compiling, interpreting, relative_difference, triton_usable
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,6 @@ TAPS = 27
 MIN_CAPABILITY = (8, 0)
 """bfloat16 tensor-core products, which the kernels compile to, need an Ampere or later GPU."""
 SELF_TEST_TOLERANCE = 1e-4
-MIN_TRITON = (3, 6)
-"""The oldest Triton the kernels were tested with (3.6 compiled on an H200; 3.6 and 3.9 interpreted)."""
 MIN_DOT_SIZE = 16
 """Triton's smallest reduction dimension of a matrix product (and the output width it pads to anyway)."""
 NARROW_DOT_SIZE = 8
@@ -64,8 +61,6 @@ SPLITS_PER_MULTIPROCESSOR = 16
 TILE_TOLERANCE = 2e-2
 """Largest relative difference from torch's result that a launch form may show on a problem (both round their
 bfloat16 outputs, about 4e-3 apart at most; a miscompiled form was 1.4 off)."""
-DIFFERENCE_CHUNK = 1 << 24
-"""Elements compared at a time, so the check needs no float64 copy of a whole activation."""
 TUNED_VOXELS = 1 << 20
 """Problems of fewer voxels take the first tile untimed (timing them costs more than any tile saves)."""
 
@@ -104,28 +99,10 @@ WEIGHT_GRAD_TILES = (Tile(128, 32), Tile(64, 64), Tile(64, 64, bitmask=True, nar
 @functools.cache
 def kernels() -> ModuleType | None:
     """The Triton kernels module, or None where Triton is not installed or older than ``MIN_TRITON``."""
-    try:
-        import triton
-    except ImportError:
-        return None
-    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    if version < MIN_TRITON:
-        logger.debug("small_conv: Triton %s is older than %s; cuDNN convolves instead", triton.__version__,
-                     ".".join(map(str, MIN_TRITON)))
+    if not triton_usable():
         return None
     from . import small_conv_kernels
     return small_conv_kernels
-
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the caller."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def shape_applies(conv: nn.Conv3d) -> bool:
@@ -228,30 +205,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 def usable_tiles(tiles: tuple[Tile, ...], reduction: int) -> list[Tile]:
     """The tiles whose reduction block is not more than twice the reduction (27 channels and C=1: 32 rows)."""
     return [tile for tile in tiles if tile.block_r < 2 * reduction] or [min(tiles, key=lambda t: t.block_r)]
-
-
-Result = torch.Tensor | tuple[torch.Tensor, ...]
-"""A kernel's output, or several (the weight gradient and the bias gradient), each checked on its own."""
-
-
-def relative_difference(got: Result, expected: Result) -> float:
-    """``||got - expected|| / ||expected||``, summed in float64 a chunk at a time; NaN where either holds a
-    non-finite value. Volumes are compared in channels-last order (a view of the kernels' outputs); for
-    several outputs, the largest of their differences."""
-    if isinstance(got, tuple):
-        differences = [relative_difference(part, reference) for part, reference in zip(got, expected, strict=True)]
-        return math.nan if any(math.isnan(d) for d in differences) else max(differences, default=0.0)
-    got, expected = _flat(got.detach()), _flat(expected.detach())
-    difference = reference = 0.0
-    for got_part, expected_part in zip(got.split(DIFFERENCE_CHUNK), expected.split(DIFFERENCE_CHUNK)):
-        expected_part = expected_part.double()
-        difference += float((got_part.double() - expected_part).square().sum())
-        reference += float(expected_part.square().sum())
-    return math.sqrt(difference) / max(math.sqrt(reference), torch.finfo(torch.float64).tiny)
-
-
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor.permute(0, 2, 3, 4, 1) if tensor.dim() == 5 else tensor).reshape(-1)
 
 
 def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], Result], expected: Result,
