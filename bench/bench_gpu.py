@@ -15,7 +15,8 @@ Every figure comes from this process, on the same synthetic data and device:
   channels-last, cuDNN autotuning, no host wait per batch), at the book's
   batch 32 in float32 and bfloat16, and at ``--large-batch`` (256) in bfloat16, eager and
   ``torch.compile``-d; for the classifier also with the plain loader (``--no-batch-ring``), with
-  every convolution on cuDNN (none on ``small_conv``'s Triton kernels), with CUDA graphs
+  every convolution on cuDNN (none on ``small_conv``'s Triton kernels), with the augmentation by
+  torch's operators (not ``resample``'s fused kernel), with CUDA graphs
   and, with ``--worker-sweep``, with other worker counts, with and without the ring;
 - segmenter training (7x64x64 crops): the book-style loop of
   ``bench_segmentation.py`` (pickled float32 chunks memoised in a diskcache
@@ -242,21 +243,27 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
     def cudnn_convolutions(model: nn.Module) -> None:
         bench_training.route_convolutions(model, 0)
 
-    def variant(workers: int, batch_ring: bool, compile_mode: str | None = None, cudnn: bool = False) -> Variant:
+    def variant(workers: int, batch_ring: bool, compile_mode: str | None = None, cudnn: bool = False,
+                fused_augment: bool = True) -> Variant:
         """Our loop at the large batch in bf16 with these workers, with or without the batch ring."""
-        config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=batch_ring)
+        config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=batch_ring,
+                                     augment=dataclasses.replace(base.augment, fused=fused_augment))
         loader = ", batch ring" if batch_ring else ", plain loader"
         name = (f"ours, batch {large}, bf16{loader}, {workers} workers"
-                + (", CUDA graphs" if compile_mode else "") + (", cuDNN convolutions" if cudnn else ""))
+                + (", CUDA graphs" if compile_mode else "") + (", cuDNN convolutions" if cudnn else "")
+                + ("" if fused_augment else ", unfused augmentation"))
         note = (f"--amp --batch-size {large} --num-workers {workers} --" + ("" if batch_ring else "no-") + "batch-ring"
                 + (" (compile mode reduce-overhead)" if compile_mode else "")
-                + (" (every convolution on cuDNN, none on the Triton kernels)" if cudnn else ""))
+                + (" (every convolution on cuDNN, none on the Triton kernels)" if cudnn else "")
+                + ("" if fused_augment else " (augmentation by torch's operators, not resample's kernel)"))
         return name, our_training(NoduleTask, config, compile_mode, device, args.seconds,
                                   cudnn_convolutions if cudnn else None), note
 
-    # Our defaults use the batch ring and small_conv's Triton kernels on CUDA. The plain loader, and every
-    # convolution on cuDNN, right after our large-batch loop, so a cut-short run still compares them.
-    early = [variant(args.workers, False), variant(args.workers, True, cudnn=True)]
+    # Our defaults use the batch ring, small_conv's Triton kernels and resample's fused augmentation on CUDA. The
+    # plain loader, every convolution on cuDNN and the augmentation by torch's operators right after our
+    # large-batch loop, so a cut-short run still compares them.
+    early = [variant(args.workers, False), variant(args.workers, True, cudnn=True),
+             variant(args.workers, True, fused_augment=False)]
     late = [] if args.skip_compile else [variant(args.workers, True, "reduce-overhead")]
     for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
         late += [variant(workers, False), variant(workers, True)]

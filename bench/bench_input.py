@@ -44,9 +44,11 @@ def input_rate(config: TrainConfig, device: torch.device, augment: bool, seconds
 
     def step() -> int:
         batch = move_to_device(next(iterator), device)
-        images = batch["image"].to(torch.float32)
+        images = batch["image"]
         if augment:
             images = augment_batch_3d(images, config.augment, generator)
+        images = images.to(torch.float32)
+        if augment:
             to_memory_format(images, config.channels_last)
         return len(batch["label"])
 

@@ -8,7 +8,7 @@
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
-# STEPS picks the steps (default all, in this order): tests, sweep, transfer, cutting, input, step, gpu,
+# STEPS picks the steps (default all, in this order): tests, sweep, augment, transfer, cutting, input, step, gpu,
 # layers, series.
 # Everything does not fit one 10-minute device call; split it. On an H200 on 2026-11-27,
 #   TEST_TIMEOUT=130 SWEEP_TIMEOUT=100 BENCH_TIMEOUT=240 LAYER_TIMEOUT=60 STEPS=tests,sweep,gpu,layers \
@@ -31,13 +31,13 @@ fi
 export PYTHONUNBUFFERED=1
 models=()
 if [ $# -gt 0 ] && [ -d "$1" ]; then models=(--models-dir "$1"); shift; fi
-steps=",${STEPS:-tests,sweep,transfer,cutting,input,step,gpu,layers,series},"
+steps=",${STEPS:-tests,sweep,augment,transfer,cutting,input,step,gpu,layers,series},"
 want() { [[ $steps == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 if want tests; then
     echo "== GPU tests"
     timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_augment.py \
-        tests/test_small_conv.py \
+        tests/test_small_conv.py tests/test_resample.py \
         2>&1 | tee "$out/tests.log" | tail -n 15
 fi
 if want sweep; then
@@ -45,6 +45,10 @@ if want sweep; then
     timeout "${SWEEP_TIMEOUT:-150}" python3 bench/bench_classifier_step.py --seconds 2 --triton-sweep \
         --accuracy-batch 64 2>&1 \
         | tee "$out/bench_triton_sweep.log"
+fi
+if want augment; then
+    echo "== bench_augment.py (the on-device augmentation alone: torch's operators against the fused kernel)"
+    timeout "${AUGMENT_TIMEOUT:-60}" python3 bench/bench_augment.py 2>&1 | tee "$out/bench_augment.log"
 fi
 if want transfer; then
     echo "== bench_batch_transfer.py (host only: what a worker-made batch costs the main process)"

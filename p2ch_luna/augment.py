@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import resample
+
 BOOK_OFFSET = 0.1
 BOOK_SEGMENTATION_OFFSET = 0.03
 BOOK_SCALE = 0.2
@@ -39,6 +41,8 @@ class AugmentConfig:
     scale: zoom each axis by a factor in [1 - scale, 1 + scale].
     rotate: rotate by a uniform angle about the index axis (3D) or in-plane (2D).
     noise: add Gaussian noise with this standard deviation, in the input's units (HU).
+    fused: on CUDA, resample and add the noise to 3-D batches in one Triton kernel (``resample``) where it
+    runs; otherwise, and with False, torch's operators do (other noise values, the same distribution).
     """
 
     flip: bool = False
@@ -46,6 +50,7 @@ class AugmentConfig:
     scale: float = 0.0
     rotate: bool = False
     noise: float = 0.0
+    fused: bool = True
 
     @classmethod
     def book(cls) -> AugmentConfig:
@@ -116,9 +121,20 @@ def add_noise(tensor: torch.Tensor, sigma: float, generator: torch.Generator) ->
 
 
 def augment_batch_3d(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Augment a (B, C, I, R, C) batch of classifier chunks, each sample differently."""
+    """Augment a (B, C, I, R, C) batch of classifier chunks, each sample differently.
+
+    A floating-point batch keeps its type; an integer one (int16 HU chunks) comes out float32. On CUDA the
+    resampling and the noise of an integer or float32 batch run as one kernel (``resample``, ``config.fused``).
+    """
+    fused = (config.fused and config.is_spatial and batch.is_cuda
+             and (batch.dtype == torch.float32 or not batch.is_floating_point()) and resample.runs_on(batch))
+    if not (fused or batch.is_floating_point()):
+        batch = batch.to(torch.float32)
     if config.is_spatial:
         affine = sample_affine_3d(batch.shape[0], config, generator, batch.device, tuple(batch.shape[2:]))
+        if fused:
+            seed = resample.noise_seed(generator) if config.noise else None
+            return resample.affine_resample_3d(batch, affine, config.noise, seed)
         batch = apply_affine_3d(batch, affine)
     if config.noise:
         batch = add_noise(batch, config.noise, generator)

@@ -11,7 +11,8 @@ that is also page-locked on CUDA. It owns the free slots: the batch sampler
 hands each batch's sample indices to a worker together with a free slot, the
 worker writes the batch's large arrays into that slot
 (:meth:`RingDataset.fill_batch`) and sends back only the small values. The
-main process starts the slot's copy to the device and frees the slot once that
+main process starts the slot's copy to the device, on a CUDA stream of its own
+so that it overlaps the model step already queued, and frees the slot once that
 copy is done (a CUDA event); on the CPU it keeps a private copy and frees the
 slot at once. The batches, and so the training, are the same as with the plain
 loader.
@@ -152,10 +153,12 @@ class RingLoader:
         check_shared_memory(ring_bytes(dataset, batch_size, workers))
         self.buffers = {key: torch.empty((slots, batch_size, *shape), dtype=dtype).share_memory_()
                         for key, (shape, dtype) in dataset.ring_arrays().items()}
+        self._copy_stream: torch.cuda.Stream | None = None
         if device.type == "cuda":
             for buffer in self.buffers.values():
                 _page_lock(buffer)
                 weakref.finalize(self, _page_unlock, buffer, os.getpid())
+            self._copy_stream = torch.cuda.Stream(device)
         self._free: collections.deque[int] = collections.deque(range(slots))
         self._dispatched: set[int] = set()
         self._copies: collections.deque[tuple[Any, int]] = collections.deque()
@@ -172,9 +175,30 @@ class RingLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             slot, size = batch.pop(SLOT_KEY), batch.pop(SIZE_KEY)
-            arrays = {key: _take(buffer[slot, :size], self.device) for key, buffer in self.buffers.items()}
-            self.copied(slot, _copy_done_event(self.device))
+            arrays, done = self._copy_out(slot, size)
+            self.copied(slot, done)
             yield {**arrays, **batch}
+
+    def _copy_out(self, slot: int, size: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """The slot's first ``size`` rows of each array, out of the slot, and the event that tells when the
+        slot is free again (None: at once).
+
+        On CUDA the copies run on a stream of their own, so that a batch's copy overlaps the model step
+        queued before it instead of running between two steps; the current stream waits for them before
+        it uses the arrays. On the CPU the rows are cloned.
+        """
+        if self._copy_stream is None:
+            return {key: buffer[slot, :size].clone() for key, buffer in self.buffers.items()}, None
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            arrays = {key: buffer[slot, :size].to(self.device, non_blocking=True)
+                      for key, buffer in self.buffers.items()}
+        done = torch.cuda.Event()
+        done.record(self._copy_stream)
+        consumer.wait_event(done)
+        for array in arrays.values():  # allocated on the copy stream, used and freed on the consumer's
+            array.record_stream(consumer)
+        return arrays, done
 
     def copied(self, slot: int, done: Any) -> None:
         """Record that ``slot``'s batch arrived and its copy out was queued; ``done`` (an event with
@@ -212,22 +236,8 @@ class RingLoader:
             self._free.append(slot)
 
 
-def _take(view: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A slot's rows, out of the slot: copied to the GPU (asynchronously), or cloned on the CPU."""
-    return view.to(device, non_blocking=True) if device.type == "cuda" else view.clone()
-
-
 def _pass_through(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
-
-
-def _copy_done_event(device: torch.device) -> torch.cuda.Event | None:
-    """An event that completes once the copies queued so far on ``device``'s stream are done (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
 
 
 def _page_lock(buffer: torch.Tensor) -> None:

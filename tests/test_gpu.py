@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,28 +146,35 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_batch_ring_on_cuda_gives_the_plain_loaders_batches(tiny_dataset: Path, tmp_path: Path) -> None:
-    """Slots page-locked with cudaHostRegister, copied asynchronously and reused: the same batches."""
-    from p2ch_luna.batch_ring import RingLoader, ring_slots
+def _ring_and_plain_loaders(data_root: Path, tmp_path: Path, batch_size: int, chunk_shape: tuple[int, int, int],
+                            epoch_size: int, seed: int) -> tuple[Any, Any]:
+    """A nodule training set's batch ring (one worker) and its plain loader, with the same balanced sampling."""
     from p2ch_luna.config import TrainConfig
-    from p2ch_luna.engine import move_to_device
     from p2ch_luna.paths import resolve_paths
     from p2ch_luna.sampling import BalancedSampler
     from p2ch_luna.tasks import RunContext, build_loader
     from p2ch_luna.tasks.classification import ClassificationOptions, NoduleTask
 
-    paths = resolve_paths(tiny_dataset, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
-    config = TrainConfig(task="nodule", paths=paths, batch_size=4, num_workers=1,
-                         task_options=ClassificationOptions(chunk_shape=(8, 12, 12)))
+    paths = resolve_paths(data_root, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
+    config = TrainConfig(task="nodule", paths=paths, batch_size=batch_size, num_workers=1,
+                         task_options=ClassificationOptions(chunk_shape=chunk_shape))
     context = RunContext(config, CUDA)
     dataset = NoduleTask(context).datasets()[0]
 
     def sampler() -> BalancedSampler:
-        return BalancedSampler(dataset.labels, ratio=2, epoch_size=40, seed=1)
+        return BalancedSampler(dataset.labels, ratio=2, epoch_size=epoch_size, seed=seed)
 
-    ring = build_loader(dataset, sampler(), context, ring=True)
+    return build_loader(dataset, sampler(), context, ring=True), build_loader(dataset, sampler(), context)
+
+
+def test_batch_ring_on_cuda_gives_the_plain_loaders_batches(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Slots page-locked with cudaHostRegister, copied asynchronously and reused: the same batches."""
+    from p2ch_luna.batch_ring import RingLoader, ring_slots
+    from p2ch_luna.engine import move_to_device
+
+    ring, plain_loader = _ring_and_plain_loaders(tiny_dataset, tmp_path, 4, (8, 12, 12), epoch_size=40, seed=1)
     assert isinstance(ring, RingLoader) and all(buffer.is_pinned() for buffer in ring.buffers.values())
-    plain = [move_to_device(batch, CUDA) for batch in build_loader(dataset, sampler(), context)]
+    plain = [move_to_device(batch, CUDA) for batch in plain_loader]
     ringed = [move_to_device(batch, CUDA) for batch in ring]
     assert len(ringed) == len(plain) == 10 > ring_slots(1)
     torch.cuda.synchronize()
@@ -174,3 +182,20 @@ def test_batch_ring_on_cuda_gives_the_plain_loaders_batches(tiny_dataset: Path, 
         assert got["image"].device.type == "cuda"
         for key in ("image", "label", "center_irc", "index"):
             assert torch.equal(got[key], expected[key]), key
+
+
+def test_batch_ring_copies_overlap_the_step_but_the_step_waits_for_them(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The ring copies on a stream of its own: work queued on the current stream right after a batch arrives
+    sees that batch's values, even when its copy is held up behind a slow kernel on the copy stream."""
+    ring, plain_loader = _ring_and_plain_loaders(tiny_dataset, tmp_path, 16, (16, 24, 24), epoch_size=96, seed=3)
+    expected = [batch["image"].to(torch.float64).sum(dim=(1, 2, 3, 4)) for batch in plain_loader]
+    sums = []
+    for batch in ring:
+        with torch.cuda.stream(ring._copy_stream):
+            torch.cuda._sleep(20_000_000)  # holds up the next batch's copy by some milliseconds
+        assert batch["image"].is_cuda
+        sums.append(batch["image"].to(torch.float64).sum(dim=(1, 2, 3, 4)))  # queued on the current stream
+    torch.cuda.synchronize()
+    assert len(sums) == len(expected) == 6
+    for got, want in zip(sums, expected):
+        assert torch.equal(got.cpu(), want)

@@ -140,9 +140,10 @@ class ClassificationTask(Task):
 
     def compute_loss(self, model: nn.Module, batch: Batch, augment: bool,
                      generator: torch.Generator) -> tuple[torch.Tensor, Outputs]:
-        images = batch["image"].to(torch.float32)
+        images = batch["image"]
         if augment and (self.config.augment.is_spatial or self.config.augment.noise):
             images = augment_batch_3d(images, self.config.augment, generator)
+        images = images.to(torch.float32)
         images = to_memory_format(images, self.config.channels_last)
         labels = batch["label"]
         logits = model(images)
