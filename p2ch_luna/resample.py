@@ -36,6 +36,9 @@ MAX_ELEMENTS = 2**31 - 1
 """The kernel indexes voxels with 32-bit integers."""
 SELF_TEST_TOLERANCE = 1e-5
 """Largest relative difference from float64 ``grid_sample`` the self-test accepts (float32 rounding is ~1e-7)."""
+SELF_TEST_SIGMA = 100.0
+NOISE_TOLERANCE = 0.15
+"""Largest relative deviation of the self-test noise's mean and spread (768 draws: about 0.03 by chance)."""
 SEED_LIMIT = 2**62
 """Noise seeds are drawn from [0, SEED_LIMIT)."""
 
@@ -92,31 +95,37 @@ def affine_resample_3d(volumes: torch.Tensor, affine: torch.Tensor, noise_sigma:
 @functools.cache
 @torch.compiler.disable
 def works_on(device: torch.device) -> bool:
-    """Whether the kernel compiles on ``device`` and resamples a small batch as float64 ``grid_sample`` does:
-    checked once per process and device, so that a machine where Triton cannot build or computes wrong
-    augments with torch's operators, with a warning, instead of failing or training on wrong chunks."""
+    """Whether the kernel compiles on ``device``, resamples a small batch as float64 ``grid_sample`` does and
+    draws noise of the asked spread: checked once per process and device, so that a machine where Triton
+    cannot build or computes wrong augments with torch's operators, with a warning, instead of failing or
+    training on wrong chunks."""
     try:
-        error = _self_test_error(device)
+        resample_error, noise_error = _self_test_errors(device)
     except Exception as failure:  # any failure to build or run: torch's operators stay in charge
         logger.warning("resample: the Triton kernel does not run on %s (%s: %s); torch's operators augment "
                        "instead", device, type(failure).__name__, failure)
         return False
-    if not error < SELF_TEST_TOLERANCE:
-        logger.warning("resample: the Triton kernel computes wrong on %s (relative error %.2g); torch's operators "
-                       "augment instead", device, error)
+    if not (resample_error < SELF_TEST_TOLERANCE and noise_error < NOISE_TOLERANCE):
+        logger.warning("resample: the Triton kernel computes wrong on %s (relative error %.2g, noise off by %.2g); "
+                       "torch's operators augment instead", device, resample_error, noise_error)
         return False
     return True
 
 
-def _self_test_error(device: torch.device) -> float:
-    """Relative error of the kernel on a small int16 batch with mirroring, zoom, rotation and shifts past the
-    borders, against float64 ``grid_sample`` on the CPU."""
+def _self_test_errors(device: torch.device) -> tuple[float, float]:
+    """On a small int16 batch of one channel (as the classifier's) with mirroring, zoom, rotation and shifts
+    past the borders: the kernel's relative error against float64 ``grid_sample`` on the CPU, and how far
+    its noise's mean and standard deviation lie from 0 and the asked sigma, relative to sigma."""
     generator = torch.Generator().manual_seed(0)
-    volumes = torch.randint(-1000, 1000, (3, 2, 5, 7, 6), generator=generator, dtype=torch.int16)
-    affine = torch.eye(3, 4).repeat(3, 1, 1) * torch.tensor([-1.0, 1.2, 0.8]).view(3, 1, 1)
-    affine += 0.4 * torch.randn(3, 3, 4, generator=generator)
-    return relative_difference(affine_resample_3d(volumes.to(device), affine.to(device)).cpu(),
-                               reference_resample_3d(volumes, affine))
+    volumes = torch.randint(-1000, 1000, (4, 1, 4, 6, 8), generator=generator, dtype=torch.int16)
+    affine = torch.eye(3, 4).repeat(4, 1, 1) * torch.tensor([-1.0, 1.2, 0.8, 1.0]).view(4, 1, 1)
+    affine += 0.4 * torch.randn(4, 3, 4, generator=generator)
+    on_device = volumes.to(device), affine.to(device)
+    resampled = affine_resample_3d(*on_device).cpu()
+    seed = torch.tensor([12345], dtype=torch.int64, device=device)
+    noise = affine_resample_3d(*on_device, SELF_TEST_SIGMA, seed).cpu() - resampled
+    noise_error = max(abs(float(noise.std()) / SELF_TEST_SIGMA - 1), abs(float(noise.mean())) / SELF_TEST_SIGMA)
+    return relative_difference(resampled, reference_resample_3d(volumes, affine)), noise_error
 
 
 def reference_resample_3d(volumes: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:

@@ -89,16 +89,21 @@ def test_runs_on_only_what_the_kernel_takes(monkeypatch: pytest.MonkeyPatch) -> 
     assert not resample.runs_on(torch.zeros(1, 1, 2, 2, 2))  # the CPU computes with torch's operators
 
 
-@pytest.mark.parametrize("fault, message", [(RuntimeError("no C compiler"), "does not run"), (None, "computes wrong")])
+@pytest.mark.parametrize("fault, errors, message", [
+    (RuntimeError("no C compiler"), None, "does not run"),
+    (None, (0.3, 0.0), "computes wrong on cpu (relative error 0.3"),
+    (None, (0.0, 0.5), "noise off by 0.5"),
+])
 def test_a_kernel_that_fails_or_computes_wrong_is_not_used(monkeypatch: pytest.MonkeyPatch,
                                                            caplog: pytest.LogCaptureFixture,
-                                                           fault: Exception | None, message: str) -> None:
-    def self_test(device: torch.device) -> float:
+                                                           fault: Exception | None, errors: tuple[float, float],
+                                                           message: str) -> None:
+    def self_test(device: torch.device) -> tuple[float, float]:
         if fault is not None:
             raise fault
-        return 0.3
+        return errors
 
-    monkeypatch.setattr(resample, "_self_test_error", self_test)
+    monkeypatch.setattr(resample, "_self_test_errors", self_test)
     resample.works_on.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="p2ch_luna.resample"):
@@ -111,7 +116,8 @@ def test_a_kernel_that_fails_or_computes_wrong_is_not_used(monkeypatch: pytest.M
 @needs_kernel
 def test_the_self_test_passes_where_the_kernel_runs() -> None:
     for device in _kernel_devices():
-        assert resample._self_test_error(device) < resample.SELF_TEST_TOLERANCE
+        resample_error, noise_error = resample._self_test_errors(device)
+        assert resample_error < resample.SELF_TEST_TOLERANCE and noise_error < resample.NOISE_TOLERANCE
 
 
 def test_integer_batches_augment_as_their_float_copies_on_the_cpu() -> None:
