@@ -21,7 +21,8 @@ Every figure comes from this process, on the same synthetic data and device:
 - segmenter training (7x64x64 crops): the book-style loop of
   ``bench_segmentation.py`` (pickled float32 chunks memoised in a diskcache
   ``FanoutCache``, batch 16, one augmentation transform per batch, float32
-  U-Net ending in a sigmoid, Adam) against our task and engine, likewise;
+  U-Net ending in a sigmoid, Adam) against our task and engine, likewise, and at ``--large-batch``
+  also with the plain loader (``--no-batch-ring``);
 - the model step alone (random batch already on the GPU), the ceiling that
   the data path has to keep up with;
 - diagnosis of one synthetic 512x512 CT: the book-style path of
@@ -319,7 +320,12 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
                                    device, monitor)
         return run
 
-    return training_figures(section, book, ours, model_step, 16, "book batch", args, device)
+    large = args.large_batch
+    plain_loader = dataclasses.replace(base, batch_size=large, amp=True, batch_ring=False)
+    early = [(f"ours, batch {large}, bf16, plain loader", our_training(SegmentationTask, plain_loader, None, device,
+                                                                       args.seconds),
+              f"--amp --batch-size {large} --no-batch-ring")]
+    return training_figures(section, book, ours, model_step, 16, "book batch", args, device, early)
 
 
 def training_figures(section: str, book: Callable[[UtilisationMonitor], float],

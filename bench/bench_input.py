@@ -1,8 +1,9 @@
-"""The classifier's input path alone: samples/s that our loader delivers to the device, with and
+"""A training input path alone: samples/s that our loader delivers to the device, with and
 without the on-device augmentation, for several DataLoader worker counts, through the plain
-DataLoader and through the batch ring (``--batch-ring``), with their ratio.
+DataLoader and through the batch ring (``--batch-ring``), with their ratio; the classifier's
+(``--task nodule``) or the segmenter's (``--task segmentation``).
 
-    python bench/bench_input.py [--device cuda] [--workers 4 8 16] [--batch-size 256] [--seconds 5]
+    python bench/bench_input.py [--task nodule] [--device cuda] [--workers 4 8 16] [--batch-size 256] [--seconds 5]
 
 Both loaders first show that they give the same samples. Compare with
 ``bench_classifier_step.py`` (the model step alone): training runs at roughly
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import step_rate  # noqa: E402
-from p2ch_luna.augment import AugmentConfig, augment_batch_3d  # noqa: E402
+from p2ch_luna.augment import AugmentConfig, augment_batch_2d, augment_batch_3d  # noqa: E402
 from p2ch_luna.config import TrainConfig  # noqa: E402
 from p2ch_luna.engine import move_to_device  # noqa: E402
 from p2ch_luna.paths import resolve_paths  # noqa: E402
@@ -32,25 +33,34 @@ from p2ch_luna.synth import generate_dataset  # noqa: E402
 from p2ch_luna.tasks import RunContext  # noqa: E402
 from p2ch_luna.tasks.base import to_memory_format  # noqa: E402
 from p2ch_luna.tasks.classification import NoduleTask  # noqa: E402
+from p2ch_luna.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
 
 WARMUP_BATCHES = 8
+TASKS = {"nodule": NoduleTask, "segmentation": SegmentationTask}
+
+
+def prepared_images(task: str, batch: dict, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """What the task's training step makes of a batch on the device before the model: float, augmented
+    (and channels-last for the classifier)."""
+    if task == "nodule":
+        images = augment_batch_3d(batch["image"], config.augment, generator).to(torch.float32)
+        return to_memory_format(images, config.channels_last)
+    return augment_batch_2d(batch["image"].to(torch.float32), batch["mask"], config.augment, generator)[0]
 
 
 def input_rate(config: TrainConfig, device: torch.device, augment: bool, seconds: float) -> float:
     """Samples/s of loader -> device (-> float, augmentation, channels-last when ``augment``)."""
-    task = NoduleTask(RunContext(config, device))
+    task = TASKS[config.task](RunContext(config, device))
     generator = make_generator(config.seed, 1, device)
     iterator = iter(task.train_loader())
 
     def step() -> int:
         batch = move_to_device(next(iterator), device)
-        images = batch["image"]
         if augment:
-            images = augment_batch_3d(images, config.augment, generator)
-        images = images.to(torch.float32)
-        if augment:
-            to_memory_format(images, config.channels_last)
-        return len(batch["label"])
+            prepared_images(config.task, batch, config, generator)
+        else:
+            batch["image"].to(torch.float32)
+        return len(batch["image"])
 
     return step_rate(step, seconds, device, WARMUP_BATCHES)
 
@@ -58,12 +68,12 @@ def input_rate(config: TrainConfig, device: torch.device, augment: bool, seconds
 def check_same_batches(config: TrainConfig, device: torch.device, batches: int = 3) -> None:
     """Raise unless the plain loader and the batch ring give the same first batches."""
     def first(batch_ring: bool) -> list[dict]:
-        loader = NoduleTask(RunContext(dataclasses.replace(config, batch_ring=batch_ring), device)).train_loader()
-        iterator = iter(loader)
+        task = TASKS[config.task](RunContext(dataclasses.replace(config, batch_ring=batch_ring), device))
+        iterator = iter(task.train_loader())
         return [move_to_device(next(iterator), device) for _ in range(batches)]
 
     for plain, ring in zip(first(False), first(True)):
-        if not (torch.equal(plain["image"], ring["image"]) and torch.equal(plain["index"], ring["index"])):
+        if not all(torch.equal(plain[key], ring[key]) for key in plain if isinstance(plain[key], torch.Tensor)):
             raise RuntimeError("the batch ring gave other samples than the plain loader")
 
 
@@ -91,11 +101,27 @@ def nodule_data(work: Path, series: int, batch_size: int, device: torch.device) 
     return base
 
 
+def task_data(task: str, work: Path, series: int, batch_size: int, device: torch.device) -> TrainConfig:
+    """``nodule_data``, or for the segmenter the same series with their volumes and masks cached and a
+    config with the book's segmentation augmentation."""
+    base = nodule_data(work, series, batch_size, device)
+    if task == "nodule":
+        return base
+    segmentation = TrainConfig(task="segmentation", paths=base.paths, batch_size=batch_size,
+                               augment=AugmentConfig.book_segmentation(), epoch_size=base.epoch_size, seed=0,
+                               task_options=SegmentationOptions())
+    SegmentationTask(RunContext(segmentation, device)).train_loader()  # builds and caches the masks
+    return segmentation
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = input_arguments(__doc__, [4, 8, 16]).parse_args(argv)
+    parser = input_arguments(__doc__, [4, 8, 16])
+    parser.add_argument("--task", choices=sorted(TASKS), default="nodule",
+                        help="whose input path: the classifier's 1x32x48x48 chunks or the segmenter's 7x64x64 crops")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_input_") as folder:
-        base = nodule_data(Path(folder), args.series, args.batch_size, device)
+        base = task_data(args.task, Path(folder), args.series, args.batch_size, device)
         check_same_batches(dataclasses.replace(base, num_workers=min(args.workers)), device)
         for workers in args.workers:
             for augment in (False, True):

@@ -18,6 +18,8 @@ so edge slices repeat. The label is the nodule mask of the centre slice.
 
 Samples are dicts: ``image`` int16 ``(2*context+1, H, W)`` (converted to float
 on the device), ``mask`` bool ``(1, H, W)``, ``series_uid``, ``slice_index``.
+The training set also cuts whole batches straight into batch arrays, and into
+the shared buffers of a batch ring (:mod:`p2ch_luna.batch_ring`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Iterator, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
@@ -107,12 +110,22 @@ class SegmentationSeries:
 
     def mask_slice(self, series_uid: str, slice_index: int) -> np.ndarray:
         """Boolean ``(R, C)`` nodule mask of one slice."""
+        return unpack_mask(self._packed_mask(series_uid)[slice_index], self.shapes[series_uid][2])
+
+    def mask_window(self, series_uid: str, slice_index: int, rows: slice, cols: slice) -> np.ndarray:
+        """Boolean nodule mask of one slice's ``rows`` x ``cols`` (inside the CT), unpacking only those bits."""
+        first_byte, end_byte = cols.start // 8, -(-cols.stop // 8)
+        bits = np.unpackbits(self._packed_mask(series_uid)[slice_index, rows, first_byte:end_byte], axis=-1)
+        start = cols.start - 8 * first_byte
+        return bits[:, start : start + cols.stop - cols.start].astype(bool)
+
+    def _packed_mask(self, series_uid: str) -> np.ndarray:
         packed = self._masks.get(series_uid)
         if packed is None:
             packed = cached_packed_mask(self.cache, series_uid, self.annotations, self.mask_options.mode,
                                         self.mask_options.threshold_hu)
             self._masks[series_uid] = packed
-        return unpack_mask(packed[slice_index], self.shapes[series_uid][2])
+        return packed
 
 
 def context_indices(slice_index: int, n_slices: int, context: int = CONTEXT_SLICES) -> np.ndarray:
@@ -127,23 +140,32 @@ def read_sample(series: SegmentationSeries, series_uid: str, slice_index: int,
 
     Parts of the window outside the CT are filled with air and no mask.
     """
-    volume = series.volume(series_uid)
-    n_slices, height, width = volume.shape
+    _, height, width = series.volume(series_uid).shape
     rows = rows or (0, height)
     cols = cols or (0, width)
+    image = np.empty((2 * context + 1, rows[1] - rows[0], cols[1] - cols[0]), dtype=np.int16)
+    mask = np.empty((1, *image.shape[1:]), dtype=bool)
+    write_window(series, series_uid, slice_index, rows, cols, image, mask)
+    return {"image": image, "mask": mask, "series_uid": series_uid, "slice_index": int(slice_index)}
+
+
+def write_window(series: SegmentationSeries, series_uid: str, slice_index: int, rows: tuple[int, int],
+                 cols: tuple[int, int], image: np.ndarray, mask: np.ndarray) -> None:
+    """Write one slice's ``rows`` × ``cols`` window with ``(len(image) - 1) / 2`` context slices on each side
+    into ``image`` (C, H, W) and its nodule mask into ``mask`` (1, H, W); parts outside the CT get air and no
+    mask."""
+    volume = series.volume(series_uid)
+    n_slices, height, width = volume.shape
     inside = tuple(slice(max(start, 0), min(end, size)) for (start, end), size in ((rows, height), (cols, width)))
-    image = np.array(volume[(context_indices(slice_index, n_slices, context), *inside)], dtype=np.int16)
-    label = np.array(series.mask_slice(series_uid, slice_index)[inside][None], dtype=bool)
-    window = (rows[1] - rows[0], cols[1] - cols[0])
-    if image.shape[1:] != window:
-        placed = tuple(slice(region.start - start, region.stop - start)
-                       for region, (start, _) in zip(inside, (rows, cols)))
-        padded_image = np.full((image.shape[0], *window), HU_MIN, dtype=np.int16)
-        padded_image[(slice(None), *placed)] = image
-        padded_label = np.zeros((1, *window), dtype=bool)
-        padded_label[(slice(None), *placed)] = label
-        image, label = padded_image, padded_label
-    return {"image": image, "mask": label, "series_uid": series_uid, "slice_index": int(slice_index)}
+    placed = tuple(slice(region.start - start, region.stop - start) for region, (start, _) in zip(inside, (rows, cols)))
+    if any(region.stop - region.start != end - start for region, (start, end) in zip(inside, (rows, cols))):
+        image.fill(HU_MIN)
+        mask.fill(False)
+    if any(region.stop <= region.start for region in inside):
+        return
+    context = (image.shape[0] - 1) // 2
+    image[(slice(None), *placed)] = volume[(context_indices(slice_index, n_slices, context), *inside)]
+    mask[(0, *placed)] = series.mask_window(series_uid, slice_index, *inside)
 
 
 def crop_start(center: int, size: int, rng: np.random.Generator,
@@ -169,6 +191,34 @@ class SegmentationTrainDataset(Dataset):
         return len(self.series.nodules)
 
     def __getitem__(self, item: tuple[int, int]) -> SegmentationSample:
+        return read_sample(self.series, *self._window(item), self.context)
+
+    def __getitems__(self, items: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """A whole collated batch at once (the DataLoader's batched-fetch hook): crops written straight into
+        the batch arrays, no per-item arrays or collate."""
+        tensors = {key: torch.empty((len(items), *shape), dtype=dtype)
+                   for key, (shape, dtype) in self.ring_arrays().items()}
+        return {**tensors, **self.fill_batch(items, {key: tensor.numpy() for key, tensor in tensors.items()})}
+
+    def ring_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-sample shape and dtype of the batch's large arrays (see :mod:`p2ch_luna.batch_ring`)."""
+        return {"image": ((2 * self.context + 1, self.crop, self.crop), torch.int16),
+                "mask": ((1, self.crop, self.crop), torch.bool)}
+
+    def fill_batch(self, items: Sequence[tuple[int, int]], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Write the crops of ``items`` into ``arrays["image"]`` (B, C, H, W) and their masks into
+        ``arrays["mask"]`` (B, 1, H, W); the batch's other values."""
+        series_uids, slice_indices = [], []
+        for position, item in enumerate(items):
+            series_uid, slice_index, rows, cols = self._window(item)
+            write_window(self.series, series_uid, slice_index, rows, cols, arrays["image"][position],
+                         arrays["mask"][position])
+            series_uids.append(series_uid)
+            slice_indices.append(slice_index)
+        return {"series_uid": series_uids, "slice_index": torch.tensor(slice_indices, dtype=torch.int64)}
+
+    def _window(self, item: tuple[int, int]) -> tuple[str, int, tuple[int, int], tuple[int, int]]:
+        """Series, slice, rows and columns of the crop that ``item`` draws."""
         nodule_index, crop_seed = item
         rng = np.random.default_rng(crop_seed)
         if nodule_index >= 0:
@@ -179,8 +229,7 @@ class SegmentationTrainDataset(Dataset):
         shape = self.series.shapes[series_uid]
         row = crop_start(center[1], shape[1], rng, self.window, self.crop)
         col = crop_start(center[2], shape[2], rng, self.window, self.crop)
-        return read_sample(self.series, series_uid, center[0], (row, row + self.crop), (col, col + self.crop),
-                           self.context)
+        return series_uid, int(center[0]), (row, row + self.crop), (col, col + self.crop)
 
 
 class SegmentationTrainSampler(Sampler[tuple[int, int]]):

@@ -128,8 +128,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-ring", action=argparse.BooleanOptionalAction, default=None,
                      help="the workers write training batches into a reused ring of shared-memory buffers "
                           "(page-locked on CUDA) instead of fresh shared memory per batch, so the training "
-                          "process no longer copies or pins them; same batches (nodule and malignancy tasks, "
-                          "needs --num-workers >= 1). Default: on for those tasks on CUDA with workers")
+                          "process no longer copies or pins them; same batches (needs --num-workers >= 1). "
+                          "Default: on on CUDA with workers")
     run.add_argument("--epoch-size", type=int, default=None, help="training samples per epoch (default: dataset size)")
     run.add_argument("--val-size", type=int, default=None, help="cap on validation samples (default: all)")
     run.add_argument("--val-stride", type=int, default=10, help="every N-th series (sorted by UID) is validation")
@@ -191,9 +191,6 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
                                           distributed_info_from_env().local_world_size)
     if args.ratio < 0 or num_workers < 0:
         raise UsageError("--ratio and --num-workers must be >= 0")
-    if args.batch_ring and not task_class.supports_batch_ring:
-        ring_tasks = [name for name in TASK_CLASSES if get_task_class(name).supports_batch_ring]
-        raise UsageError(f"--batch-ring is not available for the {args.task} task (only for {', '.join(ring_tasks)})")
     if args.batch_ring and num_workers < 1:
         raise UsageError("--batch-ring needs --num-workers >= 1 (the workers write into the ring)")
     if args.batch_size % args.grad_accumulation:

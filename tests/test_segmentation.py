@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,8 +36,8 @@ class _ArraySeries:
     def volume(self, series_uid: str) -> np.ndarray:
         return self.hu
 
-    def mask_slice(self, series_uid: str, slice_index: int) -> np.ndarray:
-        return self.mask_array[slice_index]
+    def mask_window(self, series_uid: str, slice_index: int, rows: slice, cols: slice) -> np.ndarray:
+        return self.mask_array[slice_index, rows, cols]
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +190,44 @@ def test_bad_segmentation_option_is_a_usage_error(tmp_path: Path) -> None:
     code = training.main(["segmentation", "--data-root", str(tmp_path), "--ratio", "0",
                           "--random-crop-fraction", "1.5"])
     assert code == 2
+
+
+def test_batched_crops_are_the_single_crops(tiny_series: SegmentationSeries) -> None:
+    """The batched fetch (and so the batch ring's) writes each draw's crop and mask as __getitem__ reads it,
+    crops over the CT's border included; the window's mask bits are unpacked at odd column offsets."""
+    dataset = SegmentationTrainDataset(tiny_series)
+    draws = SegmentationTrainSampler(len(tiny_series.nodules), 0.5, epoch_size=24, seed=7)
+    items = list(draws)
+    batch = dataset.__getitems__(items)
+    assert batch["image"].dtype == torch.int16 and batch["mask"].dtype == torch.bool
+    assert batch["image"].shape == (24, 7, 64, 64) and batch["mask"].shape == (24, 1, 64, 64)
+    for position, item in enumerate(items):
+        sample = dataset[item]
+        assert np.array_equal(batch["image"][position].numpy(), sample["image"])
+        assert np.array_equal(batch["mask"][position].numpy(), sample["mask"])
+        assert batch["series_uid"][position] == sample["series_uid"]
+        assert batch["slice_index"][position] == sample["slice_index"]
+    assert batch["mask"].any()
+    uid, (index, _, _) = tiny_series.nodules[0]
+    full = tiny_series.mask_slice(uid, index)
+    for rows, cols in [(slice(0, full.shape[0]), slice(0, full.shape[1])), (slice(3, 40), slice(5, 61)),
+                       (slice(10, 11), slice(13, 14))]:
+        assert np.array_equal(tiny_series.mask_window(uid, index, rows, cols), full[rows, cols])
+
+
+def test_batch_ring_trains_the_segmenter_to_the_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
+    from p2ch_luna import training
+    from p2ch_luna.models.checkpoint import find_latest_checkpoint, load_checkpoint
+
+    def run(out: Path, *extra: str) -> Any:
+        assert training.main([
+            "segmentation", "--data-root", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
+            "--models-dir", str(out), "--runs-dir", str(out / "runs"), "--device", "cpu", "--epochs", "2",
+            "--epoch-size", "8", "--batch-size", "4", "--val-stride", "3", "--val-size", "4", "--augmented",
+            "--num-workers", "1", "--log-level", "WARNING", *extra]) == 0
+        return load_checkpoint(find_latest_checkpoint(out, "segmentation"), expected_task="segmentation")
+
+    plain, ring = run(tmp_path / "plain"), run(tmp_path / "ring", "--batch-ring")
+    assert ring.config["batch_ring"] is True and ring.samples_seen == plain.samples_seen == 16
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(value, ring.model.state_dict()[name]), name

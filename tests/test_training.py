@@ -131,15 +131,15 @@ def test_default_num_workers(device: str, cuda_available: bool, cpus: int, proce
     assert training.default_num_workers(device, cuda_available, cpus, processes) == expected
 
 
-@pytest.mark.parametrize("asked, device, workers, supported, expected", [
-    (None, "cuda", 2, True, True), (None, "cpu", 2, True, False), (None, "cuda", 0, True, False),
-    (None, "cuda", 2, False, False), (False, "cuda", 2, True, False), (True, "cpu", 1, True, True)])
+@pytest.mark.parametrize("asked, device, workers, expected", [
+    (None, "cuda", 2, True), (None, "cpu", 2, False), (None, "cuda", 0, False), (False, "cuda", 2, False),
+    (True, "cpu", 1, True)])
 def test_batch_ring_by_default_only_on_cuda_with_workers(asked: bool | None, device: str, workers: int,
-                                                         supported: bool, expected: bool) -> None:
+                                                         expected: bool) -> None:
     from p2ch_luna.tasks.base import uses_batch_ring
 
     config = TrainConfig(task="nodule", paths=resolve_paths(), num_workers=workers, batch_ring=asked)
-    assert uses_batch_ring(config, torch.device(device), supported) is expected
+    assert uses_batch_ring(config, torch.device(device)) is expected
 
 
 def test_no_batch_ring_is_recorded(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -153,11 +153,6 @@ def test_no_batch_ring_is_recorded(tiny_dataset: Path, tmp_path: Path) -> None:
                                       ["--batch-size", "6", "--grad-accumulation", "4"], ["--batch-ring"]])
 def test_bad_arguments_are_usage_errors(tiny_dataset: Path, tmp_path: Path, argument: list[str]) -> None:
     assert training.main(tiny_args(tiny_dataset, tmp_path, *argument)) == 2
-
-
-def test_batch_ring_is_refused_for_segmentation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = training.main(["segmentation", "--data-root", str(tmp_path), "--batch-ring", "--num-workers", "1"])
-    assert code == 2 and "--batch-ring is not available for the segmentation task" in capsys.readouterr().err
 
 
 def test_finetune_freezes_all_but_the_last_blocks_and_reinitialises_the_head(tiny_dataset: Path,

@@ -92,8 +92,6 @@ class Task(abc.ABC):
     default_optimizer: ClassVar[str] = "sgd"
     summary_keys: ClassVar[Sequence[str]] = ("loss",)
     """Metric keys shown in the one-line per-epoch summary."""
-    supports_batch_ring: ClassVar[bool] = False
-    """Whether ``--batch-ring`` applies: the training dataset is a :class:`p2ch_luna.batch_ring.RingDataset`."""
 
     def __init__(self, context: RunContext) -> None:
         self.context = context
@@ -219,9 +217,9 @@ def build_loader(
     )
 
 
-def uses_batch_ring(config: TrainConfig, device: torch.device, supported: bool) -> bool:
+def uses_batch_ring(config: TrainConfig, device: torch.device) -> bool:
     """Whether a task's training loader writes into a batch ring: as ``--batch-ring``/``--no-batch-ring`` says,
-    else (``config.batch_ring`` None) where the task supports it, on CUDA, with loader workers.
+    else (``config.batch_ring`` None) on CUDA with loader workers.
 
     On an H200 (``bench/bench_gpu.py``) the ring took the classifier's training loop at batch 256, bfloat16,
     from 4,380 to 6,613 and from 5,093 to 7,420 samples/s with 16 workers, and from 5,957 to 7,709 with 8.
@@ -230,7 +228,7 @@ def uses_batch_ring(config: TrainConfig, device: torch.device, supported: bool) 
     """
     if config.batch_ring is not None:
         return config.batch_ring
-    return supported and device.type == "cuda" and config.num_workers >= 1
+    return device.type == "cuda" and config.num_workers >= 1
 
 
 def collate_batch(batch: Any) -> Any:

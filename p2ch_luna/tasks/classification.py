@@ -66,7 +66,6 @@ class ClassificationTask(Task):
     default_optimizer: ClassVar[str] = "sgd"
     summary_keys: ClassVar[tuple[str, ...]] = ("loss", "accuracy", "negative_accuracy", "positive_accuracy",
                                                "precision", "recall", "f1", "roc_auc")
-    supports_batch_ring: ClassVar[bool] = True
 
     def __init__(self, context: RunContext) -> None:
         super().__init__(context)
@@ -128,7 +127,7 @@ class ClassificationTask(Task):
         sampler = BalancedSampler(dataset.labels, ratio=config.ratio, epoch_size=config.epoch_size,
                                   seed=config.seed, rank=context.rank, world_size=context.world_size)
         return build_loader(dataset, sampler, context,
-                            ring=uses_batch_ring(config, context.device, self.supports_batch_ring))
+                            ring=uses_batch_ring(config, context.device))
 
     def val_loader(self) -> Iterable[Batch]:
         dataset = self.datasets()[1]

@@ -46,7 +46,7 @@ from ..segmentation_data import (
     SegmentationValDataset,
     validation_slices,
 )
-from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader
+from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, uses_batch_ring
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ class SegmentationTask(Task):
                                            self.context.rank, self.context.world_size)
         log.info("segmentation training: %d series, %d nodules, %d crops per epoch",
                  len(series.series_uids), len(series.nodules), sampler.global_size)
-        return build_loader(SegmentationTrainDataset(series, self.options.context_slices), sampler, self.context)
+        return build_loader(SegmentationTrainDataset(series, self.options.context_slices), sampler, self.context,
+                            ring=uses_batch_ring(self.config, self.context.device))
 
     def val_loader(self) -> Iterable[Batch]:
         series = self._series(validation=True)
