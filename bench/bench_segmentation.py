@@ -190,6 +190,7 @@ def our_data_epoch(loader) -> tuple[int, float]:
 
 def run(args: argparse.Namespace, work: Path) -> None:
     from p2ch_luna.synth import generate_dataset
+    from p2ch_luna.training import place_model
 
     data_root = work / "data"
     started = time.perf_counter()
@@ -205,8 +206,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                          augment=augment, epoch_size=args.epoch_size, val_stride=args.series + 1,
                          seed=args.seed, task_options=SegmentationOptions())
     task = SegmentationTask(RunContext(config, device))
-    spec = task.build_model()
-    model = spec.model.to(device)
+    model = place_model(task.build_model().model, config, device)  # as training does: channels-last
     optimizer = torch.optim.Adam(model.parameters())
     loader = task.train_loader()
 
