@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session, as a single command: install the carried wheels, run the GPU tests,
-# time the classifier's model step with its layers on cuDNN or on the Triton kernels, the hand-over
-# of a batch from a DataLoader worker and the input path with and without the batch ring, then
+# time the classifier's model step with its layers on cuDNN or on the Triton kernels, its augmentation
+# by torch's operators against the fused kernel, the hand-over of a batch from a DataLoader worker and the input path with and without the batch ring, then
 # bench_gpu.py, each classifier convolution both ways, then (with MODELS_DIR) diagnosis of several
 # CTs without and with --prefetch.
 # Logs and the JSON figures go to $OUT (default /tmp/gpu_session).
@@ -17,6 +17,9 @@
 # (Triton compiles each kernel form on first use; the second run on a machine reuses its cache).
 # Diagnosis and the segmenter need a call of their own, e.g.
 #   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections diagnosis,segmenter
+# Not yet run on a GPU (added 2026-11-27 without one): the augment step, tests/test_resample.py, the
+# copy-stream test in tests/test_gpu.py and bench_gpu.py's unfused-augmentation and segmenter
+# plain-loader variants.
 #
 # Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
 set -uo pipefail
