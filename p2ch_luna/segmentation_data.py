@@ -115,9 +115,8 @@ class SegmentationSeries:
     def mask_window(self, series_uid: str, slice_index: int, rows: slice, cols: slice) -> np.ndarray:
         """Boolean nodule mask of one slice's ``rows`` x ``cols`` (inside the CT), unpacking only those bits."""
         first_byte, end_byte = cols.start // 8, -(-cols.stop // 8)
-        bits = np.unpackbits(self._packed_mask(series_uid)[slice_index, rows, first_byte:end_byte], axis=-1)
-        start = cols.start - 8 * first_byte
-        return bits[:, start : start + cols.stop - cols.start].astype(bool)
+        packed = self._packed_mask(series_uid)[slice_index, rows, first_byte:end_byte]
+        return unpack_mask(packed, cols.stop - 8 * first_byte)[:, cols.start - 8 * first_byte :]
 
     def _packed_mask(self, series_uid: str) -> np.ndarray:
         packed = self._masks.get(series_uid)
