@@ -194,7 +194,6 @@ def test_nifti_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(ct.geometry.origin_xyz, (-50.0, -60.0, -70.0), atol=1e-4)
 
 
-
 def test_read_geometry_refuses_what_load_ct_refuses(tmp_path: Path) -> None:
     path = write_mhd(tmp_path, small_volume())
     edit_header(path, "ElementSpacing", "0.7 0 2.5")
@@ -211,6 +210,7 @@ def test_read_geometry_refuses_what_load_ct_refuses(tmp_path: Path) -> None:
     thin = write_mhd(tmp_path, small_volume(shape=(1, 8, 10)), name="thin")
     with pytest.raises(DataError, match="slice"):
         read_geometry(thin)
+
 
 def test_nifti_without_orientation_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "scan.nii"

@@ -52,7 +52,6 @@ def test_malignancy_table_skips_unknown_and_can_add_non_nodules() -> None:
     assert (mixed["source"] == "candidate").sum() == 2
 
 
-
 def test_rows_centred_outside_their_ct_are_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     """Nearest-voxel rule per series geometry (a flipped axis included); all-inside tables come back as they are."""
     upright = Geometry(np.array([-10.0, -20.0, -30.0]), np.array([1.0, 1.0, 2.0]), np.eye(3), (10, 20, 20))
@@ -73,6 +72,7 @@ def test_rows_centred_outside_their_ct_are_left_out_with_a_warning(caplog: pytes
     caplog.clear()
     assert drop_centres_outside(kept, {"a": upright, "b": flipped}) is kept
     assert not caplog.text
+
 
 def test_split_keeps_each_series_on_one_side(tiny_dataset: Path) -> None:
     table = nodule_table(read_candidate_table(tiny_dataset))

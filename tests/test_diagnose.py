@@ -162,7 +162,6 @@ def test_scoring_synthetic_truth_fills_the_confusion_table(tiny_dataset: Path) -
     assert score(results, truth, uids, config).total[1:, 0].sum() == missed
 
 
-
 def test_truth_takes_annotations_excluded_from_the_data_root_unless_given(tmp_path: Path) -> None:
     header = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
     (tmp_path / "annotations.csv").write_text(header + "1.2.3,0,0,0,6\n")
@@ -175,6 +174,7 @@ def test_truth_takes_annotations_excluded_from_the_data_root_unless_given(tmp_pa
     (tmp_path / "annotations_excluded.csv").write_text("seriesuid,x\n")
     with pytest.raises(DataError, match="annotations_excluded.csv"):
         diagnose.read_truth(tmp_path)
+
 
 @pytest.mark.slow
 def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untrained_models: Path,

@@ -195,7 +195,6 @@ def test_a_miscompiled_form_is_never_used_and_torch_stands_in_when_no_form_is_ri
             caplog.clear()
 
 
-
 @needs_kernels
 def test_a_form_with_a_wrong_bias_gradient_alone_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """The weight-gradient kernel's bias gradient is checked on its own, not hidden in the weights' norm."""
@@ -217,6 +216,7 @@ def test_a_form_with_a_wrong_bias_gradient_alone_is_not_used(monkeypatch: pytest
         torch.testing.assert_close(bias_grad, upstream.sum((0, 2, 3, 4)), rtol=1e-5, atol=1e-4)
         chosen = {key[0]: tile for key, tile in small_conv.TILE_CHOICE.chosen.items()}
         assert chosen == {"forward": bad, "weight_grad": good}
+
 
 @needs_kernels
 @pytest.mark.parametrize("in_channels, out_channels", [(1, 8), (8, 8), (8, 16), (16, 8), (3, 5)])
