@@ -42,6 +42,7 @@ import torch.distributed as dist
 from scipy import ndimage
 from tqdm import tqdm
 
+from . import distance
 from . import lungs as lungs_module
 from . import prefetch as prefetch_module
 from . import regions
@@ -247,7 +248,7 @@ def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray, ct: Ct,
-                     erosion_iterations: int, grouping: str = "peaks") -> pd.DataFrame:
+                     erosion_iterations: int, grouping: str = "peaks", workers: int = 1) -> pd.DataFrame:
     """Candidate rows from the segmentation mask restricted to ``region`` (the lungs).
 
     ``grouping="components"`` is the book's: connected components of the eroded
@@ -258,7 +259,8 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
     candidate at each local maximum of the distance to the edge of the dense
     (>= ``DENSE_HU``) segmented tissue: the centre of every blob, attached or
     not, sized by twice that distance. Candidates whose centre falls outside
-    ``region`` are dropped, so every finding lies inside the lungs.
+    ``region`` are dropped, so every finding lies inside the lungs. ``workers``
+    threads compute the peaks' distances.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}")
@@ -268,7 +270,7 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
         return _empty_candidates()
     restricted = restricted[box]
     if grouping == "peaks":
-        centers, voxel_count, diameters = _distance_peaks(hu[box], restricted, ct.geometry.spacing_irc)
+        centers, voxel_count, diameters = _distance_peaks(hu[box], restricted, ct.geometry.spacing_irc, workers)
     else:
         centers, voxel_count, diameters = _component_centres(hu[box], restricted, ct, erosion_iterations)
     if len(centers) == 0:
@@ -289,8 +291,8 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
     }, columns=CANDIDATE_COLUMNS)
 
 
-def _distance_peaks(hu: np.ndarray, mask: np.ndarray,
-                    spacing_irc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _distance_peaks(hu: np.ndarray, mask: np.ndarray, spacing_irc: np.ndarray,
+                    workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centres (voxel), voxel counts and diameters (mm) of the distance-transform peaks of dense mask tissue."""
     dense = mask & (hu >= DENSE_HU)
     box = lungs_module.mask_bounding_box(dense, (1, 1, 1))
@@ -298,7 +300,7 @@ def _distance_peaks(hu: np.ndarray, mask: np.ndarray,
         return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
     dense = dense[box]  # padded by one voxel, so the edge of the box is never dense: distances are unchanged
     spacing = np.asarray(spacing_irc, dtype=np.float64)
-    depth = lungs_module.depth_mm(dense, spacing).astype(np.float32)
+    depth = distance.depth_mm(dense, spacing, workers).astype(np.float32)
     window = 2 * np.maximum(np.rint(PEAK_SEPARATION_MM / spacing), 1).astype(int) + 1
     peaks = (depth >= MIN_PEAK_RADIUS_MM) & (depth == ndimage.maximum_filter(depth, size=tuple(window)))
     labels, count = ndimage.label(peaks, structure=np.ones((3, 3, 3), dtype=bool))
@@ -408,7 +410,8 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     nodule_mask = segment_ct(ct.hu, lungs.mask, models.segmentation.model, config.segmentation_threshold,
                              config.batch_size, device, config.amp)
     lap("segmentation_s")
-    candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations, config.grouping)
+    candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations, config.grouping,
+                                  workers=torch.get_num_threads())
     lap("grouping_s")
     centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
     batch = CUDA_CLASSIFICATION_BATCH if device.type == "cuda" else CPU_CLASSIFICATION_BATCH

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from p2ch_luna.distance import depth_mm
+
 log = logging.getLogger(__name__)
 
 BODY_HU = -500
@@ -243,25 +245,6 @@ def fill_holes_in_slices(mask: np.ndarray) -> np.ndarray:
     outside[np.concatenate([edge.ravel() for edge in edges])] = True
     outside[0] = False  # label 0 is the mask itself
     return ~outside[background]
-
-
-def depth_mm(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Distance (mm, float64) from each voxel of ``mask`` to the nearest voxel outside it; 0 outside.
-
-    The values of ``ndimage.distance_transform_edt(mask, sampling=spacing)``, bit
-    for bit, computed from the same feature transform one axis at a time instead
-    of through a (3, I, R, C) float64 temporary: about 20% faster.
-    """
-    nearest = ndimage.distance_transform_edt(mask, sampling=spacing, return_distances=False, return_indices=True)
-    squared = np.zeros(mask.shape, dtype=np.float64)
-    for axis, step in enumerate(np.asarray(spacing, dtype=np.float64)):
-        along = [1] * mask.ndim
-        along[axis] = -1
-        offset = (nearest[axis] - np.arange(mask.shape[axis], dtype=np.int32).reshape(along)).astype(np.float64)
-        offset *= step
-        offset *= offset
-        squared += offset
-    return np.sqrt(squared, out=squared)
 
 
 def _upsample(small: np.ndarray, steps: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from p2ch_luna.lungs import depth_mm, fill_holes_in_slices, find_lungs, mask_bounding_box
+from p2ch_luna.lungs import fill_holes_in_slices, find_lungs, mask_bounding_box
 
 LITRE_ML = 1000.0
 
@@ -66,14 +66,6 @@ def test_mask_bounding_box_pads_and_clamps() -> None:
     mask[2, 3:5, 8] = True
     box = mask_bounding_box(mask, (1, 2, 2))
     assert box == (slice(1, 4), slice(1, 7), slice(6, 10))
-
-
-@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.7, 0.7), (0.63, 0.81, 0.77)])
-def test_depth_is_scipys_distance_transform_bit_for_bit(spacing: tuple[float, float, float]) -> None:
-    mask = ndimage.binary_opening(np.random.default_rng(5).random((20, 31, 26)) > 0.3)
-    assert mask.any() and not mask.all()
-    expected = ndimage.distance_transform_edt(mask, sampling=spacing)
-    assert np.array_equal(depth_mm(mask, np.asarray(spacing)), expected)
 
 
 def test_slice_hole_filling_is_scipys() -> None:
