@@ -8,8 +8,8 @@
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
-# STEPS picks the steps (default all, in this order): tests, sweep, augment, transfer, cutting, input, step, gpu,
-# layers, series.
+# STEPS picks the steps (default all, in this order): tests, sweep, augment, transfer, cutting, input, distance,
+# step, gpu, layers, series.
 # Everything does not fit one 10-minute device call; split it. On an H200 on 2026-11-27,
 #   TEST_TIMEOUT=130 SWEEP_TIMEOUT=100 BENCH_TIMEOUT=240 LAYER_TIMEOUT=60 STEPS=tests,sweep,gpu,layers \
 #       bash bench/gpu_session.sh --seconds 3 --sections classifier --skip-compile --worker-sweep 8
@@ -17,7 +17,7 @@
 # (Triton compiles each kernel form on first use; the second run on a machine reuses its cache).
 # Diagnosis and the segmenter need a call of their own, e.g.
 #   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections diagnosis,segmenter
-# Not yet run on a GPU (added 2026-11-27 without one): the augment step, tests/test_resample.py, the
+# Not yet run on a GPU machine (added 2026-11-27 without one): the augment and distance steps, tests/test_resample.py, the
 # copy-stream test in tests/test_gpu.py and bench_gpu.py's unfused-augmentation and segmenter
 # plain-loader variants.
 #
@@ -34,7 +34,7 @@ fi
 export PYTHONUNBUFFERED=1
 models=()
 if [ $# -gt 0 ] && [ -d "$1" ]; then models=(--models-dir "$1"); shift; fi
-steps=",${STEPS:-tests,sweep,augment,transfer,cutting,input,step,gpu,layers,series},"
+steps=",${STEPS:-tests,sweep,augment,transfer,cutting,input,distance,step,gpu,layers,series},"
 want() { [[ $steps == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 if want tests; then
@@ -66,6 +66,10 @@ if want input; then
     echo "== bench_input.py (the input path alone: plain DataLoader against the batch ring)"
     timeout "${INPUT_TIMEOUT:-150}" python3 bench/bench_input.py --workers 4 8 --seconds 3 2>&1 \
         | tee "$out/bench_input.log" | grep -v "it/s\]"
+fi
+if want distance; then
+    echo "== bench_distance.py (host only: the grouping's depth by scipy's feature transform or the k-d tree)"
+    timeout 90 python3 bench/bench_distance.py --repeats 3 --workers 1 4 16 2>&1 | tee "$out/bench_distance.log"
 fi
 if want step; then
     echo "== bench_classifier_step.py (the classifier's model step alone, and where its GPU time goes)"
