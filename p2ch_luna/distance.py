@@ -18,9 +18,10 @@ from scipy.spatial import cKDTree
 SPARSE_FRACTION = 0.1
 """Masks filling at most this fraction of their array are measured with the k-d tree.
 
-On a 2-core machine the tree's cost per inside voxel is about 4-7 times the
-feature transform's per array voxel (``bench/bench_distance.py``), so below about
-a tenth the tree wins even on one thread.
+On a 2-core machine the tree costs about 6-10 times as much per inside voxel as
+the feature transform per voxel of the array (``bench/bench_distance.py``), so
+at a tenth the two cost about the same on one thread; the tree's search spreads
+over threads, the feature transform does not.
 """
 
 
@@ -68,9 +69,11 @@ def depth_from_boundary(mask: np.ndarray, spacing: np.ndarray, workers: int = 1)
     spacing = np.asarray(spacing, dtype=np.float64)
     inside = np.flatnonzero(mask)
     depth = np.zeros(mask.shape, dtype=np.float64)
+    if inside.size == 0:
+        return depth
     outside = np.flatnonzero(outer_boundary(mask))
-    if inside.size == 0 or outside.size == 0:
-        return depth if inside.size == 0 else depth_from_feature_transform(mask, spacing)
+    if outside.size == 0:  # nothing outside: scipy's convention for a full mask
+        return depth_from_feature_transform(mask, spacing)
     inside_irc = np.stack(np.unravel_index(inside, mask.shape), axis=1)
     outside_irc = np.stack(np.unravel_index(outside, mask.shape), axis=1)
     tree = cKDTree(outside_irc * spacing, balanced_tree=False, compact_nodes=False)
