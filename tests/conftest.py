@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import locale
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,21 @@ def restore_locale() -> Iterator[None]:
     saved = locale.setlocale(locale.LC_ALL)
     yield
     locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture(autouse=True)
+def drop_command_log_handlers() -> Iterator[None]:
+    """Each test ends without the root handler a command's ``configure_logging`` left on ``sys.stderr``.
+
+    That stream is the test's captured stderr, closed after it: the next test's fixtures logged into it
+    ("--- Logging error --- ... I/O operation on closed file" on that test's stderr) before its command
+    configured logging again.
+    """
+    yield
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler:  # basicConfig's; pytest's own handlers are subclasses
+            root.removeHandler(handler)
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
