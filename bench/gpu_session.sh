@@ -17,9 +17,9 @@
 # (Triton compiles each kernel form on first use; the second run on a machine reuses its cache).
 # Diagnosis and the segmenter need a call of their own, e.g.
 #   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections diagnosis,segmenter
-# Not yet run on a GPU machine (added 2026-11-27 without one): the augment and distance steps, tests/test_resample.py, the
-# copy-stream test in tests/test_gpu.py and bench_gpu.py's unfused-augmentation and segmenter
-# plain-loader variants.
+# Not yet run on a GPU machine (added 2026-11-27 without one): the augment and distance steps,
+# tests/test_resample.py, the copy-stream test in tests/test_gpu.py and bench_gpu.py's
+# unfused-augmentation and segmenter plain-loader variants.
 #
 # Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
 set -uo pipefail

@@ -39,7 +39,8 @@ FIGURE_DPI = 80
 FIGURE_WINDOW_HU = (-1000, 400)
 """Display window of the figures (lung window)."""
 PNG_COMPRESS_LEVEL = 1
-"""zlib level of the findings' PNGs: at PIL's default (6) encoding took half of a figure's time, for files 11% smaller."""
+"""zlib level of the findings' PNGs: at PIL's default (6), encoding took half of a figure's time, for files
+about 11% smaller."""
 FIGURE_VIEW_MM = 80.0
 """Distance shown on each side of a finding in each view, in millimetres (a 160 mm square)."""
 
