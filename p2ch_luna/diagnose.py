@@ -200,8 +200,14 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 # Pipeline steps
 
 
+def _bar(total: int, description: str, unit: str, progress: bool) -> tqdm:
+    """A transient bar with ETA over one CT's ``total`` items; shown only with ``progress`` and on a terminal."""
+    return tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True,
+                disable=None if progress else True)
+
+
 def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, threshold: float,
-               batch_size: int, device: torch.device, amp: bool = False) -> np.ndarray:
+               batch_size: int, device: torch.device, amp: bool = False, progress: bool = False) -> np.ndarray:
     """Boolean nodule mask: the U-Net on every slice that ``region`` touches.
 
     The clipped HU of the region's bounding box (plus context slices) go to
@@ -209,7 +215,7 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     region's box within those slices (padded in-plane by ``SEGMENTATION_PAD``),
     and its 7-slice stacks are gathered there by index. The predictions are
     read back after the last batch, so the host never waits for a GPU between
-    batches.
+    batches. ``progress`` shows a bar of the slices on a terminal.
     """
     mask = np.zeros(hu.shape, dtype=bool)
     box = lungs_module.mask_bounding_box(region)
@@ -224,9 +230,11 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     slice_indices = np.arange(slices.start, slices.stop)
     context = host_to_device(np.clip(slice_indices[:, None] + offsets[None, :], 0, n_slices - 1) - first, device)
     predictions = []
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp), _bar(len(slice_indices), "segmentation", "slice",
+                                                            progress) as bar:
         for start in range(0, len(slice_indices), batch_size):
             batch_slices = slice_indices[start : start + batch_size]
+            bar.update(len(batch_slices))
             crop = lungs_module.mask_bounding_box(region[batch_slices], (0, SEGMENTATION_PAD, SEGMENTATION_PAD))
             if crop is None:
                 continue
@@ -363,19 +371,23 @@ def _empty_candidates() -> pd.DataFrame:
 
 
 def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Module, batch_size: int,
-                    device: torch.device, amp: bool = False, flips: bool = False) -> np.ndarray:
+                    device: torch.device, amp: bool = False, flips: bool = False,
+                    progress: bool = False, description: str = "classification") -> np.ndarray:
     """Probability of class 1 (softmax of the logits) for a chunk around each voxel centre.
 
     With ``flips`` the probability is the mean over the chunk and its three
     in-plane mirror images (test-time augmentation with the training flips).
     The next batch is cut on the host while the device computes this one:
-    the scores are read back after the last batch.
+    the scores are read back after the last batch. ``progress`` shows a bar of
+    the candidates on a terminal.
     """
     shape = tuple(getattr(model, "input_shape", CHUNK_SHAPE_IRC))
     scores = []
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp), _bar(len(centers_irc), description, "candidate",
+                                                            progress) as bar:
         for start in range(0, len(centers_irc), batch_size):
             batch = centers_irc[start : start + batch_size]
+            bar.update(len(batch))
             chunks = np.stack([extract_chunk(hu, center, shape) for center in batch])
             inputs = host_to_device(chunks, device).unsqueeze(1).float()
             views = [inputs, inputs.flip(3), inputs.flip(4), inputs.flip((3, 4))] if flips else [inputs]
@@ -387,12 +399,13 @@ def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Mod
 
 
 def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device: torch.device,
-                source: str = "", lungs: lungs_module.Lungs | None = None,
+                source: str = "", lungs: lungs_module.Lungs | None = None, progress: bool = False,
                 ) -> tuple[SeriesDiagnosis, np.ndarray, np.ndarray]:
     """Run the whole pipeline on one CT; returns the diagnosis, the lung mask and the nodule mask.
 
     ``lungs`` found beforehand (:mod:`p2ch_luna.prefetch`) skip that step; the
-    caller then adds its time to the timings.
+    caller then adds its time to the timings. ``progress`` shows bars of the
+    model stages on a terminal.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -408,7 +421,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
         lungs = lungs_module.find_lungs(ct.hu, spacing_irc, margin_mm=config.lung_margin_mm)
         lap("lungs_s")
     nodule_mask = segment_ct(ct.hu, lungs.mask, models.segmentation.model, config.segmentation_threshold,
-                             config.batch_size, device, config.amp)
+                             config.batch_size, device, config.amp, progress)
     lap("segmentation_s")
     candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations, config.grouping,
                                   workers=torch.get_num_threads())
@@ -416,7 +429,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
     batch = CUDA_CLASSIFICATION_BATCH if device.type == "cuda" else CPU_CLASSIFICATION_BATCH
     candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device,
-                                                       config.amp, config.flips)
+                                                       config.amp, config.flips, progress, "nodule classification")
     order = np.argsort(-candidates["nodule_probability"].to_numpy(), kind="mergesort")
     candidates, centers = candidates.iloc[order], centers[order]
     if config.grouping == "peaks":
@@ -425,7 +438,8 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     if models.malignancy is not None:
         suspicious = candidates["nodule_probability"].to_numpy() >= config.nodule_threshold
         candidates.loc[suspicious, "malignancy_probability"] = classify_chunks(
-            ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp, config.flips)
+            ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp, config.flips, progress,
+            "malignancy")
     lap("classification_s")
     diagnosis = SeriesDiagnosis(
         series_uid=ct.series_uid, source=source or str(ct.source or ""), shape_irc=ct.shape,
@@ -582,26 +596,28 @@ def diagnose_series(selection: Sequence[tuple[str, Path]], models: DiagnosisMode
 
     With ``prefetch`` > 0, that many worker processes load the next CTs and
     find their lungs while this one runs the models (:mod:`p2ch_luna.prefetch`).
-    A progress bar shows with ``show_progress`` and two CTs or more.
+    With ``show_progress``, a bar shows the CTs, or for a single CT its model stages.
     """
+    stage_bars = show_progress and len(selection) < 2
     results = []
     with contextlib.closing(prefetch_module.prepared_cts(selection, config.lung_margin_mm, prefetch)) as prepared_all:
         for (_, path), prepared in tqdm(zip(selection, prepared_all), desc="diagnose", unit="CT",
                                         total=len(selection), disable=not show_progress or len(selection) < 2):
-            results.append(_diagnose_prepared(prepared, path, models, config, device, figures, save_mask))
+            results.append(_diagnose_prepared(prepared, path, models, config, device, figures, save_mask,
+                                              stage_bars))
     return results
 
 
 def _diagnose_prepared(prepared: prefetch_module.PreparedCt, path: Path, models: DiagnosisModels,
                        config: DiagnoseConfig, device: torch.device, figures: bool,
-                       save_mask: bool) -> SeriesDiagnosis:
+                       save_mask: bool, progress: bool = False) -> SeriesDiagnosis:
     """Diagnose one loaded CT whose lungs are found; figures and mask bytes when asked."""
     from . import report
 
     started = time.perf_counter()
     ct = prepared.ct
     diagnosis, lung_mask, nodule_mask = diagnose_ct(ct, models, config, device, source=str(path),
-                                                    lungs=prepared.lungs)
+                                                    lungs=prepared.lungs, progress=progress)
     diagnosis.timings = {"load_s": prepared.load_s, "lungs_s": prepared.lungs_s, **diagnosis.timings}
     if figures:
         diagnosis.figures = report.render_findings(ct, findings(diagnosis, config), lung_mask)

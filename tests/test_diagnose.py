@@ -48,6 +48,44 @@ def test_segment_ct_crops_and_gathers_context_exactly(batch_size: int) -> None:
     assert np.array_equal(mask, expected)
 
 
+class RecordedBar:
+    """Stands in for tqdm in ``diagnose``: records each bar's settings and updates."""
+
+    bars: list[RecordedBar] = []
+
+    def __init__(self, total: int, desc: str, disable: bool | None, **_: object) -> None:
+        self.total, self.description, self.disable, self.done = total, desc, disable, 0
+        RecordedBar.bars.append(self)
+
+    def update(self, count: int) -> None:
+        self.done += count
+
+    def __enter__(self) -> RecordedBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_model_stages_count_their_work_in_progress_bars(monkeypatch: pytest.MonkeyPatch, progress: bool) -> None:
+    monkeypatch.setattr(diagnose, "tqdm", RecordedBar)
+    monkeypatch.setattr(RecordedBar, "bars", [])
+    hu = np.random.default_rng(1).integers(-1000, 1000, size=(12, 40, 50)).astype(np.int16)
+    region = np.zeros(hu.shape, dtype=bool)
+    region[2:9, 5:20, 10:30] = True
+    diagnose.segment_ct(hu, region, CentreSliceLogits(), 0.5, 3, torch.device("cpu"), progress=progress)
+    model = build_model("luna", input_shape=(16, 16, 16)).eval()
+    centers = np.array([[5, 10, 20], [6, 12, 25], [4, 15, 15], [7, 18, 28], [3, 9, 12]])
+    diagnose.classify_chunks(hu, centers, model, 2, torch.device("cpu"), flips=True, progress=progress,
+                             description="nodule classification")
+    segmentation, classification = RecordedBar.bars
+    assert (segmentation.description, segmentation.total, segmentation.done) == ("segmentation", 7, 7)
+    assert (classification.description, classification.total, classification.done) == ("nodule classification", 5, 5)
+    # Shown only when asked, and then only on a terminal (tqdm's disable=None).
+    assert segmentation.disable is classification.disable is (None if progress else True)
+
+
 def test_component_grouping_centres_sizes_and_lung_restriction() -> None:
     hu = np.full((20, 30, 30), -800, dtype=np.int16)
     nodule_mask = np.zeros(hu.shape, dtype=bool)
