@@ -25,6 +25,7 @@ to the image) scales them down in proportion.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from dataclasses import dataclass
 
@@ -120,10 +121,14 @@ def find_lungs(hu: np.ndarray, spacing_irc: tuple[float, float, float],
     if labels.max() == 0:
         log.warning("no lungs found (no large air region inside the body); the lung mask is empty")
     else:
+        boxes = [(label, box) for label, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None]
+        # scipy's transforms release the GIL: the lungs close at once; they are written in label order.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(boxes)) as pool:
+            closings = list(pool.map(lambda item: _closed(labels, *item, small_spacing), boxes))
         closed = np.zeros_like(labels)
-        for label, box in enumerate(ndimage.find_objects(labels), start=1):
-            if box is not None:
-                _close_into(labels, label, box, small_spacing, closed)
+        for (label, _), (padded, lung) in zip(boxes, closings):
+            region = closed[padded]
+            region[lung & (region == 0)] = label
         labels = closed
         margin = tuple(int(np.ceil(margin_mm / value)) + 1 for value in small_spacing)
         box = mask_bounding_box(labels > 0, margin)
@@ -213,17 +218,15 @@ def _keep_large(lungs: np.ndarray) -> np.ndarray:
     return result
 
 
-def _close_into(labels: np.ndarray, label: int, box: tuple[slice, ...], spacing: np.ndarray,
-                out: np.ndarray) -> None:
-    """Close lung ``label`` (in its padded box) by ``CLOSING_MM`` and write it into ``out``."""
+def _closed(labels: np.ndarray, label: int, box: tuple[slice, ...],
+            spacing: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Lung ``label`` closed by ``CLOSING_MM``, as a mask over its box padded for the closing (returned too)."""
     pad = np.ceil(CLOSING_MM / spacing).astype(int) + 1
     padded = tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(box, pad, labels.shape))
     lung = labels[padded] == label
     grown = _dilate(lung, spacing, CLOSING_MM)
     closed = depth_mm(grown, spacing) > CLOSING_MM
-    closed = fill_holes_in_slices(closed | lung)
-    region = out[padded]
-    region[closed & (region == 0)] = label
+    return padded, fill_holes_in_slices(closed | lung)
 
 
 def _dilate(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
