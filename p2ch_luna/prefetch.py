@@ -1,8 +1,10 @@
 """Load the next CTs and find their lungs in worker processes while this one runs the models.
 
 Reading a CT and building its lung mask are CPU work in SimpleITK and
-scipy, which hold the GIL, so a thread would stall the process that feeds the
-GPU. With ``workers`` > 0, :func:`prepared_cts` hands them to that many
+scipy. Most of it releases the GIL, so threads would overlap it too: on a
+2-core machine with one torch thread, a thread measured 1.07x and a process
+1.09x (``bench/bench_diagnose.py --series 4 --threads 1``). Processes keep
+the Python-level work apart as well. With ``workers`` > 0, :func:`prepared_cts` hands them to that many
 ``spawn``-ed worker processes (no CUDA or torch state is inherited) and keeps
 ``workers`` CTs in flight ahead of the one being diagnosed; results come back
 in the order asked. Errors are re-raised in this process when their CT's turn
