@@ -2,9 +2,10 @@
 
 Reading a CT and building its lung mask are CPU work in SimpleITK and
 scipy. Most of it releases the GIL, so threads would overlap it too: on a
-2-core machine with one torch thread, a thread measured 1.07x and a process
-1.09x (``bench/bench_diagnose.py --series 4 --threads 1``). Processes keep
-the Python-level work apart as well. With ``workers`` > 0, :func:`prepared_cts` hands them to that many
+2-core machine with one torch thread (``bench/bench_diagnose.py --series 4
+--slices 100 --threads 1``), one worker process gave 1.09x and, with this
+pool swapped for a thread pool, one thread 1.07x. Processes also keep the
+Python-level work apart. With ``workers`` > 0, :func:`prepared_cts` hands them to that many
 ``spawn``-ed worker processes (no CUDA or torch state is inherited) and keeps
 ``workers`` CTs in flight ahead of the one being diagnosed; results come back
 in the order asked. Errors are re-raised in this process when their CT's turn
