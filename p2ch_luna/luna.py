@@ -70,6 +70,9 @@ def read_csv_checked(path: str | Path, required_columns: Sequence[str],
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=True)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{what} {path} could not be parsed: {str(error).splitlines()[0]}") from None
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas took the extra leading fields for an index
+        raise DataError(f"{what} {path}: its first data row has more fields than the header's "
+                        f"{len(frame.columns)} columns")
     frame.columns = [str(column).strip() for column in frame.columns]
     missing = [column for column in required_columns if column not in frame.columns]
     if missing:

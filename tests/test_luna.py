@@ -262,6 +262,15 @@ def test_bad_malignancy_flag(tmp_path: Path) -> None:
         read_malignancy(path)
 
 
+@pytest.mark.parametrize("row", ["1.2,0,0,0,5,extra\n", ",,,,,\n"])
+def test_a_first_row_longer_than_the_header_is_refused(tmp_path: Path, row: str) -> None:
+    """pandas would take the extra leading field for the index and shift every column by one."""
+    path = write(tmp_path, ANNOTATIONS_HEADER + row + "1.3,1,1,1,6\n")
+    with pytest.raises(DataError, match="first data row has more fields than the header's 5 columns") as caught:
+        read_annotations(path)
+    assert str(path) in str(caught.value)
+
+
 @pytest.mark.parametrize("text", ["", "\n\n", "seriesuid,coordX\n1.2,\"unclosed\n", "\xff\xfe\x00bad"])
 def test_unparsable_files(tmp_path: Path, text: str) -> None:
     path = tmp_path / "file.csv"
