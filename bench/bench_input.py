@@ -24,14 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import step_rate  # noqa: E402
-from p2ch_luna.augment import AugmentConfig, augment_batch_2d, augment_batch_3d  # noqa: E402
+from p2ch_luna.augment import AugmentConfig  # noqa: E402
 from p2ch_luna.config import TrainConfig  # noqa: E402
 from p2ch_luna.engine import move_to_device  # noqa: E402
 from p2ch_luna.paths import resolve_paths  # noqa: E402
 from p2ch_luna.sampling import make_generator  # noqa: E402
 from p2ch_luna.synth import generate_dataset  # noqa: E402
 from p2ch_luna.tasks import RunContext  # noqa: E402
-from p2ch_luna.tasks.base import to_memory_format  # noqa: E402
 from p2ch_luna.tasks.classification import NoduleTask  # noqa: E402
 from p2ch_luna.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
 
@@ -39,27 +38,16 @@ WARMUP_BATCHES = 8
 TASKS = {"nodule": NoduleTask, "segmentation": SegmentationTask}
 
 
-def prepared_images(task: str, batch: dict, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """What the task's training step makes of a batch on the device before the model: float, augmented
-    (and channels-last for the classifier)."""
-    if task == "nodule":
-        images = augment_batch_3d(batch["image"], config.augment, generator).to(torch.float32)
-        return to_memory_format(images, config.channels_last)
-    return augment_batch_2d(batch["image"].to(torch.float32), batch["mask"], config.augment, generator)[0]
-
-
 def input_rate(config: TrainConfig, device: torch.device, augment: bool, seconds: float) -> float:
-    """Samples/s of loader -> device (-> float, augmentation, channels-last when ``augment``)."""
+    """Samples/s of loader -> device -> the training step's model inputs (float, channels-last for the classifier;
+    augmented when ``augment``)."""
     task = TASKS[config.task](RunContext(config, device))
     generator = make_generator(config.seed, 1, device)
     iterator = iter(task.train_loader())
 
     def step() -> int:
         batch = move_to_device(next(iterator), device)
-        if augment:
-            prepared_images(config.task, batch, config, generator)
-        else:
-            batch["image"].to(torch.float32)
+        task.model_inputs(batch, augment, generator)  # what the training step does before the model
         return len(batch["image"])
 
     return step_rate(step, seconds, device, WARMUP_BATCHES)

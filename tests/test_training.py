@@ -199,9 +199,14 @@ class _ToyTask(Task):
 
     val_loader = train_loader
 
+    def model_inputs(self, batch: dict, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["image"], batch["label"]
+
     def compute_loss(self, model: nn.Module, batch: dict, augment: bool,
                      generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        loss = nn.functional.cross_entropy(model(batch["image"]), batch["label"], reduction="none")
+        images, labels = self.model_inputs(batch, augment, generator)
+        loss = nn.functional.cross_entropy(model(images), labels, reduction="none")
         if self.batches_seen == self.nan_batch:
             loss = loss * float("nan")
         self.batches_seen += 1

@@ -137,6 +137,12 @@ class Task(abc.ABC):
     # --- loss and metrics ---------------------------------------------------------------
 
     @abc.abstractmethod
+    def model_inputs(self, batch: Batch, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`compute_loss` gives the model and scores it against, for one batch on the device: the
+        float images (augmented from ``generator`` when ``augment``) and the labels or masks."""
+
+    @abc.abstractmethod
     def compute_loss(
         self, model: nn.Module, batch: Batch, augment: bool, generator: torch.Generator
     ) -> tuple[torch.Tensor, Outputs]:

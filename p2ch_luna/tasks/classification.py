@@ -137,14 +137,17 @@ class ClassificationTask(Task):
 
     # --- loss and metrics -------------------------------------------------------------
 
-    def compute_loss(self, model: nn.Module, batch: Batch, augment: bool,
-                     generator: torch.Generator) -> tuple[torch.Tensor, Outputs]:
+    def model_inputs(self, batch: Batch, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["image"]
         if augment and (self.config.augment.is_spatial or self.config.augment.noise):
             images = augment_batch_3d(images, self.config.augment, generator)
         images = images.to(torch.float32)
-        images = to_memory_format(images, self.config.channels_last)
-        labels = batch["label"]
+        return to_memory_format(images, self.config.channels_last), batch["label"]
+
+    def compute_loss(self, model: nn.Module, batch: Batch, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, Outputs]:
+        images, labels = self.model_inputs(batch, augment, generator)
         logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
         probabilities = torch.softmax(logits.detach().float(), dim=1)[:, 1]

@@ -208,12 +208,16 @@ class SegmentationTask(Task):
 
     # --- loss and metrics ---------------------------------------------------------------
 
+    def model_inputs(self, batch: Batch, augment: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        image = batch["image"].to(torch.float32)
+        if augment:
+            return augment_batch_2d(image, batch["mask"], self.config.augment, generator)
+        return image, batch["mask"]
+
     def compute_loss(self, model: nn.Module, batch: Batch, augment: bool,
                      generator: torch.Generator) -> tuple[torch.Tensor, Outputs]:
-        image = batch["image"].to(torch.float32)
-        mask = batch["mask"]
-        if augment:
-            image, mask = augment_batch_2d(image, mask, self.config.augment, generator)
+        image, mask = self.model_inputs(batch, augment, generator)
         probabilities = torch.sigmoid(model(image).float())
         loss = segmentation_loss(probabilities, mask, self.options.fn_loss_weight)
         with torch.no_grad():
