@@ -602,7 +602,7 @@ def diagnose_series(selection: Sequence[tuple[str, Path]], models: DiagnosisMode
     results = []
     with contextlib.closing(prefetch_module.prepared_cts(selection, config.lung_margin_mm, prefetch)) as prepared_all:
         for (_, path), prepared in tqdm(zip(selection, prepared_all), desc="diagnose", unit="CT",
-                                        total=len(selection), disable=not show_progress or len(selection) < 2):
+                                        total=len(selection), disable=not show_progress or stage_bars):
             results.append(_diagnose_prepared(prepared, path, models, config, device, figures, save_mask,
                                               stage_bars))
     return results
