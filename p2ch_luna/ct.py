@@ -13,8 +13,11 @@ import glob
 import gzip
 import logging
 import math
+import os
 import re
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -149,6 +152,33 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Ct:
         stem = path.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
         return _image_to_ct(_read_image(path), path, series_uid or stem)
     raise DataError(f"CT {path}: unknown format (expected .mhd, .mha, .nii, .nii.gz or a DICOM folder)")
+
+
+def to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """``array`` ``(I, R, C)`` as a SimpleITK image with ``geometry``'s origin, spacing and direction."""
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(tuple(float(v) for v in geometry.origin_xyz))
+    image.SetSpacing(tuple(float(v) for v in geometry.spacing_xyz))
+    image.SetDirection(tuple(float(v) for v in geometry.direction.reshape(-1)))
+    return image
+
+
+def write_metaimage(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
+    """Write ``array`` with ``geometry`` as uncompressed MetaImage ``path`` (``.mhd`` + ``.raw``).
+
+    Both files are written into a staging folder beside ``path`` and moved into
+    place only once both are complete, so an interrupted write leaves no torn CT.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".write-", dir=target.parent))
+    try:
+        sitk.WriteImage(to_image(array, geometry), str(staging / target.name), useCompression=False)
+        raw_name = target.with_suffix(".raw").name
+        os.replace(staging / raw_name, target.with_suffix(".raw"))
+        os.replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 SERIES_PATTERNS = ("{uid}.mhd", "subset*/{uid}.mhd", "subset*/*/{uid}.mhd")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .ct import HU_MIN, Ct
+from .ct import HU_MIN, Ct, to_image
 from .errors import LunaError
 from .evaluate import format_report as format_froc
 from .metrics import FrocResult, format_confusion_table, plot_froc
@@ -209,13 +209,8 @@ def _write_mask(path: Path, result: SeriesDiagnosis) -> None:
 
     count = int(np.prod(result.shape_irc))
     mask = np.unpackbits(result.mask_bits, count=count).reshape(result.shape_irc)
-    image = sitk.GetImageFromArray(mask)
-    geometry = result.geometry
-    image.SetOrigin(tuple(float(v) for v in geometry.origin_xyz))
-    image.SetSpacing(tuple(float(v) for v in geometry.spacing_xyz))
-    image.SetDirection(tuple(float(v) for v in geometry.direction.ravel()))
     try:
-        sitk.WriteImage(image, str(path))
+        sitk.WriteImage(to_image(mask, result.geometry), str(path))
     except RuntimeError as error:  # SimpleITK reports a failed write (disk full ...) as a multi-line RuntimeError
         reason = next((line.removeprefix("Reason: ") for line in str(error).splitlines()
                        if line.startswith("Reason: ")), "SimpleITK could not write it")

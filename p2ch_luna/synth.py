@@ -58,20 +58,18 @@ import csv
 import io
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
 from .atomic import atomic_write_text
 from .cli import make_parser, run_command
+from .ct import write_metaimage
 from .errors import UsageError
 from .geometry import Geometry
 from .paths import paths_from_args
@@ -187,13 +185,6 @@ class SyntheticSeries:
     nodules: tuple[SyntheticNodule, ...]
     candidates: tuple[SyntheticCandidate, ...]
     lung_mask: np.ndarray  # lungs without vessels or nodules, same orientation as hu
-
-    def to_image(self) -> sitk.Image:
-        image = sitk.GetImageFromArray(self.hu)
-        image.SetOrigin(tuple(float(v) for v in self.geometry.origin_xyz))
-        image.SetSpacing(tuple(float(v) for v in self.geometry.spacing_xyz))
-        image.SetDirection(tuple(float(v) for v in self.geometry.direction.reshape(-1)))
-        return image
 
 
 @dataclass(frozen=True)
@@ -839,16 +830,7 @@ def make_series_uid(rng: np.random.Generator) -> str:
 
 def write_series(series: SyntheticSeries, path: str | os.PathLike) -> None:
     """Write ``series`` as uncompressed MetaImage ``path`` (.mhd + .raw), atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=target.parent))
-    try:
-        sitk.WriteImage(series.to_image(), str(staging / target.name), useCompression=False)
-        raw_name = target.with_suffix(".raw").name
-        os.replace(staging / raw_name, target.with_suffix(".raw"))
-        os.replace(staging / target.name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_metaimage(series.hu, series.geometry, path)
 
 
 def write_dataset(out_dir: str | os.PathLike, series: Iterable[tuple[str, SyntheticSeries]],
