@@ -1,0 +1,267 @@
+"""Known truth on real anatomy: synthetic nodules implanted into the lungs of a real CT.
+
+A CT of one's own (a DICOM folder, a NIfTI file, a LUNA16 ``.mhd``) has no
+annotations to score a model against, and our synthetic CTs are not real
+anatomy. ``python -m p2ch_luna.implant CT OUT_DIR --diameters 6 10 16`` puts
+spheres of soft tissue into the lungs of ``CT`` and adds the result to
+``OUT_DIR`` as one LUNA16-format series (``subset0/<uid>.mhd/.raw``) whose
+``annotations.csv`` rows are the implanted nodules, so that
+
+    python -m p2ch_luna.diagnose --data-root OUT_DIR --series-uid UID
+
+scores a model (the LUNA16 FROC/CPM, the book's confusion table) on real
+lungs, vessels and noise with a known answer. A model that misses an isolated
+sphere, or finds it off centre, has a problem that real annotated data would
+show too: wrong HU, a transposed or flipped axis, a chunk cut in the wrong place.
+
+Each nodule:
+
+* sits where the lungs hold only parenchyma (below ``PARENCHYMA_MAX_HU``) for
+  its radius plus a clearance (``--clearance``, 5 mm) around its centre: no
+  vessel, airway wall, fissure or pleura touches it. Real lungs leave room for
+  about 15 mm nodules so (the CPTAC CT: 16.5 mm); ``--clearance 0`` lets larger
+  ones touch the vessels around them;
+* is at least ``SEPARATION_MM`` (edge to edge) from the other implanted ones;
+* is a sphere with partial-volume edges (the fraction of each voxel inside it,
+  ``SUPERSAMPLING`` points per axis), raised from the parenchyma it replaces to
+  ``--hu`` (40 HU: solid; about -500 gives ground glass). The CT's own noise
+  stays on top of it.
+
+The site is drawn by ``--seed`` among the voxels that qualify, largest nodule
+first. The new series gets a UID of its own (``2.25.<uuid5>``, derived from the
+source series, the diameters, the density and the seed), so it never shadows
+the source CT in a cache or a dataset; ``annotations.csv`` and ``candidates.csv``
+rows of that UID are replaced when the same implant is written again, and rows
+of other series are kept, so one folder can collect several CTs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import distance
+from .atomic import atomic_write_text
+from .cli import make_parser, run_command
+from .ct import Ct, load_ct, write_metaimage
+from .errors import DataError, UsageError
+from .lungs import find_lungs, mask_bounding_box
+from .luna import ANNOTATIONS_FILE, COORD_COLUMNS, read_csv_checked
+
+log = logging.getLogger(__name__)
+
+MIN_NODULE_HU = -800.0
+"""The least density ``--hu`` accepts: a nodule must be denser than aerated lung."""
+PARENCHYMA_MAX_HU = -500
+"""Denser voxels (vessels, airway walls, pleura, nodules already there) are kept clear of."""
+DEFAULT_CLEARANCE_MM = 5.0
+"""Parenchyma between a nodule's surface and the nearest denser voxel or the lung's edge."""
+SEPARATION_MM = 20.0
+"""Least distance between the surfaces of two implanted nodules."""
+SUPERSAMPLING = 4
+"""Sample points per voxel axis for the partial-volume fraction of the sphere's edge."""
+DEFAULT_DIAMETERS_MM = (6.0, 10.0, 16.0)
+DEFAULT_NODULE_HU = 40.0
+CANDIDATES_FILE = "candidates.csv"
+UID_ROOT = "2.25."
+"""The DICOM root for UIDs made from a UUID (PS3.5 B.2)."""
+
+
+@dataclass(frozen=True)
+class ImplantedNodule:
+    center_irc: tuple[int, int, int]
+    center_xyz: tuple[float, float, float]
+    diameter_mm: float
+
+
+def parenchyma_clearance_mm(hu: np.ndarray, lung_labels: np.ndarray, spacing_irc: Sequence[float]) -> np.ndarray:
+    """Distance (mm) from each lung parenchyma voxel to the nearest voxel that is not parenchyma.
+
+    Parenchyma is inside the lungs (``lung_labels > 0``) and below ``PARENCHYMA_MAX_HU``;
+    every other voxel is 0.
+    """
+    parenchyma = (lung_labels > 0) & (hu < PARENCHYMA_MAX_HU)
+    clearance = np.zeros(hu.shape, dtype=np.float32)
+    box = mask_bounding_box(parenchyma, (1, 1, 1))
+    if box is not None:
+        clearance[box] = distance.depth_mm(parenchyma[box], np.asarray(spacing_irc, dtype=np.float64))
+    return clearance
+
+
+def choose_sites(clearance_mm: np.ndarray, diameters_mm: Sequence[float], spacing_irc: Sequence[float],
+                 rng: np.random.Generator, margin_mm: float = DEFAULT_CLEARANCE_MM) -> list[tuple[int, int, int]]:
+    """A voxel per diameter (in the order given) with room for the nodule; drawn largest first.
+
+    A site needs ``clearance_mm`` of at least its radius plus ``margin_mm``, and lies
+    ``SEPARATION_MM`` beyond the surface of every nodule placed before it.
+    """
+    spacing = np.asarray(spacing_irc, dtype=np.float64)
+    sites: dict[int, tuple[int, int, int]] = {}
+    for position in sorted(range(len(diameters_mm)), key=lambda k: -diameters_mm[k]):
+        radius = diameters_mm[position] / 2.0
+        room = np.argwhere(clearance_mm >= radius + margin_mm)
+        for other, site in sites.items():
+            if len(room) == 0:
+                break
+            gap = np.linalg.norm((room - site) * spacing, axis=1) - radius - diameters_mm[other] / 2.0
+            room = room[gap >= SEPARATION_MM]
+        if len(room) == 0:
+            largest = 2.0 * (float(clearance_mm.max(initial=0.0)) - margin_mm)
+            raise DataError(f"no room in the lungs for a {diameters_mm[position]:g} mm nodule: no parenchyma "
+                            f"{radius + margin_mm:g} mm from every vessel, wall and implanted nodule (alone, "
+                            f"at most {max(largest, 0.0):.1f} mm fits with --clearance {margin_mm:g}; give smaller "
+                            "or fewer --diameters or a smaller --clearance)")
+        sites[position] = tuple(int(v) for v in room[rng.integers(len(room))])
+    return [sites[position] for position in range(len(diameters_mm))]
+
+
+def sphere_fraction(center_irc: Sequence[float], radius_mm: float, spacing_irc: Sequence[float],
+                    shape_irc: Sequence[int]) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """The box around a sphere and the fraction (0..1, float32) of each of its voxels inside the sphere.
+
+    The fraction counts ``SUPERSAMPLING`` ** 3 evenly spaced points per voxel. The box is
+    clipped to ``shape_irc``.
+    """
+    spacing = np.asarray(spacing_irc, dtype=np.float64)
+    offsets = (np.arange(SUPERSAMPLING) + 0.5) / SUPERSAMPLING - 0.5
+    box, squared = [], []
+    for axis in range(3):
+        reach = int(np.ceil(radius_mm / spacing[axis])) + 1
+        start = max(int(np.floor(center_irc[axis])) - reach, 0)
+        stop = min(int(np.ceil(center_irc[axis])) + reach + 1, int(shape_irc[axis]))
+        box.append(slice(start, stop))
+        points = (np.arange(start, stop)[:, None] + offsets[None, :] - center_irc[axis]) * spacing[axis]
+        squared.append(points**2)  # (voxels, samples) along this axis
+    in_plane = squared[1][:, None, :, None] + squared[2][None, :, None, :]  # (rows, cols, samples, samples)
+    inside = np.zeros(in_plane.shape[:2], dtype=np.int64)[None].repeat(len(squared[0]), axis=0)
+    for sample in range(SUPERSAMPLING):  # one sample plane of the index axis at a time bounds the memory
+        total = squared[0][:, sample, None, None, None, None] + in_plane[None]
+        inside += np.count_nonzero(total <= radius_mm**2, axis=(3, 4))
+    return tuple(box), (inside / SUPERSAMPLING**3).astype(np.float32)
+
+
+def implant_sphere(hu: np.ndarray, center_irc: Sequence[float], radius_mm: float, spacing_irc: Sequence[float],
+                   nodule_hu: float) -> None:
+    """Raise a partial-volume sphere of ``hu`` (int16, in place) from its surroundings to ``nodule_hu``.
+
+    Each voxel moves by its fraction inside the sphere times the difference between
+    ``nodule_hu`` and the mean HU of the voxels the sphere replaces, so the CT's noise stays.
+    """
+    box, fraction = sphere_fraction(center_irc, radius_mm, spacing_irc, hu.shape)
+    region = hu[box].astype(np.float64)
+    replaced = float(np.average(region, weights=fraction)) if fraction.any() else 0.0
+    raised = region + fraction * (nodule_hu - replaced)
+    info = np.iinfo(np.int16)
+    hu[box] = np.clip(np.rint(raised), info.min, info.max).astype(np.int16)
+
+
+def implanted_uid(source_uid: str, diameters_mm: Sequence[float], nodule_hu: float, seed: int) -> str:
+    """A DICOM UID for the implanted series, the same for the same source and arguments."""
+    name = f"p2ch_luna.implant|{source_uid}|{','.join(f'{d:g}' for d in diameters_mm)}|{nodule_hu:g}|{seed}"
+    return UID_ROOT + str(uuid.uuid5(uuid.NAMESPACE_OID, name).int)
+
+
+def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DEFAULT_NODULE_HU,
+                    seed: int = 0, clearance_mm: float = DEFAULT_CLEARANCE_MM) -> tuple[Ct, list[ImplantedNodule]]:
+    """A copy of ``ct`` with a nodule of each diameter implanted in its lungs, and where they are."""
+    if not diameters_mm:
+        raise UsageError("--diameters needs at least one diameter")
+    bad = [d for d in diameters_mm if not (np.isfinite(d) and d > 0)]
+    if bad:
+        raise UsageError(f"--diameters must be positive numbers of mm (got {bad[0]:g})")
+    if not (np.isfinite(clearance_mm) and clearance_mm >= 0):
+        raise UsageError(f"--clearance must be >= 0 mm (got {clearance_mm:g})")
+    if not (np.isfinite(nodule_hu) and nodule_hu > MIN_NODULE_HU):
+        raise UsageError(f"--hu must be above {MIN_NODULE_HU:g} HU, denser than aerated lung (got {nodule_hu:g})")
+    spacing = tuple(float(v) for v in ct.geometry.spacing_irc)
+    lungs = find_lungs(ct.hu, spacing)
+    if lungs.count == 0:
+        raise DataError(f"CT {ct.source or ct.series_uid}: no lungs found to implant nodules into")
+    clearance = parenchyma_clearance_mm(ct.hu, lungs.labels, spacing)
+    sites = choose_sites(clearance, diameters_mm, spacing, np.random.default_rng(seed), clearance_mm)
+    hu = ct.hu.copy()
+    nodules = []
+    for site, diameter in zip(sites, diameters_mm):
+        implant_sphere(hu, site, diameter / 2.0, spacing, nodule_hu)
+        center_xyz = tuple(float(v) for v in ct.geometry.irc_to_xyz(site))
+        nodules.append(ImplantedNodule(center_irc=site, center_xyz=center_xyz, diameter_mm=float(diameter)))
+    uid = implanted_uid(ct.series_uid, diameters_mm, nodule_hu, seed)
+    return Ct(hu=hu, geometry=ct.geometry, series_uid=uid, source=ct.source), nodules
+
+
+def write_implanted(out_dir: Path, ct: Ct, nodules: Sequence[ImplantedNodule]) -> Path:
+    """Add ``ct`` to the LUNA16-format folder ``out_dir``: its ``.mhd``/``.raw`` and its CSV rows.
+
+    Returns the ``.mhd`` path. Rows of the same series UID already in the CSVs are replaced.
+    """
+    path = out_dir / "subset0" / f"{ct.series_uid}.mhd"
+    write_metaimage(np.asarray(ct.hu), ct.geometry, path)
+    rows = pd.DataFrame([[ct.series_uid, *n.center_xyz, n.diameter_mm] for n in nodules],
+                        columns=["seriesuid", *COORD_COLUMNS, "diameter_mm"])
+    _replace_rows(out_dir / ANNOTATIONS_FILE, rows, "annotations")
+    candidates = rows.drop(columns="diameter_mm").assign(**{"class": 1})
+    _replace_rows(out_dir / CANDIDATES_FILE, candidates, "candidates", integer_columns=["class"])
+    return path
+
+
+def _replace_rows(path: Path, rows: pd.DataFrame, what: str, integer_columns: Sequence[str] = ()) -> None:
+    """Write ``rows`` to the CSV ``path`` in place of the rows of their series; other rows are kept."""
+    columns = list(rows.columns)
+    numeric = [column for column in columns if column != "seriesuid"]
+    if path.is_file():
+        existing = read_csv_checked(path, columns, numeric, what=what)
+        kept = existing[~existing["seriesuid"].isin(rows["seriesuid"])]
+        rows = pd.concat([kept, rows], ignore_index=True)
+    rows = rows.astype({column: np.int64 for column in integer_columns})
+    atomic_write_text(path, rows.to_csv(index=False, lineterminator="\n"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("python -m p2ch_luna.implant",
+                         "Implant spherical nodules into the lungs of a real CT and add it, with the nodules "
+                         "as annotations, to a LUNA16-format folder: a known answer on real anatomy for "
+                         "diagnose and evaluate.", paths=False)
+    parser.add_argument("ct", type=Path, help="the CT: a .mhd/.mha file, a NIfTI file or a DICOM series folder")
+    parser.add_argument("out_dir", type=Path,
+                        help="LUNA16-format folder to add the series to (created if needed; other series' "
+                             "rows in its CSVs are kept)")
+    parser.add_argument("--diameters", type=float, nargs="+", default=list(DEFAULT_DIAMETERS_MM), metavar="MM",
+                        help="diameter of each nodule to implant, in mm")
+    parser.add_argument("--hu", type=float, default=DEFAULT_NODULE_HU,
+                        help="density of the nodules in HU (40: solid; about -500: ground glass)")
+    parser.add_argument("--clearance", type=float, default=DEFAULT_CLEARANCE_MM, metavar="MM",
+                        help="parenchyma kept between each nodule's surface and any vessel, airway wall or the "
+                             "lung's edge, in mm")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sites' draw")
+    parser.add_argument("--series-uid", default=None,
+                        help="the series to read when the DICOM folder holds several")
+    return parser
+
+
+def _body(args: argparse.Namespace) -> int:
+    ct = load_ct(args.ct, args.series_uid)
+    implanted, nodules = implant_nodules(ct, args.diameters, args.hu, args.seed, args.clearance)
+    path = write_implanted(args.out_dir, implanted, nodules)
+    log.info("implanted %d nodule(s) into %s; wrote %s", len(nodules), ct.series_uid, path)
+    for nodule in nodules:
+        x, y, z = nodule.center_xyz
+        print(f"{nodule.diameter_mm:g} mm nodule at ({x:.1f}, {y:.1f}, {z:.1f}) mm, voxel {nodule.center_irc}")
+    print(f"series {implanted.series_uid} in {args.out_dir}; score a model on it with:\n"
+          f"  python -m p2ch_luna.diagnose --data-root {args.out_dir} --series-uid {implanted.series_uid}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_body, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

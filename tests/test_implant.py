@@ -1,0 +1,169 @@
+"""Implanted nodules: partial-volume spheres, sites with room, the LUNA16 folder they are written to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from p2ch_luna import implant, synth
+from p2ch_luna.ct import Ct, list_series_on_disk, load_ct, write_metaimage
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.lungs import find_lungs
+
+
+@pytest.mark.parametrize("radius, center, spacing", [
+    (3.0, (20.0, 20.0, 20.0), (2.5, 0.7, 0.7)),
+    (5.0, (20.3, 19.6, 20.45), (1.25, 0.6, 0.8)),
+    (8.0, (20.0, 20.5, 20.0), (0.7, 0.7, 0.7)),
+])
+def test_sphere_fraction_holds_the_sphere_volume(radius: float, center, spacing) -> None:
+    box, fraction = implant.sphere_fraction(center, radius, spacing, (60, 80, 80))
+    assert fraction.shape == tuple(s.stop - s.start for s in box)
+    assert fraction.min() >= 0.0 and fraction.max() <= 1.0
+    volume = fraction.sum() * np.prod(spacing)
+    assert volume == pytest.approx(4.0 / 3.0 * np.pi * radius**3, rel=0.02)
+    centre = tuple(int(round(c)) - s.start for c, s in zip(center, box))
+    assert fraction[centre] == 1.0
+    assert fraction[0, 0, 0] == 0.0 and fraction[-1, -1, -1] == 0.0  # the box reaches past the sphere
+
+
+def test_sphere_fraction_box_is_clipped_at_the_array_edge() -> None:
+    box, fraction = implant.sphere_fraction((0.0, 10.0, 10.0), 3.0, (1.0, 1.0, 1.0), (20, 20, 20))
+    assert box[0].start == 0 and fraction.shape[0] == box[0].stop
+    # What lies inside the array is the sphere above the index axis' first voxel edge, z = -0.5.
+    inside = np.pi * ((9.0 * 3.0 - 3.0**3 / 3.0) - (9.0 * -0.5 - (-0.5) ** 3 / 3.0))
+    assert fraction.sum() == pytest.approx(inside, rel=0.02)
+
+
+def test_implant_sphere_raises_the_sphere_and_keeps_the_noise() -> None:
+    rng = np.random.default_rng(0)
+    hu = np.rint(rng.normal(-850.0, 30.0, (40, 64, 64))).astype(np.int16)
+    before = hu.copy()
+    implant.implant_sphere(hu, (20, 32, 32), 8.0, (1.0, 1.0, 1.0), 40.0)
+    assert hu.dtype == np.int16
+    core = (slice(16, 25), slice(28, 37), slice(28, 37))  # well inside the sphere: fraction 1
+    assert hu[core].mean() == pytest.approx(40.0, abs=10.0)
+    assert np.std(hu[core].astype(float) - before[core]) < 1.0  # one shift: the noise is the CT's own
+    assert np.std(hu[core]) == pytest.approx(np.std(before[core]), rel=0.01)
+    changed = np.argwhere(hu != before)
+    distances = np.linalg.norm(changed - [20, 32, 32], axis=1)
+    assert distances.max() < 8.0 + np.sqrt(3) / 2 + 1e-9  # only voxels that the sphere touches
+
+
+def test_clearance_counts_to_dense_tissue_and_to_the_lung_edge() -> None:
+    hu = np.full((30, 40, 40), -850, dtype=np.int16)
+    labels = np.zeros(hu.shape, dtype=np.int32)
+    labels[5:25, 5:35, 5:35] = 1
+    hu[15, 20, 28] = 50  # a vessel voxel
+    clearance = implant.parenchyma_clearance_mm(hu, labels, (2.0, 1.0, 1.0))
+    assert clearance[0, 0, 0] == 0.0 and clearance[15, 20, 28] == 0.0
+    assert clearance[15, 20, 20] == pytest.approx(8.0)  # 8 voxels of 1 mm to the vessel
+    assert clearance[15, 20, 10] == pytest.approx(6.0)  # 6 voxels to the lung's edge at column 4
+    assert clearance[6, 20, 20] == pytest.approx(4.0)  # 2 slices of 2 mm to the edge at index 4
+
+
+def test_sites_have_room_keep_apart_and_repeat_with_the_seed() -> None:
+    spacing = (1.0, 1.0, 1.0)
+    grid = np.indices((50, 90, 90)).transpose(1, 2, 3, 0)
+    clearance = np.clip(30.0 - np.linalg.norm(grid - [25, 45, 45], axis=-1), 0, None)  # a ball of room
+    diameters = [4.0, 8.0, 6.0]
+    sites = implant.choose_sites(clearance, diameters, spacing, np.random.default_rng(1), margin_mm=2.0)
+    assert sites == implant.choose_sites(clearance, diameters, spacing, np.random.default_rng(1), margin_mm=2.0)
+    assert sites != implant.choose_sites(clearance, diameters, spacing, np.random.default_rng(2), margin_mm=2.0)
+    for site, diameter in zip(sites, diameters):
+        assert clearance[site] >= diameter / 2 + 2.0
+    for a in range(3):
+        for b in range(a + 1, 3):
+            gap = np.linalg.norm(np.subtract(sites[a], sites[b])) - (diameters[a] + diameters[b]) / 2
+            assert gap >= implant.SEPARATION_MM
+
+
+def test_no_room_is_a_data_error_that_says_what_fits() -> None:
+    clearance = np.zeros((10, 10, 10), dtype=np.float32)
+    clearance[5, 5, 5] = 9.0
+    with pytest.raises(DataError, match=r"12 mm nodule.*at most 8\.0 mm fits with --clearance 5"):
+        implant.choose_sites(clearance, [12.0], (1.0, 1.0, 1.0), np.random.default_rng(0), margin_mm=5.0)
+
+
+@pytest.fixture(scope="module")
+def small_ct() -> Ct:
+    """A synthetic chest CT without nodules, stored with a flipped index axis."""
+    series = synth.make_series(np.random.default_rng(3), (128, 128), 48, flip=(1, 1, -1), n_nodules=0)
+    return Ct(hu=series.hu, geometry=series.geometry, series_uid="1.2.826.0.1.3680043.8.498.1")
+
+
+def test_implanted_nodules_sit_in_the_lungs_where_the_annotations_say(small_ct: Ct) -> None:
+    implanted, nodules = implant.implant_nodules(small_ct, [3.0, 5.0], nodule_hu=40.0, seed=0, clearance_mm=2.0)
+    assert implanted.series_uid.startswith("2.25.") and implanted.series_uid != small_ct.series_uid
+    assert implanted.series_uid == implant.implant_nodules(small_ct, [3.0, 5.0], 40.0, 0, 2.0)[0].series_uid
+    assert implanted.geometry is small_ct.geometry
+    lungs = find_lungs(small_ct.hu, tuple(small_ct.geometry.spacing_irc))
+    untouched = np.ones(small_ct.shape, dtype=bool)
+    for nodule in nodules:
+        irc = small_ct.geometry.xyz_to_irc(nodule.center_xyz)  # the annotation's world centre maps back
+        assert tuple(irc) == nodule.center_irc
+        assert lungs.labels[tuple(irc)] > 0
+        assert implanted.hu[tuple(irc)] > 0 > small_ct.hu[tuple(irc)]
+        box, _ = implant.sphere_fraction(irc, nodule.diameter_mm / 2, small_ct.geometry.spacing_irc,
+                                         small_ct.shape)
+        untouched[box] = False
+    assert np.array_equal(implanted.hu[untouched], small_ct.hu[untouched])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(diameters_mm=[]), "at least one"),
+    (dict(diameters_mm=[4.0, 0.0]), "positive"),
+    (dict(diameters_mm=[float("nan")]), "positive"),
+    (dict(diameters_mm=[4.0], nodule_hu=-900.0), "--hu must be above -800"),
+    (dict(diameters_mm=[4.0], clearance_mm=-1.0), "--clearance"),
+])
+def test_bad_arguments_are_usage_errors(small_ct: Ct, arguments: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        implant.implant_nodules(small_ct, **arguments)
+
+
+def test_command_adds_a_loadable_series_and_replaces_only_its_own_rows(small_ct: Ct, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "source.mhd"
+    write_metaimage(np.asarray(small_ct.hu), small_ct.geometry, source)
+    out = tmp_path / "out"
+    out.mkdir()
+    other_row = "1.2.3.other,-128.6994211,-175.3192718,-298.3875064,5.651470635"
+    (out / "annotations.csv").write_text(f"seriesuid,coordX,coordY,coordZ,diameter_mm\n{other_row}\n")
+    arguments = [str(source), str(out), "--diameters", "3", "5", "--clearance", "2"]
+    assert implant.main(arguments) == 0
+    assert implant.main(arguments) == 0  # the same implant again: its rows are replaced, not added
+    assert implant.main([*arguments, "--seed", "1"]) == 0  # another implant: a second series
+    printed = capsys.readouterr().out
+    series = list_series_on_disk(out)
+    assert len(series) == 2 and all(f"--series-uid {uid}" in printed for uid in series)
+    annotations = pd.read_csv(out / "annotations.csv", dtype={"seriesuid": str})
+    candidates = pd.read_csv(out / "candidates.csv", dtype={"seriesuid": str})
+    assert (out / "annotations.csv").read_text().splitlines()[1] == other_row  # kept, digit for digit
+    assert sorted(annotations["seriesuid"].value_counts().tolist()) == [1, 2, 2]
+    assert candidates["class"].tolist() == [1, 1, 1, 1] and "1.0" not in (out / "candidates.csv").read_text()
+    for uid, path in series.items():
+        ct = load_ct(path)
+        assert np.array_equal(ct.geometry.affine, small_ct.geometry.affine)
+        rows = annotations[annotations["seriesuid"] == uid]
+        irc = ct.geometry.xyz_to_irc(rows[["coordX", "coordY", "coordZ"]].to_numpy())
+        assert (ct.hu[tuple(irc.T)] > 0).all()  # each annotation's centre is on its nodule
+
+
+@pytest.mark.parametrize("arguments, code, message", [
+    (["--diameters", "0"], 2, "--diameters must be positive"),
+    (["--hu", "-1000"], 2, "--hu must be above"),
+    (["--diameters", "40"], 1, "no room in the lungs for a 40 mm nodule"),
+])
+def test_command_errors_are_one_line_and_write_nothing(small_ct: Ct, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       arguments: list[str], code: int, message: str) -> None:
+    source = tmp_path / "source.mhd"
+    write_metaimage(np.asarray(small_ct.hu), small_ct.geometry, source)
+    out = tmp_path / "out"
+    assert implant.main([str(source), str(out), *arguments]) == code
+    error = capsys.readouterr().err.strip().splitlines()
+    assert message in error[-1] and "Traceback" not in "\n".join(error)
+    assert not out.exists()
