@@ -16,20 +16,24 @@ show too: wrong HU, a transposed or flipped axis, a chunk cut in the wrong place
 
 Each nodule:
 
-* sits where the lungs hold only parenchyma (below ``PARENCHYMA_MAX_HU``) for
-  its radius plus a clearance (``--clearance``, 5 mm) around its centre: no
-  vessel, airway wall, fissure or pleura touches it. Real lungs leave room for
-  about 15 mm nodules so (the CPTAC CT: 16.5 mm); ``--clearance 0`` lets larger
-  ones touch the vessels around them;
+* ``isolated`` (the default ``--placement``): sits where the lungs hold only
+  parenchyma (below ``PARENCHYMA_MAX_HU``) for its radius plus a clearance
+  (``--clearance``, 5 mm) around its centre: no vessel, airway wall, fissure or
+  pleura touches it. Real lungs leave room for about 15 mm nodules so (the CPTAC
+  CT: 16.5 mm); ``--clearance 0`` lets larger ones touch the vessels around them;
+* ``pleural``: sits on the lung's edge, its centre ``PLEURAL_DEPTH`` (0.4-0.7) of
+  its radius inside the lung, so the rest lies in the chest wall, mediastinum
+  or diaphragm, with no vessel within its radius plus the clearance. These are
+  the juxtapleural nodules that a lung mask must not cut off;
 * is at least ``SEPARATION_MM`` (edge to edge) from the other implanted ones;
 * is a sphere with partial-volume edges (the fraction of each voxel inside it,
   ``SUPERSAMPLING`` points per axis), raised from the parenchyma it replaces to
   ``--hu`` (40 HU: solid; about -500 gives ground glass). The CT's own noise
-  stays on top of it.
+  stays on top of it; denser tissue inside the sphere only rises towards ``--hu``.
 
 The site is drawn by ``--seed`` among the voxels that qualify, largest nodule
 first. The new series gets a UID of its own (``2.25.<uuid5>``, derived from the
-source series, the diameters, the density and the seed), so it never shadows
+source series and every argument), so it never shadows
 the source CT in a cache or a dataset; ``annotations.csv`` and ``candidates.csv``
 rows of that UID are replaced when the same implant is written again, and rows
 of other series are kept, so one folder can collect several CTs.
@@ -38,6 +42,7 @@ of other series are kept, so one folder can collect several CTs.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import uuid
@@ -64,6 +69,11 @@ PARENCHYMA_MAX_HU = -500
 """Denser voxels (vessels, airway walls, pleura, nodules already there) are kept clear of."""
 DEFAULT_CLEARANCE_MM = 5.0
 """Parenchyma between a nodule's surface and the nearest denser voxel or the lung's edge."""
+PLACEMENTS = ("isolated", "pleural")
+PLEURAL_DEPTH = (0.4, 0.7)
+"""A pleural nodule's centre lies between these fractions of its radius inside the lung's edge."""
+RIM_MM = 3.0
+"""Dense voxels this close to the lung's edge are pleura and chest wall, not vessels (pleural placement)."""
 SEPARATION_MM = 20.0
 """Least distance between the surfaces of two implanted nodules."""
 SUPERSAMPLING = 4
@@ -80,46 +90,93 @@ class ImplantedNodule:
     center_irc: tuple[int, int, int]
     center_xyz: tuple[float, float, float]
     diameter_mm: float
+    placement: str = "isolated"
 
 
-def parenchyma_clearance_mm(hu: np.ndarray, lung_labels: np.ndarray, spacing_irc: Sequence[float]) -> np.ndarray:
-    """Distance (mm) from each lung parenchyma voxel to the nearest voxel that is not parenchyma.
+class Room:
+    """Where nodules fit in the lungs of one CT: distance maps (mm) over the lungs' bounding box.
 
-    Parenchyma is inside the lungs (``lung_labels > 0``) and below ``PARENCHYMA_MAX_HU``;
-    every other voxel is 0.
+    ``lung_labels`` are :func:`~p2ch_luna.lungs.find_lungs`' labels. The maps are computed
+    when first needed: an isolated nodule needs ``parenchyma_clearance``, a pleural one
+    ``wall_depth`` and ``vessel_clearance``.
     """
-    parenchyma = (lung_labels > 0) & (hu < PARENCHYMA_MAX_HU)
-    clearance = np.zeros(hu.shape, dtype=np.float32)
-    box = mask_bounding_box(parenchyma, (1, 1, 1))
-    if box is not None:
-        clearance[box] = distance.depth_mm(parenchyma[box], np.asarray(spacing_irc, dtype=np.float64))
-    return clearance
+
+    def __init__(self, hu: np.ndarray, lung_labels: np.ndarray, spacing_irc: Sequence[float]) -> None:
+        self.spacing = np.asarray(spacing_irc, dtype=np.float64)
+        lung = lung_labels > 0
+        self.box = mask_bounding_box(lung, (1, 1, 1))
+        if self.box is None:
+            raise ValueError("the lung mask is empty")
+        self.lung = lung[self.box]
+        self.hu = hu[self.box]
+
+    @functools.cached_property
+    def parenchyma_clearance(self) -> np.ndarray:
+        """From each lung voxel below ``PARENCHYMA_MAX_HU`` to the nearest voxel that is not (0 elsewhere)."""
+        return distance.depth_mm(self.lung & (self.hu < PARENCHYMA_MAX_HU), self.spacing)
+
+    @functools.cached_property
+    def wall_depth(self) -> np.ndarray:
+        """From each lung voxel to the nearest voxel outside the lungs (0 outside)."""
+        return distance.depth_mm(self.lung, self.spacing)
+
+    @functools.cached_property
+    def vessel_clearance(self) -> np.ndarray:
+        """From each voxel to the nearest dense lung voxel deeper than ``RIM_MM`` (vessels, airway walls)."""
+        vessels = self.lung & (self.hu >= PARENCHYMA_MAX_HU) & (self.wall_depth > RIM_MM)
+        if not vessels.any():
+            return np.full(self.lung.shape, np.inf)
+        return distance.depth_mm(~vessels, self.spacing)
+
+    def sites(self, diameter_mm: float, placement: str, margin_mm: float) -> np.ndarray:
+        """Voxels ``(N, 3)`` of the whole CT where a nodule of ``diameter_mm`` may be centred.
+
+        ``"isolated"``: parenchyma all around, for the radius plus ``margin_mm``.
+        ``"pleural"``: the centre lies ``PLEURAL_DEPTH`` of the radius inside the lung's edge,
+        so the rest of the nodule sits in the wall, with no vessel within the radius plus ``margin_mm``.
+        """
+        radius = diameter_mm / 2.0
+        if placement == "isolated":
+            fits = self.parenchyma_clearance >= radius + margin_mm
+        elif placement == "pleural":
+            low, high = PLEURAL_DEPTH
+            fits = ((self.wall_depth >= low * radius) & (self.wall_depth <= high * radius)
+                    & (self.vessel_clearance >= radius + margin_mm))
+        else:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
+        return np.argwhere(fits) + [s.start for s in self.box]
+
+    def no_room(self, diameter_mm: float, placement: str, margin_mm: float) -> DataError:
+        """The error for a nodule that does not fit, saying what would."""
+        radius = diameter_mm / 2.0
+        if placement == "isolated":
+            largest = max(2.0 * (float(self.parenchyma_clearance.max(initial=0.0)) - margin_mm), 0.0)
+            return DataError(f"no room in the lungs for a {diameter_mm:g} mm nodule: no parenchyma "
+                             f"{radius + margin_mm:g} mm from every vessel, wall and implanted nodule (alone, "
+                             f"at most {largest:.1f} mm fits with --clearance {margin_mm:g}; give smaller "
+                             "or fewer --diameters or a smaller --clearance)")
+        return DataError(f"no room on the pleura for a {diameter_mm:g} mm nodule: no lung edge with parenchyma "
+                         f"{radius + margin_mm:g} mm clear of vessels and implanted nodules (give smaller or "
+                         "fewer --diameters or a smaller --clearance)")
 
 
-def choose_sites(clearance_mm: np.ndarray, diameters_mm: Sequence[float], spacing_irc: Sequence[float],
-                 rng: np.random.Generator, margin_mm: float = DEFAULT_CLEARANCE_MM) -> list[tuple[int, int, int]]:
+def choose_sites(room: Room, diameters_mm: Sequence[float], placements: Sequence[str], rng: np.random.Generator,
+                 margin_mm: float = DEFAULT_CLEARANCE_MM) -> list[tuple[int, int, int]]:
     """A voxel per diameter (in the order given) with room for the nodule; drawn largest first.
 
-    A site needs ``clearance_mm`` of at least its radius plus ``margin_mm``, and lies
+    A site is one of ``room.sites`` for its diameter and placement, and lies
     ``SEPARATION_MM`` beyond the surface of every nodule placed before it.
     """
-    spacing = np.asarray(spacing_irc, dtype=np.float64)
     sites: dict[int, tuple[int, int, int]] = {}
     for position in sorted(range(len(diameters_mm)), key=lambda k: -diameters_mm[k]):
         radius = diameters_mm[position] / 2.0
-        room = np.argwhere(clearance_mm >= radius + margin_mm)
+        candidates = room.sites(diameters_mm[position], placements[position], margin_mm)
         for other, site in sites.items():
-            if len(room) == 0:
-                break
-            gap = np.linalg.norm((room - site) * spacing, axis=1) - radius - diameters_mm[other] / 2.0
-            room = room[gap >= SEPARATION_MM]
-        if len(room) == 0:
-            largest = 2.0 * (float(clearance_mm.max(initial=0.0)) - margin_mm)
-            raise DataError(f"no room in the lungs for a {diameters_mm[position]:g} mm nodule: no parenchyma "
-                            f"{radius + margin_mm:g} mm from every vessel, wall and implanted nodule (alone, "
-                            f"at most {max(largest, 0.0):.1f} mm fits with --clearance {margin_mm:g}; give smaller "
-                            "or fewer --diameters or a smaller --clearance)")
-        sites[position] = tuple(int(v) for v in room[rng.integers(len(room))])
+            gap = np.linalg.norm((candidates - site) * room.spacing, axis=1) - radius - diameters_mm[other] / 2.0
+            candidates = candidates[gap >= SEPARATION_MM]
+        if len(candidates) == 0:
+            raise room.no_room(diameters_mm[position], placements[position], margin_mm)
+        sites[position] = tuple(int(v) for v in candidates[rng.integers(len(candidates))])
     return [sites[position] for position in range(len(diameters_mm))]
 
 
@@ -150,33 +207,52 @@ def sphere_fraction(center_irc: Sequence[float], radius_mm: float, spacing_irc: 
 
 def implant_sphere(hu: np.ndarray, center_irc: Sequence[float], radius_mm: float, spacing_irc: Sequence[float],
                    nodule_hu: float) -> None:
-    """Raise a partial-volume sphere of ``hu`` (int16, in place) from its surroundings to ``nodule_hu``.
+    """Raise a partial-volume sphere of ``hu`` (int16, in place) to ``nodule_hu``.
 
-    Each voxel moves by its fraction inside the sphere times the difference between
-    ``nodule_hu`` and the mean HU of the voxels the sphere replaces, so the CT's noise stays.
+    A parenchyma voxel (below ``PARENCHYMA_MAX_HU``) moves by its fraction inside the
+    sphere times the difference between ``nodule_hu`` and the mean of the parenchyma the
+    sphere replaces, so the CT's noise stays. A denser voxel (the chest wall of a pleural
+    nodule, a rib) rises towards ``nodule_hu`` by its fraction, and never falls.
     """
     box, fraction = sphere_fraction(center_irc, radius_mm, spacing_irc, hu.shape)
     region = hu[box].astype(np.float64)
-    replaced = float(np.average(region, weights=fraction)) if fraction.any() else 0.0
-    raised = region + fraction * (nodule_hu - replaced)
+    parenchyma = region < PARENCHYMA_MAX_HU
+    weights = fraction * parenchyma
+    replaced = float(np.average(region, weights=weights)) if weights.any() else nodule_hu
+    raised = np.where(parenchyma, region + fraction * (nodule_hu - replaced),
+                      region + fraction * np.maximum(nodule_hu - region, 0.0))
     info = np.iinfo(np.int16)
     hu[box] = np.clip(np.rint(raised), info.min, info.max).astype(np.int16)
 
 
-def implanted_uid(source_uid: str, diameters_mm: Sequence[float], nodule_hu: float, seed: int) -> str:
+def implanted_uid(source_uid: str, diameters_mm: Sequence[float], placements: Sequence[str], nodule_hu: float,
+                  seed: int, clearance_mm: float) -> str:
     """A DICOM UID for the implanted series, the same for the same source and arguments."""
-    name = f"p2ch_luna.implant|{source_uid}|{','.join(f'{d:g}' for d in diameters_mm)}|{nodule_hu:g}|{seed}"
+    nodules = ",".join(f"{d:g} {p}" for d, p in zip(diameters_mm, placements))
+    name = f"p2ch_luna.implant|{source_uid}|{nodules}|{nodule_hu:g}|{seed}|{clearance_mm:g}"
     return UID_ROOT + str(uuid.uuid5(uuid.NAMESPACE_OID, name).int)
 
 
-def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DEFAULT_NODULE_HU,
-                    seed: int = 0, clearance_mm: float = DEFAULT_CLEARANCE_MM) -> tuple[Ct, list[ImplantedNodule]]:
-    """A copy of ``ct`` with a nodule of each diameter implanted in its lungs, and where they are."""
+def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DEFAULT_NODULE_HU, seed: int = 0,
+                    clearance_mm: float = DEFAULT_CLEARANCE_MM,
+                    placements: Sequence[str] = ("isolated",)) -> tuple[Ct, list[ImplantedNodule]]:
+    """A copy of ``ct`` with a nodule of each diameter implanted in its lungs, and where they are.
+
+    ``placements`` gives each nodule's placement (see :meth:`Room.sites`), or one for all.
+    """
     if not diameters_mm:
         raise UsageError("--diameters needs at least one diameter")
     bad = [d for d in diameters_mm if not (np.isfinite(d) and d > 0)]
     if bad:
         raise UsageError(f"--diameters must be positive numbers of mm (got {bad[0]:g})")
+    if len(placements) == 1:
+        placements = list(placements) * len(diameters_mm)
+    if len(placements) != len(diameters_mm):
+        raise UsageError(f"--placement needs one placement or one per diameter ({len(diameters_mm)}), "
+                         f"got {len(placements)}")
+    unknown = [p for p in placements if p not in PLACEMENTS]
+    if unknown:
+        raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)} (got {unknown[0]!r})")
     if not (np.isfinite(clearance_mm) and clearance_mm >= 0):
         raise UsageError(f"--clearance must be >= 0 mm (got {clearance_mm:g})")
     if not (np.isfinite(nodule_hu) and nodule_hu > MIN_NODULE_HU):
@@ -185,15 +261,16 @@ def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DE
     lungs = find_lungs(ct.hu, spacing)
     if lungs.count == 0:
         raise DataError(f"CT {ct.source or ct.series_uid}: no lungs found to implant nodules into")
-    clearance = parenchyma_clearance_mm(ct.hu, lungs.labels, spacing)
-    sites = choose_sites(clearance, diameters_mm, spacing, np.random.default_rng(seed), clearance_mm)
+    room = Room(ct.hu, lungs.labels, spacing)
+    sites = choose_sites(room, diameters_mm, placements, np.random.default_rng(seed), clearance_mm)
     hu = ct.hu.copy()
     nodules = []
-    for site, diameter in zip(sites, diameters_mm):
+    for site, diameter, placement in zip(sites, diameters_mm, placements):
         implant_sphere(hu, site, diameter / 2.0, spacing, nodule_hu)
         center_xyz = tuple(float(v) for v in ct.geometry.irc_to_xyz(site))
-        nodules.append(ImplantedNodule(center_irc=site, center_xyz=center_xyz, diameter_mm=float(diameter)))
-    uid = implanted_uid(ct.series_uid, diameters_mm, nodule_hu, seed)
+        nodules.append(ImplantedNodule(center_irc=site, center_xyz=center_xyz, diameter_mm=float(diameter),
+                                       placement=placement))
+    uid = implanted_uid(ct.series_uid, diameters_mm, placements, nodule_hu, seed, clearance_mm)
     return Ct(hu=hu, geometry=ct.geometry, series_uid=uid, source=ct.source), nodules
 
 
@@ -237,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diameter of each nodule to implant, in mm")
     parser.add_argument("--hu", type=float, default=DEFAULT_NODULE_HU,
                         help="density of the nodules in HU (40: solid; about -500: ground glass)")
+    parser.add_argument("--placement", nargs="+", choices=PLACEMENTS, default=["isolated"],
+                        help="where each nodule goes, one for all or one per diameter: isolated (parenchyma all "
+                             "around it) or pleural (on the lung's edge, partly in the chest wall, mediastinum or "
+                             "diaphragm)")
     parser.add_argument("--clearance", type=float, default=DEFAULT_CLEARANCE_MM, metavar="MM",
                         help="parenchyma kept between each nodule's surface and any vessel, airway wall or the "
                              "lung's edge, in mm")
@@ -248,12 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _body(args: argparse.Namespace) -> int:
     ct = load_ct(args.ct, args.series_uid)
-    implanted, nodules = implant_nodules(ct, args.diameters, args.hu, args.seed, args.clearance)
+    implanted, nodules = implant_nodules(ct, args.diameters, args.hu, args.seed, args.clearance, args.placement)
     path = write_implanted(args.out_dir, implanted, nodules)
     log.info("implanted %d nodule(s) into %s; wrote %s", len(nodules), ct.series_uid, path)
     for nodule in nodules:
         x, y, z = nodule.center_xyz
-        print(f"{nodule.diameter_mm:g} mm nodule at ({x:.1f}, {y:.1f}, {z:.1f}) mm, voxel {nodule.center_irc}")
+        print(f"{nodule.diameter_mm:g} mm {nodule.placement} nodule at ({x:.1f}, {y:.1f}, {z:.1f}) mm, voxel {nodule.center_irc}")
     print(f"series {implanted.series_uid} in {args.out_dir}; score a model on it with:\n"
           f"  python -m p2ch_luna.diagnose --data-root {args.out_dir} --series-uid {implanted.series_uid}")
     return 0

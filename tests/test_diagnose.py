@@ -242,10 +242,12 @@ def test_book_models_find_the_nodules_implanted_in_a_real_ct(cptac_dir: Path, bo
     """The book's trained models, through our whole pipeline, on real anatomy with a known answer.
 
     A preprocessing fault (HU scale or clipping, the wrong slice context, a chunk cut off centre) makes the
-    book's classifier miss isolated solid spheres or rank vessels above them.
+    book's classifier miss isolated solid spheres or rank vessels above them. A lung mask that cuts off
+    the pleura loses the juxtapleural nodule.
     """
     data = tmp_path / "implanted"
-    assert implant.main([str(cptac_dir), str(data), "--diameters", "6", "10", "16"]) == 0
+    assert implant.main([str(cptac_dir), str(data), "--diameters", "6", "10", "16", "12",
+                         "--placement", "isolated", "isolated", "isolated", "pleural"]) == 0
     (uid,) = list_series_on_disk(data)
     out = tmp_path / "out"
     assert diagnose.main([
@@ -255,18 +257,25 @@ def test_book_models_find_the_nodules_implanted_in_a_real_ct(cptac_dir: Path, bo
     ]) == 0
     report = json.loads((out / REPORT_FILE).read_text())
     candidates = pd.DataFrame(report["series"][0]["candidates"])
+    candidates = candidates.sort_values("nodule_probability", ascending=False, ignore_index=True)
     annotations = pd.read_csv(data / "annotations.csv")
+    centres = candidates[["center_x", "center_y", "center_z"]].to_numpy()
+    best = []
     for nodule in annotations.itertuples():
-        offset = candidates[["center_x", "center_y", "center_z"]].to_numpy() - [nodule.coordX, nodule.coordY,
-                                                                                  nodule.coordZ]
-        near = candidates[np.linalg.norm(offset, axis=1) < nodule.diameter_mm / 4]
-        assert len(near) > 0 and near["nodule_probability"].max() > 0.9, nodule
-        assert near["diameter_mm"].max() == pytest.approx(nodule.diameter_mm, rel=0.2)
-    assert report["froc"]["cpm"] > 0.9  # the three nodules outrank every false positive
+        offset = np.linalg.norm(centres - [nodule.coordX, nodule.coordY, nodule.coordZ], axis=1)
+        if nodule.Index < 3:  # isolated: found at its centre, with its size
+            near = candidates[offset < nodule.diameter_mm / 4]
+            assert len(near) > 0 and near["nodule_probability"].max() > 0.9, nodule
+            assert near["diameter_mm"].max() == pytest.approx(nodule.diameter_mm, rel=0.2)
+        else:  # pleural: half of it lies in the chest wall; the part in the lung is found, within its radius
+            near = candidates[offset < nodule.diameter_mm / 2]
+            assert len(near) > 0 and near["nodule_probability"].max() > 0.5, nodule
+        best.append(near.index.min())
+    assert sorted(best[:3]) == [0, 1, 2]  # the isolated nodules outrank every false positive
     # Every finding lies in the lungs of the real CT.
     ct = load_ct(next(iter(list_series_on_disk(data).values())))
     lungs = find_lungs(ct.hu, tuple(ct.geometry.spacing_irc))
-    irc = ct.geometry.xyz_to_irc(candidates[["center_x", "center_y", "center_z"]].to_numpy())
+    irc = ct.geometry.xyz_to_irc(centres)
     assert lungs.mask[tuple(irc.T)].all()
 
 

@@ -53,28 +53,80 @@ def test_implant_sphere_raises_the_sphere_and_keeps_the_noise() -> None:
     assert distances.max() < 8.0 + np.sqrt(3) / 2 + 1e-9  # only voxels that the sphere touches
 
 
-def test_clearance_counts_to_dense_tissue_and_to_the_lung_edge() -> None:
+def test_implant_sphere_on_the_wall_only_raises_the_denser_tissue_towards_the_nodule() -> None:
     hu = np.full((30, 40, 40), -850, dtype=np.int16)
-    labels = np.zeros(hu.shape, dtype=np.int32)
-    labels[5:25, 5:35, 5:35] = 1
+    hu[:, :, 20:] = 40  # chest wall muscle
+    hu[:, :, 26:] = -100  # fat
+    hu[15, 20, 23] = 500  # a rib voxel
+    before = hu.copy()
+    implant.implant_sphere(hu, (15, 20, 18), 9.0, (1.0, 1.0, 1.0), 40.0)
+    assert hu[15, 20, 12] == 40 and hu[15, 20, 21] == 40  # lung raised to the nodule; muscle unchanged
+    assert hu[15, 20, 23] == 500  # never lowered
+    assert hu[15, 20, 26] == 40  # fat inside the sphere becomes nodule
+    assert -100 < hu[15, 20, 27] < 40  # fat on the sphere's edge: partly
+    assert (hu[:, :, 20:] >= before[:, :, 20:]).all() and (hu[:, :, 20:] <= 500).all()
+
+
+def _lung_box(shape: tuple[int, int, int], inner: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """HU of parenchyma (-850) everywhere and a lung label over ``inner``."""
+    hu = np.full(shape, -850, dtype=np.int16)
+    labels = np.zeros(shape, dtype=np.int32)
+    labels[inner] = 1
+    return hu, labels
+
+
+def _whole(room: implant.Room, values: np.ndarray) -> np.ndarray:
+    """A map of ``room`` (over the lungs' box) placed in an array that reaches the box's far corner."""
+    whole = np.zeros(tuple(s.stop for s in room.box), dtype=values.dtype)
+    whole[room.box] = values
+    return whole
+
+
+def test_clearance_counts_to_dense_tissue_and_to_the_lung_edge() -> None:
+    hu, labels = _lung_box((30, 40, 40), (slice(5, 25), slice(5, 35), slice(5, 35)))
     hu[15, 20, 28] = 50  # a vessel voxel
-    clearance = implant.parenchyma_clearance_mm(hu, labels, (2.0, 1.0, 1.0))
-    assert clearance[0, 0, 0] == 0.0 and clearance[15, 20, 28] == 0.0
+    room = implant.Room(hu, labels, (2.0, 1.0, 1.0))
+    clearance = _whole(room, room.parenchyma_clearance)
+    assert clearance[4, 4, 4] == 0.0 and clearance[15, 20, 28] == 0.0
     assert clearance[15, 20, 20] == pytest.approx(8.0)  # 8 voxels of 1 mm to the vessel
     assert clearance[15, 20, 10] == pytest.approx(6.0)  # 6 voxels to the lung's edge at column 4
     assert clearance[6, 20, 20] == pytest.approx(4.0)  # 2 slices of 2 mm to the edge at index 4
+    wall = _whole(room, room.wall_depth)
+    assert wall[15, 20, 20] == pytest.approx(15.0) and wall[15, 20, 28] == pytest.approx(7.0)
+    vessels = _whole(room, room.vessel_clearance)
+    assert vessels[15, 20, 28] == 0.0 and vessels[15, 20, 20] == pytest.approx(8.0)
+
+
+def test_pleural_sites_straddle_the_lung_edge_away_from_vessels() -> None:
+    hu, labels = _lung_box((40, 60, 60), (slice(5, 35), slice(5, 55), slice(5, 55)))
+    hu[20, 30, 48] = 50  # a vessel near one wall
+    hu[5:35, 5, 5:55] = 0  # the pleura: dense, but on the rim, so not a vessel
+    room = implant.Room(hu, labels, (1.0, 1.0, 1.0))
+    sites = room.sites(10.0, "pleural", margin_mm=2.0)
+    assert len(sites) > 0
+    wall = _whole(room, room.wall_depth)[tuple(sites.T)]
+    assert wall.min() >= 0.4 * 5.0 and wall.max() <= 0.7 * 5.0
+    assert np.linalg.norm(sites - [20, 30, 48], axis=1).min() >= 5.0 + 2.0
+    assert any(site[1] < 10 for site in sites)  # the dense rim at row 5 does not rule out that wall
+    assert len(room.sites(10.0, "isolated", margin_mm=2.0)) > 0
+    with pytest.raises(ValueError, match="placement"):
+        room.sites(10.0, "floating", margin_mm=2.0)
 
 
 def test_sites_have_room_keep_apart_and_repeat_with_the_seed() -> None:
-    spacing = (1.0, 1.0, 1.0)
-    grid = np.indices((50, 90, 90)).transpose(1, 2, 3, 0)
-    clearance = np.clip(30.0 - np.linalg.norm(grid - [25, 45, 45], axis=-1), 0, None)  # a ball of room
-    diameters = [4.0, 8.0, 6.0]
-    sites = implant.choose_sites(clearance, diameters, spacing, np.random.default_rng(1), margin_mm=2.0)
-    assert sites == implant.choose_sites(clearance, diameters, spacing, np.random.default_rng(1), margin_mm=2.0)
-    assert sites != implant.choose_sites(clearance, diameters, spacing, np.random.default_rng(2), margin_mm=2.0)
-    for site, diameter in zip(sites, diameters):
-        assert clearance[site] >= diameter / 2 + 2.0
+    hu, labels = _lung_box((50, 90, 90), (slice(2, 48), slice(2, 88), slice(2, 88)))
+    room = implant.Room(hu, labels, (1.0, 1.0, 1.0))
+    diameters, placements = [4.0, 8.0, 6.0], ["isolated", "pleural", "isolated"]
+    sites = implant.choose_sites(room, diameters, placements, np.random.default_rng(1), margin_mm=2.0)
+    assert sites == implant.choose_sites(room, diameters, placements, np.random.default_rng(1), margin_mm=2.0)
+    assert sites != implant.choose_sites(room, diameters, placements, np.random.default_rng(2), margin_mm=2.0)
+    clearance = _whole(room, room.parenchyma_clearance)
+    wall = _whole(room, room.wall_depth)
+    for site, diameter, placement in zip(sites, diameters, placements):
+        if placement == "isolated":
+            assert clearance[site] >= diameter / 2 + 2.0
+        else:
+            assert 0.4 * diameter / 2 <= wall[site] <= 0.7 * diameter / 2
     for a in range(3):
         for b in range(a + 1, 3):
             gap = np.linalg.norm(np.subtract(sites[a], sites[b])) - (diameters[a] + diameters[b]) / 2
@@ -82,10 +134,14 @@ def test_sites_have_room_keep_apart_and_repeat_with_the_seed() -> None:
 
 
 def test_no_room_is_a_data_error_that_says_what_fits() -> None:
-    clearance = np.zeros((10, 10, 10), dtype=np.float32)
-    clearance[5, 5, 5] = 9.0
+    hu, labels = _lung_box((20, 20, 20), (slice(1, 19), slice(1, 19), slice(1, 19)))
+    room = implant.Room(hu, labels, (1.0, 1.0, 1.0))  # the deepest voxel is 9 mm from the edge
     with pytest.raises(DataError, match=r"12 mm nodule.*at most 8\.0 mm fits with --clearance 5"):
-        implant.choose_sites(clearance, [12.0], (1.0, 1.0, 1.0), np.random.default_rng(0), margin_mm=5.0)
+        implant.choose_sites(room, [12.0], ["isolated"], np.random.default_rng(0), margin_mm=5.0)
+    hu[10, 10, 10] = 50  # a vessel in the middle: no edge voxel is 20 mm from it
+    room = implant.Room(hu, labels, (1.0, 1.0, 1.0))
+    with pytest.raises(DataError, match=r"no room on the pleura for a 30 mm nodule"):
+        implant.choose_sites(room, [30.0], ["pleural"], np.random.default_rng(0), margin_mm=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +175,8 @@ def test_implanted_nodules_sit_in_the_lungs_where_the_annotations_say(small_ct: 
     (dict(diameters_mm=[float("nan")]), "positive"),
     (dict(diameters_mm=[4.0], nodule_hu=-900.0), "--hu must be above -800"),
     (dict(diameters_mm=[4.0], clearance_mm=-1.0), "--clearance"),
+    (dict(diameters_mm=[4.0, 5.0, 6.0], placements=["isolated", "pleural"]), "one per diameter \\(3\\), got 2"),
+    (dict(diameters_mm=[4.0], placements=["floating"]), "--placement must be one of isolated, pleural"),
 ])
 def test_bad_arguments_are_usage_errors(small_ct: Ct, arguments: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
