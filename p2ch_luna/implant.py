@@ -258,9 +258,11 @@ def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DE
     if not (np.isfinite(nodule_hu) and nodule_hu > MIN_NODULE_HU):
         raise UsageError(f"--hu must be above {MIN_NODULE_HU:g} HU, denser than aerated lung (got {nodule_hu:g})")
     spacing = tuple(float(v) for v in ct.geometry.spacing_irc)
+    log.info("finding the lungs of %s (%d x %d x %d voxels)", ct.series_uid, *ct.shape)
     lungs = find_lungs(ct.hu, spacing)
     if lungs.count == 0:
         raise DataError(f"CT {ct.source or ct.series_uid}: no lungs found to implant nodules into")
+    log.info("lungs: %.0f ml; measuring where %d nodule(s) fit", lungs.volume_ml, len(diameters_mm))
     room = Room(ct.hu, lungs.labels, spacing)
     sites = choose_sites(room, diameters_mm, placements, np.random.default_rng(seed), clearance_mm)
     hu = ct.hu.copy()
