@@ -63,7 +63,7 @@ from .luna import (
     read_malignancy,
     split_by_series,
 )
-from .metrics import FrocResult, confusion_table, froc
+from .metrics import FrocResult, confusion_table, froc, match_nodules
 from .models.checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
 from .models.classifier import CHUNK_SHAPE_IRC
 from .models.layout import channels_last, to_memory_format
@@ -510,14 +510,46 @@ def luna_detections(candidates: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def luna_annotations(nodules: pd.DataFrame) -> pd.DataFrame:
+    """Truth nodules in the LUNA16 annotations format."""
+    return pd.DataFrame({
+        "seriesuid": nodules["series_uid"].astype(str), "coordX": nodules["center_x"],
+        "coordY": nodules["center_y"], "coordZ": nodules["center_z"], "diameter_mm": nodules["diameter_mm"],
+    })
+
+
 def luna_froc(truth: Truth, candidates: pd.DataFrame, series_uids: Sequence[str]) -> FrocResult:
     """LUNA16 FROC/CPM (with bootstrap CI) of all candidates over the series evaluated."""
-    nodules = truth.nodules
-    annotations = pd.DataFrame({
-        "seriesuid": nodules["series_uid"], "coordX": nodules["center_x"], "coordY": nodules["center_y"],
-        "coordZ": nodules["center_z"], "diameter_mm": nodules["diameter_mm"],
-    })
-    return froc(annotations, luna_detections(candidates), list(series_uids), truth.excluded)
+    return froc(luna_annotations(truth.nodules), luna_detections(candidates), list(series_uids), truth.excluded)
+
+
+def truth_matches(truth: Truth, results: Sequence[SeriesDiagnosis], config: DiagnoseConfig) -> pd.DataFrame:
+    """Every annotated nodule of ``results``' series with the candidate that finds it (LUNA16 rule).
+
+    One row per nodule (``series_uid, center_x/y/z, diameter_mm, is_malignant``) plus
+    ``is_detected``, the candidate's ``nodule_probability``, ``malignancy_probability`` and
+    ``distance_mm``, ``finding`` (its number among the series' findings, 0 when it is below
+    the nodule threshold or missed) and ``false_positives_above`` (-1 when missed).
+    """
+    columns = ["series_uid", "center_x", "center_y", "center_z", "diameter_mm", "is_malignant"]
+    nodules = truth.nodules[truth.nodules["series_uid"].isin([r.series_uid for r in results])]
+    nodules = nodules[columns].reset_index(drop=True)
+    candidates = pd.concat([r.candidates.assign(finding=np.arange(1, len(r.candidates) + 1)) for r in results],
+                           ignore_index=True)
+    matched = match_nodules(luna_annotations(nodules), luna_detections(candidates), truth.excluded)
+    detected = matched["is_detected"].to_numpy()
+    hit = candidates.iloc[matched["detection_id"].to_numpy()[detected]]
+    nodule_probability = np.full(len(nodules), np.nan)
+    malignancy_probability = np.full(len(nodules), np.nan)
+    finding = np.zeros(len(nodules), dtype=np.int64)
+    nodule_probability[detected] = hit["nodule_probability"].to_numpy(np.float64)
+    malignancy_probability[detected] = hit["malignancy_probability"].to_numpy(np.float64)
+    finding[detected] = np.where(nodule_probability[detected] >= config.nodule_threshold, hit["finding"], 0)
+    return nodules.assign(
+        is_detected=detected, nodule_probability=nodule_probability, malignancy_probability=malignancy_probability,
+        distance_mm=matched["distance_mm"].to_numpy(), finding=finding,
+        false_positives_above=matched["false_positives_above"].to_numpy(),
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .metrics import (
     XYZ_COLUMNS,
     FrocResult,
     froc,
+    match_nodules,
     plot_froc,
 )
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 FROC_PLOT_FILE = "froc.png"
 FROC_JSON_FILE = "froc.json"
+NODULES_FILE = "nodules.csv"
+"""Each annotated nodule of the evaluated scans with the finding that hits it (``metrics.match_nodules``)."""
 
 
 def read_series_list(path: Path) -> list[str]:
@@ -120,7 +123,12 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.output is not None:
         plot_froc(result, args.output / FROC_PLOT_FILE, title=Path(args.findings).stem)
         atomic_write_text(args.output / FROC_JSON_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
-        log.info("wrote %s and %s", args.output / FROC_PLOT_FILE, args.output / FROC_JSON_FILE)
+        evaluated = annotations[annotations[SERIES_COLUMN].isin(series_uids)]
+        nodules = match_nodules(evaluated, findings[findings[SERIES_COLUMN].isin(series_uids)], excluded)
+        atomic_write_text(args.output / NODULES_FILE,
+                          nodules.drop(columns="detection_id").to_csv(index=False, lineterminator="\n"))
+        log.info("wrote %s, %s and %s", args.output / FROC_PLOT_FILE, args.output / FROC_JSON_FILE,
+                 args.output / NODULES_FILE)
     return 0
 
 
@@ -158,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=LUNA16_MAX_DETECTIONS_PER_SCAN,
         help="keep only the most suspicious marks per scan, as the official script does (0: keep all)",
     )
-    parser.add_argument("--output", type=Path, help=f"folder for {FROC_PLOT_FILE} and {FROC_JSON_FILE}")
+    parser.add_argument("--output", type=Path,
+                        help=f"folder for {FROC_PLOT_FILE}, {FROC_JSON_FILE} and {NODULES_FILE} (each annotated "
+                             "nodule with the probability of the finding that hits it, its distance and the false "
+                             "positives above it)")
     return parser
 
 

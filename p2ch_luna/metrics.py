@@ -313,6 +313,49 @@ def match_detections(
     return _match(annotations, detections, excluded)[0]
 
 
+def match_nodules(
+    annotations: pd.DataFrame,
+    detections: pd.DataFrame,
+    excluded: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Each annotated nodule's true positive under the LUNA16 rules, and what outranks it.
+
+    One row per annotation, in input order: its own columns plus
+
+    - ``is_detected``: some detection lies strictly within its radius;
+    - ``detection_id``: row position in ``detections`` of the most probable of those
+      (the FROC's true positive), -1 when missed;
+    - ``probability`` and ``distance_mm`` (from the nodule's centre) of that detection,
+      ``nan`` when missed;
+    - ``false_positives_above``: false positives of the same scan with a strictly higher
+      probability (0: the nodule is found before any false positive), -1 when missed.
+
+    Every detection counts here; :func:`froc` keeps a scan's 100 most probable, as the
+    official evaluation does.
+    """
+    annotations = annotations.reset_index(drop=True)
+    detection_table, nodule_table = _match(annotations, detections, excluded)
+    detection_id = nodule_table["detection_id"].to_numpy()
+    detected = detection_id >= 0
+    nodule_xyz = annotations.loc[:, list(XYZ_COLUMNS)].to_numpy(np.float64)
+    detection_xyz = detection_table.loc[:, list(XYZ_COLUMNS)].to_numpy(np.float64)
+    distance = np.full(len(annotations), np.nan)
+    distance[detected] = np.linalg.norm(nodule_xyz[detected] - detection_xyz[detection_id[detected]], axis=1)
+    false_positives = detection_table[detection_table["is_false_positive"]]
+    fp_scores = false_positives.groupby(SERIES_COLUMN, sort=False)[PROBABILITY_COLUMN].apply(np.asarray).to_dict()
+    above = np.full(len(annotations), -1, dtype=np.int64)
+    for row in np.flatnonzero(detected):
+        scores = fp_scores.get(annotations.at[row, SERIES_COLUMN], np.zeros(0))
+        above[row] = int(np.count_nonzero(scores > nodule_table.at[row, "probability"]))
+    return annotations.assign(
+        is_detected=detected,
+        detection_id=detection_id,
+        probability=nodule_table["probability"].to_numpy(),
+        distance_mm=distance,
+        false_positives_above=above,
+    )
+
+
 @dataclass(frozen=True)
 class FrocResult:
     """A FROC curve, its CPM and the bootstrap confidence interval of the CPM."""

@@ -52,6 +52,13 @@ class Scores:
     per_series: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     total: np.ndarray | None = None
     froc: FrocResult | None = None
+    nodules: pd.DataFrame | None = None
+    """Each annotated nodule of the scored series and the candidate that finds it (``diagnose.truth_matches``)."""
+
+    def nodules_of(self, series_uid: str) -> pd.DataFrame | None:
+        if self.nodules is None:
+            return None
+        return self.nodules[self.nodules["series_uid"] == series_uid]
 
 
 @dataclasses.dataclass
@@ -68,7 +75,7 @@ class Summary:
 def score(results: Sequence[SeriesDiagnosis], truth: Truth | None, scored_uids: Sequence[str],
           config: DiagnoseConfig) -> Scores:
     """Confusion tables for the series in ``scored_uids`` and the FROC over them (when nodules exist)."""
-    from .diagnose import luna_froc, series_confusion
+    from .diagnose import luna_froc, series_confusion, truth_matches
 
     wanted = set(scored_uids)
     scored = [result for result in results if result.series_uid in wanted]
@@ -79,8 +86,10 @@ def score(results: Sequence[SeriesDiagnosis], truth: Truth | None, scored_uids: 
     total = np.sum(list(per_series.values()), axis=0)
     uids = [r.series_uid for r in scored]
     has_nodules = truth.nodules["series_uid"].isin(uids).any()
-    froc = luna_froc(truth, pd.concat([r.candidates for r in scored]), uids) if has_nodules else None
-    return Scores(per_series=per_series, total=total, froc=froc)
+    if not has_nodules:
+        return Scores(per_series=per_series, total=total)
+    froc = luna_froc(truth, pd.concat([r.candidates for r in scored]), uids)
+    return Scores(per_series=per_series, total=total, froc=froc, nodules=truth_matches(truth, scored, config))
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +102,18 @@ def format_finding(number: int, row: pd.Series) -> str:
     return (f"  #{number:<3d} nodule {row['nodule_probability']:.3f}  malignancy {malignancy_text}  "
             f"at ({row['center_x']:7.1f}, {row['center_y']:7.1f}, {row['center_z']:7.1f}) mm  "
             f"voxel ({row['index']:.0f}, {row['row']:.0f}, {row['col']:.0f})  ~{row['diameter_mm']:.1f} mm")
+
+
+def format_truth(row: pd.Series) -> str:
+    """One annotated nodule and how it was found."""
+    where = (f"  truth {row['diameter_mm']:4.1f} mm at ({row['center_x']:7.1f}, {row['center_y']:7.1f}, "
+             f"{row['center_z']:7.1f}) mm: ")
+    if not row["is_detected"]:
+        return where + f"missed (no candidate within {row['diameter_mm'] / 2:.1f} mm)"
+    found = f"finding #{row['finding']}" if row["finding"] > 0 else "a candidate below the threshold"
+    above = row["false_positives_above"]
+    return (where + f"{found}, nodule {row['nodule_probability']:.3f}, {row['distance_mm']:.1f} mm from its centre, "
+            f"{above} false positive{'' if above == 1 else 's'} above it")
 
 
 def format_report(results: Sequence[SeriesDiagnosis], scores: Scores, config: DiagnoseConfig,
@@ -111,6 +132,10 @@ def format_report(results: Sequence[SeriesDiagnosis], scores: Scores, config: Di
         lines.append(f"{result.series_uid} ({result.source}): {len(found)} finding(s) of {len(result.candidates)} "
                      f"candidate(s), lungs {result.lung_volume_ml / 1000:.2f} l, {result.timings['total_s']:.1f} s")
         lines += [format_finding(number, row) for number, (_, row) in enumerate(found.iterrows(), start=1)]
+        truth = scores.nodules_of(result.series_uid)
+        if truth is not None and len(truth):
+            lines.append(f"  {int(truth['is_detected'].sum())} of {len(truth)} annotated nodule(s) found:")
+            lines += [format_truth(row) for _, row in truth.iterrows()]
         if result.series_uid in scores.per_series and len(results) > 1:
             lines.append(_indent(format_confusion_table(scores.per_series[result.series_uid])))
     if scores.total is not None:
@@ -147,6 +172,7 @@ def report_dict(results: Sequence[SeriesDiagnosis], scores: Scores, summary: Sum
             "timings": result.timings,
             "candidates": json.loads(result.candidates.to_json(orient="records")),
             "confusion_table": _table(scores.per_series.get(result.series_uid)),
+            "nodules": _records(scores.nodules_of(result.series_uid)),
         })
     return {
         "config": dataclasses.asdict(summary.config),
@@ -158,6 +184,10 @@ def report_dict(results: Sequence[SeriesDiagnosis], scores: Scores, summary: Sum
         "confusion_table": _table(scores.total),
         "froc": None if scores.froc is None else scores.froc.summary(),
     }
+
+
+def _records(frame: pd.DataFrame | None) -> list[dict[str, Any]] | None:
+    return None if frame is None else json.loads(frame.drop(columns="series_uid").to_json(orient="records"))
 
 
 def _table(table: np.ndarray | None) -> list[list[int]] | None:

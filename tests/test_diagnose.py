@@ -17,7 +17,7 @@ from p2ch_luna.geometry import Geometry
 from p2ch_luna.lungs import find_lungs
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
-from p2ch_luna.report import FINDINGS_FILE, REPORT_FILE, score
+from p2ch_luna.report import FINDINGS_FILE, REPORT_FILE, format_truth, score
 
 BOOK_SEGMENTATION = "seg_2020-01-26_19.45.12_w4d3c1-bal_1_nodupe-label_pos-d1_fn8-adam.best.state"
 BOOK_CLASSIFIER = "cls_2020-02-06_14.16.55_final-nodule-nonnodule.best.state"
@@ -193,11 +193,25 @@ def test_scoring_synthetic_truth_fills_the_confusion_table(tiny_dataset: Path) -
     assert np.array_equal(scores.total, expected)
     assert len(nodules) > 0
     assert scores.froc is not None and scores.froc.cpm == pytest.approx(1.0)
+    # Each nodule is its series' finding in the order of the annotations, found at its centre before the FP.
+    matched = scores.nodules
+    assert matched[["series_uid", "center_x", "diameter_mm"]].equals(
+        nodules[["series_uid", "center_x", "diameter_mm"]].reset_index(drop=True))
+    assert matched["is_detected"].all() and (matched["distance_mm"] == 0).all()
+    assert matched["finding"].tolist() == matched.groupby("series_uid", sort=False).cumcount().add(1).tolist()
+    assert (matched["nodule_probability"] == 0.9).all() and (matched["false_positives_above"] == 0).all()
+    assert "finding #1, nodule 0.900, 0.0 mm from its centre, 0 false positives above it" in format_truth(
+        matched.iloc[0])
     # Dropping the detections of one series turns its nodules into complete misses.
     first = next(uid for uid in uids if truth.has_series(uid))
     results[uids.index(first)] = _diagnosis(first)
     missed = len(nodules[nodules["series_uid"] == first])
-    assert score(results, truth, uids, config).total[1:, 0].sum() == missed
+    rescored = score(results, truth, uids, config)
+    assert rescored.total[1:, 0].sum() == missed
+    lost = rescored.nodules_of(first)
+    assert len(lost) == missed and not lost["is_detected"].any() and (lost["finding"] == 0).all()
+    assert (lost["false_positives_above"] == -1).all() and lost["nodule_probability"].isna().all()
+    assert format_truth(lost.iloc[0]).endswith(f"missed (no candidate within {lost['diameter_mm'].iloc[0] / 2:.1f} mm)")
 
 
 def test_truth_takes_annotations_excluded_from_the_data_root_unless_given(tmp_path: Path) -> None:
@@ -234,6 +248,10 @@ def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untraine
     masks = sorted(out.glob("*_mask.mhd"))
     assert len(masks) == len(validation) and all(m.with_suffix(".raw").is_file() for m in masks)
     assert not list(tmp_path.glob(".out.*"))  # the staging folder is gone
+    annotations = pd.read_csv(tiny_dataset / "annotations.csv")
+    annotated = annotations[annotations["seriesuid"].isin(validation)]
+    assert sum(len(s["nodules"] or []) for s in report["series"]) == len(annotated)
+    assert printed.count("  truth ") == len(annotated)
 
 
 @pytest.mark.slow
@@ -256,26 +274,24 @@ def test_book_models_find_the_nodules_implanted_in_a_real_ct(cptac_dir: Path, bo
         "--classification-path", str(book_checkpoints_dir / BOOK_CLASSIFIER),
     ]) == 0
     report = json.loads((out / REPORT_FILE).read_text())
+    nodules = pd.DataFrame(report["series"][0]["nodules"])
+    implanted = pd.read_csv(data / "annotations.csv")
+    np.testing.assert_allclose(nodules[["center_x", "center_y", "center_z", "diameter_mm"]],
+                               implanted[["coordX", "coordY", "coordZ", "diameter_mm"]])
+    isolated, pleural = nodules.iloc[:3], nodules.iloc[3]
+    # Isolated: the first three findings, at the nodules' centres, before any false positive, with their size.
+    assert sorted(isolated["finding"]) == [1, 2, 3]
+    assert (isolated["distance_mm"] < isolated["diameter_mm"] / 4).all()
+    assert (isolated["nodule_probability"] > 0.9).all() and (isolated["false_positives_above"] == 0).all()
     candidates = pd.DataFrame(report["series"][0]["candidates"])
-    candidates = candidates.sort_values("nodule_probability", ascending=False, ignore_index=True)
-    annotations = pd.read_csv(data / "annotations.csv")
-    centres = candidates[["center_x", "center_y", "center_z"]].to_numpy()
-    best = []
-    for nodule in annotations.itertuples():
-        offset = np.linalg.norm(centres - [nodule.coordX, nodule.coordY, nodule.coordZ], axis=1)
-        if nodule.Index < 3:  # isolated: found at its centre, with its size
-            near = candidates[offset < nodule.diameter_mm / 4]
-            assert len(near) > 0 and near["nodule_probability"].max() > 0.9, nodule
-            assert near["diameter_mm"].max() == pytest.approx(nodule.diameter_mm, rel=0.2)
-        else:  # pleural: half of it lies in the chest wall; the part in the lung is found, within its radius
-            near = candidates[offset < nodule.diameter_mm / 2]
-            assert len(near) > 0 and near["nodule_probability"].max() > 0.5, nodule
-        best.append(near.index.min())
-    assert sorted(best[:3]) == [0, 1, 2]  # the isolated nodules outrank every false positive
+    sizes = candidates.iloc[isolated["finding"] - 1]["diameter_mm"].to_numpy()
+    np.testing.assert_allclose(sizes, isolated["diameter_mm"], rtol=0.2)
+    # Pleural: half of it lies in the chest wall; the part in the lung is found, within its radius.
+    assert pleural["is_detected"] and pleural["finding"] > 0
     # Every finding lies in the lungs of the real CT.
     ct = load_ct(next(iter(list_series_on_disk(data).values())))
     lungs = find_lungs(ct.hu, tuple(ct.geometry.spacing_irc))
-    irc = ct.geometry.xyz_to_irc(centres)
+    irc = ct.geometry.xyz_to_irc(candidates[["center_x", "center_y", "center_z"]].to_numpy())
     assert lungs.mask[tuple(irc.T)].all()
 
 

@@ -51,6 +51,13 @@ def test_evaluate_prints_cpm_and_writes_outputs(csvs, tmp_path, capsys):
     assert saved["cpm"] == pytest.approx(2 / 3)
     assert saved["n_bootstrap"] == 50
     assert (output / "froc.png").read_bytes()[:4] == b"\x89PNG"
+    nodules = (output / "nodules.csv").read_text().splitlines()
+    assert nodules == [
+        "seriesuid,coordX,coordY,coordZ,diameter_mm,is_detected,probability,distance_mm,false_positives_above",
+        "1.2.3,0.0,0.0,0.0,10.0,True,0.95,1.0,0",
+        "1.2.3,50.0,0.0,0.0,8.0,False,,,-1",
+        "1.2.4,10.0,10.0,10.0,6.0,True,0.9,1.0,0",  # the 0.99 mark lies on an excluded finding
+    ]
 
 
 def test_evaluate_series_list_sets_the_fp_divisor(csvs, tmp_path, capsys):

@@ -17,6 +17,7 @@ from p2ch_luna.metrics import (
     format_confusion_table,
     froc,
     match_detections,
+    match_nodules,
     plot_froc,
     precision_recall_curve,
     roc_auc,
@@ -144,6 +145,29 @@ def test_detection_outside_radius_is_false_positive():
     assert matched["is_hit"].tolist() == [True, False, False]
     assert matched["is_false_positive"].tolist() == [False, True, True]
     assert matched["matched_nodule_id"].tolist() == [0, -1, -1]
+
+
+def test_match_nodules_names_each_nodules_true_positive_and_the_false_positives_above_it():
+    annotations = annotations_frame([("a", 0, 0, 0, 10), ("a", 50, 0, 0, 6), ("b", 0, 0, 0, 8), ("c", 0, 0, 0, 8)])
+    excluded = annotations_frame([("a", 0, 80, 0, 10)])
+    detections = detections_frame([
+        ("a", 3, 4, 0, 0.6),  # hits nodule 0, 5 mm from its centre: less probable than the next
+        ("a", 1, 0, 0, 0.7),  # nodule 0's true positive
+        ("a", 0, 30, 0, 0.95),  # a false positive above both nodules of scan a
+        ("a", 0, 80, 0, 0.99),  # on an excluded finding: not a false positive
+        ("a", 50, 2, 0, 0.9),  # nodule 1's true positive
+        ("a", 0, 40, 0, 0.8),  # a false positive between them
+        ("b", 3.9, 0, 0, 0.1),  # nodule 2's true positive; scan b's false positive above it:
+        ("b", 30, 0, 0, 0.5),
+        ("c", 4.0, 0, 0, 0.9),  # exactly on nodule 3's radius: a false positive, the nodule is missed
+    ])
+    matched = match_nodules(annotations, detections, excluded)
+    assert list(matched.columns[:5]) == list(annotations.columns)
+    assert matched["is_detected"].tolist() == [True, True, True, False]
+    assert matched["detection_id"].tolist() == [1, 4, 6, -1]
+    np.testing.assert_allclose(matched["probability"], [0.7, 0.9, 0.1, np.nan])
+    np.testing.assert_allclose(matched["distance_mm"], [1.0, 2.0, 3.9, np.nan])
+    assert matched["false_positives_above"].tolist() == [2, 1, 1, -1]
 
 
 def test_excluded_findings_ignore_marks_and_negative_diameter_means_10_mm():
