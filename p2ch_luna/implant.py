@@ -25,6 +25,10 @@ Each nodule:
   its radius inside the lung, so the rest lies in the chest wall, mediastinum
   or diaphragm, with no vessel within its radius plus the clearance. These are
   the juxtapleural nodules that a lung mask must not cut off;
+* ``vascular``: its centre lies ``VESSEL_DISTANCE`` (0.5-0.9) of its radius from a
+  vessel, so it engulfs part of the vessel, and its radius plus the clearance
+  inside the lung's edge. A grouping that merges a nodule with the vessels it
+  touches puts the candidate off the nodule;
 * is at least ``SEPARATION_MM`` (edge to edge) from the other implanted ones;
 * is a sphere with partial-volume edges (the fraction of each voxel inside it,
   ``SUPERSAMPLING`` points per axis), raised from the parenchyma it replaces to
@@ -69,9 +73,11 @@ PARENCHYMA_MAX_HU = -500
 """Denser voxels (vessels, airway walls, pleura, nodules already there) are kept clear of."""
 DEFAULT_CLEARANCE_MM = 5.0
 """Parenchyma between a nodule's surface and the nearest denser voxel or the lung's edge."""
-PLACEMENTS = ("isolated", "pleural")
+PLACEMENTS = ("isolated", "pleural", "vascular")
 PLEURAL_DEPTH = (0.4, 0.7)
 """A pleural nodule's centre lies between these fractions of its radius inside the lung's edge."""
+VESSEL_DISTANCE = (0.5, 0.9)
+"""A vascular nodule's centre lies between these fractions of its radius from the nearest vessel voxel."""
 RIM_MM = 3.0
 """Dense voxels this close to the lung's edge are pleura and chest wall, not vessels (pleural placement)."""
 SEPARATION_MM = 20.0
@@ -97,8 +103,8 @@ class Room:
     """Where nodules fit in the lungs of one CT: distance maps (mm) over the lungs' bounding box.
 
     ``lung_labels`` are :func:`~p2ch_luna.lungs.find_lungs`' labels. The maps are computed
-    when first needed: an isolated nodule needs ``parenchyma_clearance``, a pleural one
-    ``wall_depth`` and ``vessel_clearance``.
+    when first needed: an isolated nodule needs ``parenchyma_clearance``, a pleural or
+    vascular one ``wall_depth`` and ``vessel_clearance``.
     """
 
     def __init__(self, hu: np.ndarray, lung_labels: np.ndarray, spacing_irc: Sequence[float]) -> None:
@@ -122,7 +128,9 @@ class Room:
 
     @functools.cached_property
     def vessel_clearance(self) -> np.ndarray:
-        """From each voxel to the nearest dense lung voxel deeper than ``RIM_MM`` (vessels, airway walls)."""
+        """From each voxel to the nearest dense lung voxel deeper than ``RIM_MM`` (vessels, airway walls).
+
+        Pleural and vascular placements use it."""
         vessels = self.lung & (self.hu >= PARENCHYMA_MAX_HU) & (self.wall_depth > RIM_MM)
         if not vessels.any():
             return np.full(self.lung.shape, np.inf)
@@ -134,6 +142,8 @@ class Room:
         ``"isolated"``: parenchyma all around, for the radius plus ``margin_mm``.
         ``"pleural"``: the centre lies ``PLEURAL_DEPTH`` of the radius inside the lung's edge,
         so the rest of the nodule sits in the wall, with no vessel within the radius plus ``margin_mm``.
+        ``"vascular"``: the centre lies ``VESSEL_DISTANCE`` of the radius from a vessel, so the
+        nodule engulfs part of it, and the radius plus ``margin_mm`` inside the lung's edge.
         """
         radius = diameter_mm / 2.0
         if placement == "isolated":
@@ -142,6 +152,10 @@ class Room:
             low, high = PLEURAL_DEPTH
             fits = ((self.wall_depth >= low * radius) & (self.wall_depth <= high * radius)
                     & (self.vessel_clearance >= radius + margin_mm))
+        elif placement == "vascular":
+            low, high = VESSEL_DISTANCE
+            fits = ((self.vessel_clearance >= low * radius) & (self.vessel_clearance <= high * radius)
+                    & (self.wall_depth >= radius + margin_mm))
         else:
             raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
         return np.argwhere(fits) + [s.start for s in self.box]
@@ -155,9 +169,13 @@ class Room:
                              f"{radius + margin_mm:g} mm from every vessel, wall and implanted nodule (alone, "
                              f"at most {largest:.1f} mm fits with --clearance {margin_mm:g}; give smaller "
                              "or fewer --diameters or a smaller --clearance)")
-        return DataError(f"no room on the pleura for a {diameter_mm:g} mm nodule: no lung edge with parenchyma "
-                         f"{radius + margin_mm:g} mm clear of vessels and implanted nodules (give smaller or "
-                         "fewer --diameters or a smaller --clearance)")
+        if placement == "pleural":
+            return DataError(f"no room on the pleura for a {diameter_mm:g} mm nodule: no lung edge with "
+                             f"parenchyma {radius + margin_mm:g} mm clear of vessels and implanted nodules (give "
+                             "smaller or fewer --diameters or a smaller --clearance)")
+        return DataError(f"no room on a vessel for a {diameter_mm:g} mm nodule: no vessel {radius + margin_mm:g} mm "
+                         "inside the lung's edge and clear of implanted nodules (give smaller or fewer --diameters "
+                         "or a smaller --clearance)")
 
 
 def choose_sites(room: Room, diameters_mm: Sequence[float], placements: Sequence[str], rng: np.random.Generator,
@@ -318,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="density of the nodules in HU (40: solid; about -500: ground glass)")
     parser.add_argument("--placement", nargs="+", choices=PLACEMENTS, default=["isolated"],
                         help="where each nodule goes, one for all or one per diameter: isolated (parenchyma all "
-                             "around it) or pleural (on the lung's edge, partly in the chest wall, mediastinum or "
-                             "diaphragm)")
+                             "around it), pleural (on the lung's edge, partly in the chest wall, mediastinum or "
+                             "diaphragm) or vascular (engulfing part of a vessel)")
     parser.add_argument("--clearance", type=float, default=DEFAULT_CLEARANCE_MM, metavar="MM",
                         help="parenchyma kept between each nodule's surface and any vessel, airway wall or the "
                              "lung's edge, in mm")

@@ -113,6 +113,20 @@ def test_pleural_sites_straddle_the_lung_edge_away_from_vessels() -> None:
         room.sites(10.0, "floating", margin_mm=2.0)
 
 
+def test_vascular_sites_engulf_part_of_a_vessel_inside_the_lung() -> None:
+    hu, labels = _lung_box((40, 60, 60), (slice(2, 38), slice(2, 58), slice(2, 58)))
+    hu[20, 30, 10:50] = 60  # a vessel along the columns
+    room = implant.Room(hu, labels, (1.0, 1.0, 1.0))
+    sites = room.sites(10.0, "vascular", margin_mm=2.0)
+    assert len(sites) > 0
+    nearest = np.stack([np.full(len(sites), 20), np.full(len(sites), 30), np.clip(sites[:, 2], 10, 49)], axis=1)
+    to_vessel = np.linalg.norm(sites - nearest, axis=1)
+    assert to_vessel.min() >= 0.5 * 5.0 and to_vessel.max() <= 0.9 * 5.0
+    assert _whole(room, room.wall_depth)[tuple(sites.T)].min() >= 5.0 + 2.0
+    with pytest.raises(DataError, match="no room on a vessel for a 40 mm nodule"):
+        implant.choose_sites(room, [40.0], ["vascular"], np.random.default_rng(0), margin_mm=2.0)
+
+
 def test_sites_have_room_keep_apart_and_repeat_with_the_seed() -> None:
     hu, labels = _lung_box((50, 90, 90), (slice(2, 48), slice(2, 88), slice(2, 88)))
     room = implant.Room(hu, labels, (1.0, 1.0, 1.0))
@@ -176,7 +190,7 @@ def test_implanted_nodules_sit_in_the_lungs_where_the_annotations_say(small_ct: 
     (dict(diameters_mm=[4.0], nodule_hu=-900.0), "--hu must be above -800"),
     (dict(diameters_mm=[4.0], clearance_mm=-1.0), "--clearance"),
     (dict(diameters_mm=[4.0, 5.0, 6.0], placements=["isolated", "pleural"]), "one per diameter \\(3\\), got 2"),
-    (dict(diameters_mm=[4.0], placements=["floating"]), "--placement must be one of isolated, pleural"),
+    (dict(diameters_mm=[4.0], placements=["floating"]), "--placement must be one of isolated, pleural, vascular"),
 ])
 def test_bad_arguments_are_usage_errors(small_ct: Ct, arguments: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
