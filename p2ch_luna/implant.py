@@ -63,7 +63,7 @@ from .cli import make_parser, run_command
 from .ct import Ct, load_ct, write_metaimage
 from .errors import DataError, UsageError
 from .lungs import find_lungs, mask_bounding_box
-from .luna import ANNOTATIONS_FILE, COORD_COLUMNS, read_csv_checked
+from .luna import ANNOTATIONS_FILE, COORD_COLUMNS, read_annotations, read_csv_checked
 
 log = logging.getLogger(__name__)
 
@@ -294,15 +294,21 @@ def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DE
     return Ct(hu=hu, geometry=ct.geometry, series_uid=uid, source=ct.source), nodules
 
 
-def write_implanted(out_dir: Path, ct: Ct, nodules: Sequence[ImplantedNodule]) -> Path:
+def write_implanted(out_dir: Path, ct: Ct, nodules: Sequence[ImplantedNodule],
+                    source_nodules: pd.DataFrame | None = None) -> Path:
     """Add ``ct`` to the LUNA16-format folder ``out_dir``: its ``.mhd``/``.raw`` and its CSV rows.
 
-    Returns the ``.mhd`` path. Rows of the same series UID already in the CSVs are replaced.
+    ``source_nodules`` (``center_x/y/z, diameter_mm``: the source CT's own annotated nodules)
+    are annotations of the new series too. Returns the ``.mhd`` path. Rows of the same series
+    UID already in the CSVs are replaced.
     """
     path = out_dir / "subset0" / f"{ct.series_uid}.mhd"
     write_metaimage(np.asarray(ct.hu), ct.geometry, path)
-    rows = pd.DataFrame([[ct.series_uid, *n.center_xyz, n.diameter_mm] for n in nodules],
-                        columns=["seriesuid", *COORD_COLUMNS, "diameter_mm"])
+    rows = [[ct.series_uid, *n.center_xyz, n.diameter_mm] for n in nodules]
+    if source_nodules is not None:
+        rows += [[ct.series_uid, *row] for row in
+                 source_nodules[["center_x", "center_y", "center_z", "diameter_mm"]].itertuples(index=False)]
+    rows = pd.DataFrame(rows, columns=["seriesuid", *COORD_COLUMNS, "diameter_mm"])
     _replace_rows(out_dir / ANNOTATIONS_FILE, rows, "annotations")
     candidates = rows.drop(columns="diameter_mm").assign(**{"class": 1})
     _replace_rows(out_dir / CANDIDATES_FILE, candidates, "candidates", integer_columns=["class"])
@@ -342,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parenchyma kept between each nodule's surface and any vessel, airway wall or the "
                              "lung's edge, in mm")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sites' draw")
+    parser.add_argument("--annotations", type=Path, default=None, metavar="CSV",
+                        help="LUNA16 annotations.csv holding the source CT's own nodules (by its series UID, the "
+                             ".mhd's name): they become annotations of the new series too, not false positives")
     parser.add_argument("--series-uid", default=None,
                         help="the series to read when the DICOM folder holds several")
     return parser
@@ -349,12 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _body(args: argparse.Namespace) -> int:
     ct = load_ct(args.ct, args.series_uid)
+    source_nodules = None
+    if args.annotations is not None:
+        table = read_annotations(args.annotations)
+        source_nodules = table[table["series_uid"] == ct.series_uid]
+        if source_nodules.empty:
+            log.warning("%s has no rows of series %s: its nodules, if any, will count as false positives",
+                        args.annotations, ct.series_uid)
     implanted, nodules = implant_nodules(ct, args.diameters, args.hu, args.seed, args.clearance, args.placement)
-    path = write_implanted(args.out_dir, implanted, nodules)
+    path = write_implanted(args.out_dir, implanted, nodules, source_nodules)
     log.info("implanted %d nodule(s) into %s; wrote %s", len(nodules), ct.series_uid, path)
     for nodule in nodules:
         x, y, z = nodule.center_xyz
-        print(f"{nodule.diameter_mm:g} mm {nodule.placement} nodule at ({x:.1f}, {y:.1f}, {z:.1f}) mm, voxel {nodule.center_irc}")
+        print(f"{nodule.diameter_mm:g} mm {nodule.placement} nodule at ({x:.1f}, {y:.1f}, {z:.1f}) mm, "
+              f"voxel {nodule.center_irc}")
+    if source_nodules is not None and len(source_nodules):
+        print(f"{len(source_nodules)} annotated nodule(s) of the source CT kept as annotations")
     print(f"series {implanted.series_uid} in {args.out_dir}; score a model on it with:\n"
           f"  python -m p2ch_luna.diagnose --data-root {args.out_dir} --series-uid {implanted.series_uid}")
     return 0

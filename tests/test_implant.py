@@ -225,6 +225,24 @@ def test_command_adds_a_loadable_series_and_replaces_only_its_own_rows(small_ct:
         assert (ct.hu[tuple(irc.T)] > 0).all()  # each annotation's centre is on its nodule
 
 
+def test_the_source_cts_own_nodules_stay_annotated(small_ct: Ct, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "source.mhd"  # a LUNA16 series: its UID is the file's name
+    write_metaimage(np.asarray(small_ct.hu), small_ct.geometry, source)
+    own = tmp_path / "annotations.csv"
+    own.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\nsource,1.5,2.5,3.5,7.25\nother,0,0,0,9\n")
+    out = tmp_path / "out"
+    assert implant.main([str(source), str(out), "--diameters", "3", "--clearance", "2", "--annotations", str(own)]) == 0
+    rows = pd.read_csv(out / "annotations.csv")
+    assert len(rows) == 2 and rows["seriesuid"].nunique() == 1 and rows["seriesuid"][0].startswith("2.25.")
+    assert rows.iloc[1][["coordX", "coordY", "coordZ", "diameter_mm"]].tolist() == [1.5, 2.5, 3.5, 7.25]
+    assert len(pd.read_csv(out / "candidates.csv")) == 2
+    own.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\nother,0,0,0,9\n")
+    assert implant.main([str(source), str(out), "--diameters", "3", "--clearance", "2", "--annotations", str(own)]) == 0
+    assert "has no rows of series source" in capsys.readouterr().err
+    assert len(pd.read_csv(out / "annotations.csv")) == 1  # the rerun replaced the series' rows
+
+
 @pytest.mark.parametrize("arguments, code, message", [
     (["--diameters", "0"], 2, "--diameters must be positive"),
     (["--hu", "-1000"], 2, "--hu must be above"),
