@@ -86,6 +86,19 @@ CUDA_CLASSIFICATION_BATCH = 64
 GROUPINGS = ("peaks", "components")
 DENSE_HU = -600
 """Peak grouping: voxels of the segmentation at or above this HU form the blobs (ground glass included)."""
+FAINT_HU = -750
+"""Peak grouping: in a faint component of the segmentation, voxels at or above this HU form its blob."""
+FAINT_COMPONENT = (0.5, 0.6)
+"""Peak grouping: a component is faint (ground glass fainter than ``DENSE_HU``) when under the first
+fraction of its voxels reach ``DENSE_HU`` but at least the second reach ``FAINT_HU``. Its blob at
+``DENSE_HU`` would be specks (a -600 HU nodule has half its voxels below, through the CT's noise);
+segmented parenchyma (about -850 HU) is not faint."""
+FAINT_MAX_DIAMETER_MM = 20.0
+"""Peak grouping: a faint component is at most a sphere this wide. An over-segmenting model's components
+of parenchyma and vessels are larger (12-35 cm3 on the demo's data); larger ground glass still gives
+speckled candidates within its radius."""
+FAINT_SMOOTHING_MM = 1.0
+"""Peak grouping: Gaussian sigma of the HU that ``FAINT_HU`` applies to (the noise's specks)."""
 MIN_PEAK_RADIUS_MM = 1.0
 """Peak grouping: a blob's centre must lie at least this far inside it (nodules are >= 3 mm across)."""
 PEAK_SEPARATION_MM = 3.0
@@ -265,8 +278,8 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
     nodule with the vessels and chest wall it touches into one component whose
     centre lies off the nodule, so ``"peaks"`` (the default) instead puts one
     candidate at each local maximum of the distance to the edge of the dense
-    (>= ``DENSE_HU``) segmented tissue: the centre of every blob, attached or
-    not, sized by twice that distance. Candidates whose centre falls outside
+    (>= ``DENSE_HU``; faint ground glass: see :func:`blob_tissue`) segmented
+    tissue: the centre of every blob, attached or not, sized by twice that distance. Candidates whose centre falls outside
     ``region`` are dropped, so every finding lies inside the lungs. ``workers``
     threads compute the peaks' distances.
     """
@@ -301,8 +314,8 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
 
 def _distance_peaks(hu: np.ndarray, mask: np.ndarray, spacing_irc: np.ndarray,
                     workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centres (voxel), voxel counts and diameters (mm) of the distance-transform peaks of dense mask tissue."""
-    dense = mask & (hu >= DENSE_HU)
+    """Centres (voxel), voxel counts and diameters (mm) of the distance-transform peaks of the mask's blobs."""
+    dense = blob_tissue(hu, mask, spacing_irc)
     box = lungs_module.mask_bounding_box(dense, (1, 1, 1))
     if box is None:
         return np.empty((0, 3)), np.empty(0, np.int64), np.empty(0)
@@ -321,6 +334,39 @@ def _distance_peaks(hu: np.ndarray, mask: np.ndarray, spacing_irc: np.ndarray,
     diameters = 2.0 * radii
     voxel_count = np.rint(np.pi / 6.0 * diameters**3 / float(np.prod(spacing))).astype(np.int64)
     return centers, voxel_count, diameters
+
+
+def blob_tissue(hu: np.ndarray, mask: np.ndarray, spacing_irc: Sequence[float]) -> np.ndarray:
+    """The segmented tissue whose depth peaks are the candidates (the peak grouping).
+
+    Voxels of ``mask`` at or above ``DENSE_HU``; in a faint component of ``mask`` (see
+    ``FAINT_COMPONENT`` and ``FAINT_MAX_DIAMETER_MM``), its voxels whose HU smoothed over ``FAINT_SMOOTHING_MM`` reaches
+    ``FAINT_HU``. Components are 26-connected, so no two touch and a faint one leaves every
+    other blob's depths as they were.
+    """
+    dense = mask & (hu >= DENSE_HU)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return dense
+    inside = labels[mask]
+    values = hu[mask]
+    size = np.bincount(inside, minlength=count + 1)
+    solid = np.bincount(inside, weights=values >= DENSE_HU, minlength=count + 1)
+    faint = np.bincount(inside, weights=values >= FAINT_HU, minlength=count + 1)
+    solid_fraction, faint_fraction = FAINT_COMPONENT
+    largest = np.pi / 6.0 * FAINT_MAX_DIAMETER_MM**3 / float(np.prod(spacing_irc))
+    is_faint = (solid < solid_fraction * size) & (faint >= faint_fraction * size) & (size <= largest)
+    is_faint[0] = False
+    if not is_faint.any():
+        return dense
+    faint = is_faint[labels]
+    box = lungs_module.mask_bounding_box(faint, (1, 1, 1))
+    # Through the CT's noise a few voxels of a faint nodule lie below FAINT_HU, and each would cut its depth:
+    # the threshold applies to HU smoothed over FAINT_SMOOTHING_MM, which parenchyma (-850 HU) stays far below.
+    sigma = FAINT_SMOOTHING_MM / np.asarray(spacing_irc, dtype=np.float64)
+    smoothed = ndimage.gaussian_filter(hu[box].astype(np.float32), sigma, mode="nearest")
+    dense[box] |= faint[box] & (smoothed >= FAINT_HU)
+    return dense
 
 
 def _component_centres(hu: np.ndarray, restricted: np.ndarray, ct: Ct,
@@ -681,8 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="binary erosions of the mask before --grouping components")
     tuning.add_argument("--grouping", choices=GROUPINGS, default="peaks",
                         help="candidates at distance-transform peaks of the dense segmented tissue (one per "
-                             "blob, also when it touches a vessel), or the book's connected components (better "
-                             "for ground-glass nodules fainter than about -550 HU: see the README)")
+                             "blob, also when it touches a vessel; faint ground glass taken at -750 HU), or the "
+                             "book's connected components")
     tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
                         help="average the classifiers over the chunk and its in-plane mirror images")
     tuning.add_argument("--nodule-threshold", type=_probability, default=0.5,

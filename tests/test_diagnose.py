@@ -129,6 +129,30 @@ def test_peak_grouping_centres_a_nodule_that_touches_a_vessel() -> None:
     assert len(components) == 1 and abs(components.iloc[0]["col"] - 15) > 3
 
 
+def test_peak_grouping_centres_faint_ground_glass_and_ignores_segmented_parenchyma() -> None:
+    """A -620 HU nodule in noise has half its voxels below DENSE_HU: its blob is taken at FAINT_HU."""
+    shape = (40, 60, 90)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 60.0, shape)
+    hu = np.full(shape, -850.0) + noise
+    ggo = _ball(shape, (20, 30, 20), 6.0)
+    solid = _ball(shape, (20, 30, 70), 4.0)
+    hu[ggo] = -620 + noise[ggo]
+    hu[solid] = 40 + noise[solid]
+    hu = np.rint(hu).astype(np.int16)
+    air = _ball(shape, (20, 30, 45), 6.0)  # parenchyma an over-segmenting model marks: not faint
+    mask = _ball(shape, (20, 30, 20), 6.5) | _ball(shape, (20, 30, 70), 4.5) | air
+    assert np.mean(hu[ggo] >= diagnose.DENSE_HU) < 0.5
+    blobs = diagnose.blob_tissue(hu, mask, (1.0, 1.0, 1.0))
+    assert blobs[ggo].mean() > 0.95 and blobs[air].mean() < 0.05
+    assert np.array_equal(blobs[:, :, 55:], mask[:, :, 55:] & (hu[:, :, 55:] >= diagnose.DENSE_HU))  # solid as before
+    peaks = diagnose.group_candidates(hu, mask, np.ones(shape, dtype=bool), _ct(hu), 1, "peaks")
+    ggo_peak = peaks.iloc[(peaks["col"] - 20).abs().argmin()]
+    assert (ggo_peak["index"], ggo_peak["row"], ggo_peak["col"]) == pytest.approx((20, 30, 20), abs=1.0)
+    assert ggo_peak["diameter_mm"] > 6.0  # one blob, not specks
+    assert not ((peaks["col"] > 38) & (peaks["col"] < 52)).any()  # nothing in the segmented parenchyma
+
+
 def test_keep_strongest_drops_candidates_inside_a_more_probable_one() -> None:
     candidates = pd.DataFrame({
         "center_x": [0.0, 2.0, 20.0, 6.0], "center_y": 0.0, "center_z": 0.0,
