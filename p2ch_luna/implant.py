@@ -97,6 +97,7 @@ class ImplantedNodule:
     center_xyz: tuple[float, float, float]
     diameter_mm: float
     placement: str = "isolated"
+    hu: float = DEFAULT_NODULE_HU
 
 
 class Room:
@@ -243,38 +244,46 @@ def implant_sphere(hu: np.ndarray, center_irc: Sequence[float], radius_mm: float
     hu[box] = np.clip(np.rint(raised), info.min, info.max).astype(np.int16)
 
 
-def implanted_uid(source_uid: str, diameters_mm: Sequence[float], placements: Sequence[str], nodule_hu: float,
-                  seed: int, clearance_mm: float) -> str:
+def implanted_uid(source_uid: str, diameters_mm: Sequence[float], placements: Sequence[str],
+                  densities_hu: Sequence[float], seed: int, clearance_mm: float) -> str:
     """A DICOM UID for the implanted series, the same for the same source and arguments."""
-    nodules = ",".join(f"{d:g} {p}" for d, p in zip(diameters_mm, placements))
-    name = f"p2ch_luna.implant|{source_uid}|{nodules}|{nodule_hu:g}|{seed}|{clearance_mm:g}"
+    nodules = ",".join(f"{d:g} {p} {h:g}" for d, p, h in zip(diameters_mm, placements, densities_hu))
+    name = f"p2ch_luna.implant|{source_uid}|{nodules}|{seed}|{clearance_mm:g}"
     return UID_ROOT + str(uuid.uuid5(uuid.NAMESPACE_OID, name).int)
 
 
-def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DEFAULT_NODULE_HU, seed: int = 0,
-                    clearance_mm: float = DEFAULT_CLEARANCE_MM,
+def _one_per_nodule(values: Sequence, count: int, flag: str) -> list:
+    """``values`` for each of ``count`` nodules: one value for all, or one each."""
+    values = list(values)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise UsageError(f"{flag} needs one value or one per diameter ({count}), got {len(values)}")
+    return values
+
+
+def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float | Sequence[float] = DEFAULT_NODULE_HU,
+                    seed: int = 0, clearance_mm: float = DEFAULT_CLEARANCE_MM,
                     placements: Sequence[str] = ("isolated",)) -> tuple[Ct, list[ImplantedNodule]]:
     """A copy of ``ct`` with a nodule of each diameter implanted in its lungs, and where they are.
 
-    ``placements`` gives each nodule's placement (see :meth:`Room.sites`), or one for all.
+    ``placements`` (see :meth:`Room.sites`) and ``nodule_hu`` give each nodule's, or one for all.
     """
     if not diameters_mm:
         raise UsageError("--diameters needs at least one diameter")
     bad = [d for d in diameters_mm if not (np.isfinite(d) and d > 0)]
     if bad:
         raise UsageError(f"--diameters must be positive numbers of mm (got {bad[0]:g})")
-    if len(placements) == 1:
-        placements = list(placements) * len(diameters_mm)
-    if len(placements) != len(diameters_mm):
-        raise UsageError(f"--placement needs one placement or one per diameter ({len(diameters_mm)}), "
-                         f"got {len(placements)}")
+    placements = _one_per_nodule(placements, len(diameters_mm), "--placement")
     unknown = [p for p in placements if p not in PLACEMENTS]
     if unknown:
         raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)} (got {unknown[0]!r})")
+    densities = _one_per_nodule(np.atleast_1d(np.asarray(nodule_hu, dtype=np.float64)), len(diameters_mm), "--hu")
+    faint = [h for h in densities if not (np.isfinite(h) and h > MIN_NODULE_HU)]
+    if faint:
+        raise UsageError(f"--hu must be above {MIN_NODULE_HU:g} HU, denser than aerated lung (got {faint[0]:g})")
     if not (np.isfinite(clearance_mm) and clearance_mm >= 0):
         raise UsageError(f"--clearance must be >= 0 mm (got {clearance_mm:g})")
-    if not (np.isfinite(nodule_hu) and nodule_hu > MIN_NODULE_HU):
-        raise UsageError(f"--hu must be above {MIN_NODULE_HU:g} HU, denser than aerated lung (got {nodule_hu:g})")
     spacing = tuple(float(v) for v in ct.geometry.spacing_irc)
     log.info("finding the lungs of %s (%d x %d x %d voxels)", ct.series_uid, *ct.shape)
     lungs = find_lungs(ct.hu, spacing)
@@ -285,12 +294,12 @@ def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float = DE
     sites = choose_sites(room, diameters_mm, placements, np.random.default_rng(seed), clearance_mm)
     hu = ct.hu.copy()
     nodules = []
-    for site, diameter, placement in zip(sites, diameters_mm, placements):
-        implant_sphere(hu, site, diameter / 2.0, spacing, nodule_hu)
+    for site, diameter, placement, density in zip(sites, diameters_mm, placements, densities):
+        implant_sphere(hu, site, diameter / 2.0, spacing, float(density))
         center_xyz = tuple(float(v) for v in ct.geometry.irc_to_xyz(site))
         nodules.append(ImplantedNodule(center_irc=site, center_xyz=center_xyz, diameter_mm=float(diameter),
-                                       placement=placement))
-    uid = implanted_uid(ct.series_uid, diameters_mm, placements, nodule_hu, seed, clearance_mm)
+                                       placement=placement, hu=float(density)))
+    uid = implanted_uid(ct.series_uid, diameters_mm, placements, densities, seed, clearance_mm)
     return Ct(hu=hu, geometry=ct.geometry, series_uid=uid, source=ct.source), nodules
 
 
@@ -338,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "rows in its CSVs are kept)")
     parser.add_argument("--diameters", type=float, nargs="+", default=list(DEFAULT_DIAMETERS_MM), metavar="MM",
                         help="diameter of each nodule to implant, in mm")
-    parser.add_argument("--hu", type=float, default=DEFAULT_NODULE_HU,
-                        help="density of the nodules in HU (40: solid; about -500: ground glass)")
+    parser.add_argument("--hu", type=float, nargs="+", default=[DEFAULT_NODULE_HU],
+                        help="density of the nodules in HU, one for all or one per diameter (40: solid; "
+                             "-750 to -300: ground glass)")
     parser.add_argument("--placement", nargs="+", choices=PLACEMENTS, default=["isolated"],
                         help="where each nodule goes, one for all or one per diameter: isolated (parenchyma all "
                              "around it), pleural (on the lung's edge, partly in the chest wall, mediastinum or "
@@ -370,8 +380,8 @@ def _body(args: argparse.Namespace) -> int:
     log.info("implanted %d nodule(s) into %s; wrote %s", len(nodules), ct.series_uid, path)
     for nodule in nodules:
         x, y, z = nodule.center_xyz
-        print(f"{nodule.diameter_mm:g} mm {nodule.placement} nodule at ({x:.1f}, {y:.1f}, {z:.1f}) mm, "
-              f"voxel {nodule.center_irc}")
+        print(f"{nodule.diameter_mm:g} mm {nodule.placement} nodule of {nodule.hu:g} HU at "
+              f"({x:.1f}, {y:.1f}, {z:.1f}) mm, voxel {nodule.center_irc}")
     if source_nodules is not None and len(source_nodules):
         print(f"{len(source_nodules)} annotated nodule(s) of the source CT kept as annotations")
     print(f"series {implanted.series_uid} in {args.out_dir}; score a model on it with:\n"

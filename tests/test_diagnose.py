@@ -285,11 +285,12 @@ def test_book_models_find_the_nodules_implanted_in_a_real_ct(cptac_dir: Path, bo
 
     A preprocessing fault (HU scale or clipping, the wrong slice context, a chunk cut off centre) makes the
     book's classifier miss isolated solid spheres or rank vessels above them. A lung mask that cuts off
-    the pleura loses the juxtapleural nodule.
+    the pleura loses the juxtapleural nodule. Without the faint pass the ground glass is found off centre.
     """
     data = tmp_path / "implanted"
-    assert implant.main([str(cptac_dir), str(data), "--diameters", "6", "10", "16", "12",
-                         "--placement", "isolated", "isolated", "isolated", "pleural"]) == 0
+    assert implant.main([str(cptac_dir), str(data), "--diameters", "6", "10", "16", "12", "8",
+                         "--placement", "isolated", "isolated", "isolated", "pleural", "isolated",
+                         "--hu", "40", "40", "40", "40", "-620"]) == 0
     (uid,) = list_series_on_disk(data)
     out = tmp_path / "out"
     assert diagnose.main([
@@ -302,7 +303,7 @@ def test_book_models_find_the_nodules_implanted_in_a_real_ct(cptac_dir: Path, bo
     implanted = pd.read_csv(data / "annotations.csv")
     np.testing.assert_allclose(nodules[["center_x", "center_y", "center_z", "diameter_mm"]],
                                implanted[["coordX", "coordY", "coordZ", "diameter_mm"]])
-    isolated, pleural = nodules.iloc[:3], nodules.iloc[3]
+    isolated, pleural, ground_glass = nodules.iloc[:3], nodules.iloc[3], nodules.iloc[4]
     # Isolated: the first three findings, at the nodules' centres, before any false positive, with their size.
     assert sorted(isolated["finding"]) == [1, 2, 3]
     assert (isolated["distance_mm"] < isolated["diameter_mm"] / 4).all()
@@ -312,6 +313,8 @@ def test_book_models_find_the_nodules_implanted_in_a_real_ct(cptac_dir: Path, bo
     np.testing.assert_allclose(sizes, isolated["diameter_mm"], rtol=0.2)
     # Pleural: half of it lies in the chest wall; the part in the lung is found, within its radius.
     assert pleural["is_detected"] and pleural["finding"] > 0
+    # Ground glass at -620 HU: half its voxels lie below DENSE_HU; the faint pass finds it at its centre.
+    assert ground_glass["is_detected"] and ground_glass["distance_mm"] < ground_glass["diameter_mm"] / 4
     # Every finding lies in the lungs of the real CT.
     ct = load_ct(next(iter(list_series_on_disk(data).values())))
     lungs = find_lungs(ct.hu, tuple(ct.geometry.spacing_irc))

@@ -189,7 +189,10 @@ def test_implanted_nodules_sit_in_the_lungs_where_the_annotations_say(small_ct: 
     (dict(diameters_mm=[float("nan")]), "positive"),
     (dict(diameters_mm=[4.0], nodule_hu=-900.0), "--hu must be above -800"),
     (dict(diameters_mm=[4.0], clearance_mm=-1.0), "--clearance"),
-    (dict(diameters_mm=[4.0, 5.0, 6.0], placements=["isolated", "pleural"]), "one per diameter \\(3\\), got 2"),
+    (dict(diameters_mm=[4.0, 5.0, 6.0], placements=["isolated", "pleural"]), "--placement needs one value or one per "
+                                                                              "diameter \\(3\\), got 2"),
+    (dict(diameters_mm=[4.0, 5.0], nodule_hu=[40.0, -600.0, 0.0]), "--hu needs one value or one per diameter"),
+    (dict(diameters_mm=[4.0, 5.0], nodule_hu=[40.0, -900.0]), "--hu must be above -800 HU.*got -900"),
     (dict(diameters_mm=[4.0], placements=["floating"]), "--placement must be one of isolated, pleural, vascular"),
 ])
 def test_bad_arguments_are_usage_errors(small_ct: Ct, arguments: dict, message: str) -> None:
