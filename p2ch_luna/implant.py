@@ -32,8 +32,9 @@ Each nodule:
 * is at least ``SEPARATION_MM`` (edge to edge) from the other implanted ones;
 * is a sphere with partial-volume edges (the fraction of each voxel inside it,
   ``SUPERSAMPLING`` points per axis), raised from the parenchyma it replaces to
-  ``--hu`` (40 HU: solid; about -500 gives ground glass). The CT's own noise
-  stays on top of it; denser tissue inside the sphere only rises towards ``--hu``.
+  ``--hu``, one for all or one per nodule (40 HU: solid; -750 to -300: ground
+  glass). The CT's own noise stays on top of it; denser tissue inside the
+  sphere only rises towards ``--hu``.
 
 The site is drawn by ``--seed`` among the voxels that qualify, largest nodule
 first. The new series gets a UID of its own (``2.25.<uuid5>``, derived from the
@@ -79,7 +80,7 @@ PLEURAL_DEPTH = (0.4, 0.7)
 VESSEL_DISTANCE = (0.5, 0.9)
 """A vascular nodule's centre lies between these fractions of its radius from the nearest vessel voxel."""
 RIM_MM = 3.0
-"""Dense voxels this close to the lung's edge are pleura and chest wall, not vessels (pleural placement)."""
+"""Dense voxels this close to the lung's edge are pleura and chest wall, not vessels (pleural and vascular)."""
 SEPARATION_MM = 20.0
 """Least distance between the surfaces of two implanted nodules."""
 SUPERSAMPLING = 4
@@ -93,6 +94,8 @@ UID_ROOT = "2.25."
 
 @dataclass(frozen=True)
 class ImplantedNodule:
+    """One implanted nodule: its centre voxel and world position, size, placement and density."""
+
     center_irc: tuple[int, int, int]
     center_xyz: tuple[float, float, float]
     diameter_mm: float
