@@ -279,9 +279,10 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
     centre lies off the nodule, so ``"peaks"`` (the default) instead puts one
     candidate at each local maximum of the distance to the edge of the dense
     (>= ``DENSE_HU``; faint ground glass: see :func:`blob_tissue`) segmented
-    tissue: the centre of every blob, attached or not, sized by twice that distance. Candidates whose centre falls outside
-    ``region`` are dropped, so every finding lies inside the lungs. ``workers``
-    threads compute the peaks' distances.
+    tissue: the centre of every blob, attached or not, sized by twice that
+    distance. Candidates whose centre falls outside ``region`` are dropped, so
+    every finding lies inside the lungs. ``workers`` threads compute the peaks'
+    distances.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}")
@@ -340,9 +341,9 @@ def blob_tissue(hu: np.ndarray, mask: np.ndarray, spacing_irc: Sequence[float]) 
     """The segmented tissue whose depth peaks are the candidates (the peak grouping).
 
     Voxels of ``mask`` at or above ``DENSE_HU``; in a faint component of ``mask`` (see
-    ``FAINT_COMPONENT`` and ``FAINT_MAX_DIAMETER_MM``), its voxels whose HU smoothed over ``FAINT_SMOOTHING_MM`` reaches
-    ``FAINT_HU``. Components are 26-connected, so no two touch and a faint one leaves every
-    other blob's depths as they were.
+    ``FAINT_COMPONENT`` and ``FAINT_MAX_DIAMETER_MM``), its voxels whose HU smoothed over
+    ``FAINT_SMOOTHING_MM`` reaches ``FAINT_HU``. Components are 26-connected, so no two touch
+    and a faint one leaves every other blob's depths as they were.
     """
     dense = mask & (hu >= DENSE_HU)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
