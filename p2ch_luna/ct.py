@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import ArrayLike
 
-from .errors import DataError
+from .errors import DataError, LunaError
 from .geometry import Geometry, chunk_bounds
 
 log = logging.getLogger(__name__)
@@ -163,20 +163,39 @@ def to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return image
 
 
+def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
+    """``sitk.WriteImage`` (uncompressed); a failed write is an ``OSError`` naming the file and the reason.
+
+    SimpleITK reports one (disk full, no permission) as a multi-line ``RuntimeError``.
+    """
+    try:
+        sitk.WriteImage(image, str(path), useCompression=False)
+    except RuntimeError as error:
+        reason = next((line.removeprefix("Reason: ") for line in str(error).splitlines()
+                       if line.startswith("Reason: ")), "SimpleITK could not write it")
+        raise OSError(f"{Path(path).name}: {reason}") from error
+
+
 def write_metaimage(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
     """Write ``array`` with ``geometry`` as uncompressed MetaImage ``path`` (``.mhd`` + ``.raw``).
 
     Both files are written into a staging folder beside ``path`` and moved into
     place only once both are complete, so an interrupted write leaves no torn CT.
+    A failed write is a one-line :class:`~p2ch_luna.errors.LunaError`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".write-", dir=target.parent))
     try:
-        sitk.WriteImage(to_image(array, geometry), str(staging / target.name), useCompression=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".write-", dir=target.parent))
+    except OSError as error:
+        raise LunaError(f"could not write {target}: {error.strerror or error}") from error
+    try:
+        write_image(to_image(array, geometry), staging / target.name)
         raw_name = target.with_suffix(".raw").name
         os.replace(staging / raw_name, target.with_suffix(".raw"))
         os.replace(staging / target.name, target)
+    except OSError as error:
+        raise LunaError(f"could not write {target}: {error.strerror or error}") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -352,11 +352,11 @@ def blob_tissue(hu: np.ndarray, mask: np.ndarray, spacing_irc: Sequence[float]) 
     inside = labels[mask]
     values = hu[mask]
     size = np.bincount(inside, minlength=count + 1)
-    solid = np.bincount(inside, weights=values >= DENSE_HU, minlength=count + 1)
-    faint = np.bincount(inside, weights=values >= FAINT_HU, minlength=count + 1)
+    solid_count = np.bincount(inside, weights=values >= DENSE_HU, minlength=count + 1)
+    faint_count = np.bincount(inside, weights=values >= FAINT_HU, minlength=count + 1)
     solid_fraction, faint_fraction = FAINT_COMPONENT
     largest = np.pi / 6.0 * FAINT_MAX_DIAMETER_MM**3 / float(np.prod(spacing_irc))
-    is_faint = (solid < solid_fraction * size) & (faint >= faint_fraction * size) & (size <= largest)
+    is_faint = (solid_count < solid_fraction * size) & (faint_count >= faint_fraction * size) & (size <= largest)
     is_faint[0] = False
     if not is_faint.any():
         return dense

@@ -265,13 +265,9 @@ def _one_per_nodule(values: Sequence, count: int, flag: str) -> list:
     return values
 
 
-def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float | Sequence[float] = DEFAULT_NODULE_HU,
-                    seed: int = 0, clearance_mm: float = DEFAULT_CLEARANCE_MM,
-                    placements: Sequence[str] = ("isolated",)) -> tuple[Ct, list[ImplantedNodule]]:
-    """A copy of ``ct`` with a nodule of each diameter implanted in its lungs, and where they are.
-
-    ``placements`` (see :meth:`Room.sites`) and ``nodule_hu`` give each nodule's, or one for all.
-    """
+def nodule_arguments(diameters_mm: Sequence[float], nodule_hu: float | Sequence[float], clearance_mm: float,
+                     placements: Sequence[str]) -> tuple[list[str], list[float]]:
+    """Each nodule's placement and density, after checking every argument (``UsageError`` naming the flag)."""
     if not diameters_mm:
         raise UsageError("--diameters needs at least one diameter")
     bad = [d for d in diameters_mm if not (np.isfinite(d) and d > 0)]
@@ -287,6 +283,17 @@ def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float | Se
         raise UsageError(f"--hu must be above {MIN_NODULE_HU:g} HU, denser than aerated lung (got {faint[0]:g})")
     if not (np.isfinite(clearance_mm) and clearance_mm >= 0):
         raise UsageError(f"--clearance must be >= 0 mm (got {clearance_mm:g})")
+    return placements, [float(h) for h in densities]
+
+
+def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float | Sequence[float] = DEFAULT_NODULE_HU,
+                    seed: int = 0, clearance_mm: float = DEFAULT_CLEARANCE_MM,
+                    placements: Sequence[str] = ("isolated",)) -> tuple[Ct, list[ImplantedNodule]]:
+    """A copy of ``ct`` with a nodule of each diameter implanted in its lungs, and where they are.
+
+    ``placements`` (see :meth:`Room.sites`) and ``nodule_hu`` give each nodule's, or one for all.
+    """
+    placements, densities = nodule_arguments(diameters_mm, nodule_hu, clearance_mm, placements)
     spacing = tuple(float(v) for v in ct.geometry.spacing_irc)
     log.info("finding the lungs of %s (%d x %d x %d voxels)", ct.series_uid, *ct.shape)
     lungs = find_lungs(ct.hu, spacing)
@@ -298,10 +305,10 @@ def implant_nodules(ct: Ct, diameters_mm: Sequence[float], nodule_hu: float | Se
     hu = ct.hu.copy()
     nodules = []
     for site, diameter, placement, density in zip(sites, diameters_mm, placements, densities):
-        implant_sphere(hu, site, diameter / 2.0, spacing, float(density))
+        implant_sphere(hu, site, diameter / 2.0, spacing, density)
         center_xyz = tuple(float(v) for v in ct.geometry.irc_to_xyz(site))
         nodules.append(ImplantedNodule(center_irc=site, center_xyz=center_xyz, diameter_mm=float(diameter),
-                                       placement=placement, hu=float(density)))
+                                       placement=placement, hu=density))
     uid = implanted_uid(ct.series_uid, diameters_mm, placements, densities, seed, clearance_mm)
     return Ct(hu=hu, geometry=ct.geometry, series_uid=uid, source=ct.source), nodules
 
@@ -370,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _body(args: argparse.Namespace) -> int:
+    nodule_arguments(args.diameters, args.hu, args.clearance, args.placement)  # before the CT is read
     ct = load_ct(args.ct, args.series_uid)
     source_nodules = None
     if args.annotations is not None:

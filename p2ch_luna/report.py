@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .ct import HU_MIN, Ct, to_image
+from .ct import HU_MIN, Ct, to_image, write_image
 from .errors import LunaError
 from .evaluate import format_report as format_froc
 from .metrics import FrocResult, format_confusion_table, plot_froc
@@ -235,16 +235,9 @@ def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: 
 
 
 def _write_mask(path: Path, result: SeriesDiagnosis) -> None:
-    import SimpleITK as sitk
-
     count = int(np.prod(result.shape_irc))
     mask = np.unpackbits(result.mask_bits, count=count).reshape(result.shape_irc)
-    try:
-        sitk.WriteImage(to_image(mask, result.geometry), str(path))
-    except RuntimeError as error:  # SimpleITK reports a failed write (disk full ...) as a multi-line RuntimeError
-        reason = next((line.removeprefix("Reason: ") for line in str(error).splitlines()
-                       if line.startswith("Reason: ")), "SimpleITK could not write it")
-        raise OSError(f"{path.name}: {reason}") from error
+    write_image(to_image(mask, result.geometry), path)
 
 
 # ---------------------------------------------------------------------------

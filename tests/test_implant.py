@@ -229,6 +229,22 @@ def test_command_adds_a_loadable_series_and_replaces_only_its_own_rows(small_ct:
         assert (ct.hu[tuple(irc.T)] > 0).all()  # each annotation's centre is on its nodule
 
 
+def test_arguments_are_checked_before_the_ct_is_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert implant.main([str(tmp_path / "missing.mhd"), str(tmp_path / "out"), "--diameters", "0"]) == 2
+    assert "--diameters must be positive" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_unwritable_output_folder_is_one_line(small_ct: Ct, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "source.mhd"
+    write_metaimage(np.asarray(small_ct.hu), small_ct.geometry, source)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert implant.main([str(source), str(blocked / "out"), "--diameters", "3", "--clearance", "2"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("python -m p2ch_luna.implant: error: could not write ") and "subset0" in error[-1]
+    assert "Traceback" not in "\n".join(error) and blocked.read_text() == "not a folder"
+
+
 def test_the_source_cts_own_nodules_stay_annotated(small_ct: Ct, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     source = tmp_path / "source.mhd"  # a LUNA16 series: its UID is the file's name
