@@ -1,7 +1,7 @@
-"""Time diagnosis of one synthetic 512x512x~130 CT: ours against a book-style path.
+"""Time diagnosis of one synthetic 512x512x~130 CT (or ``--ct``): ours against a book-style path.
 
-    python bench/bench_diagnose.py [--slices 130] [--segmentation-path F --classification-path F] [--threads N]
-                                   [--device cuda] [--series N [--prefetch K ...]]
+    python bench/bench_diagnose.py [--slices 130 | --ct CT] [--segmentation-path F --classification-path F]
+                                   [--threads N] [--device cuda] [--amp] [--series N [--prefetch K ...]]
 
 Book-style path (p2ch14/diagnose.py): a DataLoader yields one 7-channel
 float32 512x512 slice stack at a time, batch 4, every slice is segmented,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import tempfile
 import time
@@ -115,11 +116,14 @@ def load_or_build(path: Path | None, task: str) -> LoadedCheckpoint | torch.nn.M
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=130)
+    parser.add_argument("--ct", type=Path, help="time this CT (DICOM folder, .mhd, NIfTI) instead of a synthetic one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--segmentation-path", type=Path)
     parser.add_argument("--classification-path", type=Path)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-book", action="store_true", help="time only our path")
+    parser.add_argument("--amp", action="store_true",
+                        help="also time our path in mixed precision (bfloat16 on the CPU and recent GPUs)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both paths run there)")
     parser.add_argument("--series", type=int, default=0,
                         help="time diagnose_series over this many CTs instead, without and with --prefetch")
@@ -141,10 +145,13 @@ def main() -> int:
     config = diagnose.DiagnoseConfig(batch_size=batch)
     if args.series:
         return time_series(args, models, config, device)
-    with tempfile.TemporaryDirectory() as folder:
-        infos = synth.generate_dataset(folder, series=1, seed=args.seed, subsets=1, shape=(512, 512),
-                                       slices=(args.slices, args.slices), progress=False)
-        ct = load_ct(infos[0].path)
+    if args.ct is not None:
+        ct = load_ct(args.ct)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            infos = synth.generate_dataset(folder, series=1, seed=args.seed, subsets=1, shape=(512, 512),
+                                           slices=(args.slices, args.slices), progress=False)
+            ct = load_ct(infos[0].path)
     print(f"CT {ct.shape} spacing_irc {tuple(round(float(v), 3) for v in ct.geometry.spacing_irc)}, "
           f"{torch.get_num_threads()} torch thread(s)")
     started = time.perf_counter()
@@ -153,6 +160,12 @@ def main() -> int:
     lung_slices = int(lungs.any(axis=(1, 2)).sum())
     print(f"ours:       {ours_s:7.1f} s  ({len(result.candidates)} candidates, {lung_slices}/{ct.shape[0]} slices "
           f"hold lung; " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()) + ")")
+    if args.amp:
+        started = time.perf_counter()
+        mixed, _, _ = diagnose.diagnose_ct(ct, models, dataclasses.replace(config, amp=True), device)
+        mixed_s = time.perf_counter() - started
+        print(f"ours, amp:  {mixed_s:7.1f} s  ({len(mixed.candidates)} candidates; "
+              + ", ".join(f"{k} {v:.1f}" for k, v in mixed.timings.items()) + f"), {ours_s / mixed_s:.2f}x ours")
     if args.skip_book:
         return 0
     started = time.perf_counter()

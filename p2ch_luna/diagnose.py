@@ -49,7 +49,7 @@ from . import regions
 from .cli import make_parser, run_command
 from .ct import HU_MAX, HU_MIN, Ct, extract_chunk, find_series_path, list_series_on_disk
 from .distributed import DistributedInfo, distributed_info_from_env, resolve_device
-from .engine import amp_settings
+from .engine import amp_settings, warn_if_emulated
 from .errors import DataError, UsageError
 from .geometry import Geometry
 from .luna import (
@@ -749,8 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "this process; workers measured no faster on 2 CPU cores and slower on an H200 "
                               "machine with 16 cores, on synthetic CTs that take little time to read)")
     running.add_argument("--amp", action="store_true",
-                         help="mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 "
-                              "(ignored on the CPU, where bfloat16 measured far slower)")
+                         help="mixed precision: bfloat16 on the CPU and on GPUs that support it, else float16. "
+                              "On a CPU with AMX it measured 1.3-1.6x faster per CT, with the same findings "
+                              "(probabilities within 0.01); a CPU without AVX-512 BF16 or AMX emulates it, slowly")
     output = parser.add_argument_group("outputs")
     output.add_argument("--output", type=Path, metavar="DIR",
                         help="write report.json, findings.csv, a PNG per finding (and froc.png) here")
@@ -793,14 +794,13 @@ def run(args: argparse.Namespace) -> int:
     selection = select_series(args, paths)
     info = distributed_info_from_env()
     device = resolve_device(args.device, info)
-    if args.amp and device.type != "cuda":
-        log.warning("--amp is ignored on %s: bfloat16 autocast measured many times slower than float32", device)
+    warn_if_emulated(args.amp, device)
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
         grouping=args.grouping, flips=args.flips,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
-        batch_size=args.batch_size or default_batch, amp=args.amp and device.type == "cuda",
+        batch_size=args.batch_size or default_batch, amp=args.amp,
         lung_margin_mm=args.lung_margin_mm,
     )
     models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path, device)

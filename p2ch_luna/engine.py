@@ -70,6 +70,19 @@ def tune_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def cpu_computes_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX); without them bfloat16 is emulated, slowly."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def warn_if_emulated(enabled: bool, device: torch.device) -> None:
+    """Log a warning when mixed precision is asked for on a CPU that would emulate bfloat16."""
+    if enabled and device.type == "cpu" and not cpu_computes_bfloat16():
+        log.warning("--amp on a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated there and usually slower "
+                    "than float32")
+
+
 def amp_settings(enabled: bool, device: torch.device) -> AmpSettings:
     """bfloat16 on the CPU and on GPUs that support it; float16 (with a GradScaler) otherwise."""
     if not enabled:

@@ -48,7 +48,7 @@ from .config import (DEFAULT_BATCH_SIZE, DEFAULT_COMMENT, DEFAULT_LEARNING_RATE,
                      DEFAULT_TB_PREFIX, OPTIMIZERS, TrainConfig, config_to_dict)
 from .distributed import (DistributedInfo, barrier, broadcast_buffers, broadcast_object, distributed_info_from_env,
                           init_distributed, resolve_device, shutdown_distributed)
-from .engine import EpochResult, amp_settings, evaluate, train_one_epoch, tune_backends
+from .engine import EpochResult, amp_settings, evaluate, train_one_epoch, tune_backends, warn_if_emulated
 from .errors import DataError, UsageError
 from .models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .models.layout import channels_last
@@ -328,6 +328,7 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         model.load_state_dict(resumed["model_state"])
     place_model(model, config, device)
     optimizer = build_optimizer(model, config)
+    warn_if_emulated(config.amp, device)
     amp = amp_settings(config.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp.needs_scaler else None
     if resumed is not None:

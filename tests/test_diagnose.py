@@ -257,7 +257,7 @@ def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untraine
                                                     tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     code = diagnose.main(["--validation", "--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
-                          "--output", str(out), "--save-mask", "--segmentation-threshold", "0.9"])
+                          "--output", str(out), "--save-mask", "--segmentation-threshold", "0.9", "--amp"])
     assert code == 0
     printed = capsys.readouterr().out
     validation = diagnose.split_by_series(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))[1]
@@ -265,6 +265,7 @@ def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untraine
     report = json.loads((out / REPORT_FILE).read_text())
     assert [s["series_uid"] for s in report["series"]] == validation
     assert report["models"]["malignancy"]["task"] == "malignancy"
+    assert report["config"]["amp"] is True  # --amp is honoured on the CPU (bfloat16)
     assert np.asarray(report["confusion_table"]).shape == (3, 4)
     findings = pd.read_csv(out / FINDINGS_FILE)
     assert list(findings.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
@@ -404,6 +405,47 @@ def test_placed_models_give_the_same_results_in_channels_last() -> None:
     assert np.array_equal(diagnose.segment_ct(hu, region, models.segmentation.model, 0.5, 4, cpu), mask)
     assert diagnose.classify_chunks(hu, centers, models.nodule.model, 2, cpu, flips=True) == pytest.approx(
         probabilities, abs=1e-5)
+
+
+def test_amp_on_the_cpu_runs_the_models_in_bfloat16_close_to_float32() -> None:
+    """``--amp`` on the CPU: both models compute in bfloat16, and give float32's results within its precision."""
+    torch.manual_seed(4)
+    rng = np.random.default_rng(4)
+    hu = rng.normal(-500, 400, size=(24, 64, 64)).clip(-1000, 1000).astype(np.int16)
+    region = np.zeros(hu.shape, dtype=bool)
+    region[6:18, 10:50, 12:52] = True
+    centers = rng.integers([8, 12, 12], [16, 52, 52], size=(12, 3))
+    cpu = torch.device("cpu")
+    segmentation = build_model("unet", **{**BOOK_SEGMENTATION_KWARGS, "depth": 2}).eval()
+    classifier = build_model("luna", input_shape=[16, 24, 24]).eval()
+    computed: list[torch.dtype] = []
+    for model in (segmentation, classifier):
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                module.register_forward_hook(lambda _module, _inputs, output: computed.append(output.dtype))
+    mask = diagnose.segment_ct(hu, region, segmentation, 0.5, 4, cpu)
+    probabilities = diagnose.classify_chunks(hu, centers, classifier, 4, cpu, flips=True)
+    assert set(computed) == {torch.float32}
+    computed.clear()
+    mask_bf16 = diagnose.segment_ct(hu, region, segmentation, 0.5, 4, cpu, amp=True)
+    probabilities_bf16 = diagnose.classify_chunks(hu, centers, classifier, 4, cpu, amp=True, flips=True)
+    assert set(computed) == {torch.bfloat16}
+    assert mask_bf16.dtype == bool and np.mean(mask_bf16 != mask) < 0.02
+    np.testing.assert_allclose(probabilities_bf16, probabilities, atol=3e-2)
+
+
+@pytest.mark.parametrize("instructions, warned", [(True, False), (False, True)])
+def test_amp_on_a_cpu_that_emulates_bfloat16_is_warned(instructions: bool, warned: bool,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from p2ch_luna import engine
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: instructions, raising=False)
+    engine.warn_if_emulated(True, torch.device("cpu"))
+    engine.warn_if_emulated(False, torch.device("cpu"))
+    engine.warn_if_emulated(True, torch.device("meta"))
+    assert caplog.text.count("bfloat16 is emulated") == int(warned)
 
 
 def _loaded(model: torch.nn.Module, task: str) -> "diagnose.LoadedCheckpoint":
