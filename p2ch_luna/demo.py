@@ -57,6 +57,7 @@ class DemoConfig:
     batch_size: int
     num_workers: int | None
     device: str
+    amp: bool = False
 
     @property
     def data_root(self) -> Path:
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=None,
                        help="DataLoader worker processes (default: the training command's, 0 on the CPU)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--amp", action="store_true",
+                       help="train and diagnose in mixed precision (bfloat16 on the CPU and recent GPUs): "
+                            "about 1.4x faster on a CPU with AMX, slower on one that emulates bfloat16")
     return parser
 
 
@@ -105,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         segmentation_epoch_size=args.segmentation_epoch_size, malignancy_epochs=args.malignancy_epochs,
         malignancy_epoch_size=args.malignancy_epoch_size, chunk_shape=tuple(args.chunk_shape),
         batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device,
+        num_workers=args.num_workers, device=args.device, amp=args.amp,
     )
 
 
@@ -145,7 +149,8 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     started = time.perf_counter()
     folders = config.folder_args()
     workers = [] if config.num_workers is None else ["--num-workers", str(config.num_workers)]
-    common = ["--seed", str(config.seed), "--device", config.device, *workers, "--comment", "demo", *folders]
+    amp = ["--amp"] if config.amp else []
+    common = ["--seed", str(config.seed), "--device", config.device, *amp, *workers, "--comment", "demo", *folders]
     chunk = [str(n) for n in config.chunk_shape]
     _prepare_dataset(config, timings)
     _stage("prepcache", prepcache.main, [*folders], timings)
@@ -162,7 +167,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
         "--balanced", "--augmented", "--finetune", str(_latest(config, "nodule")), "--finetune-depth", "2",
         "--optimizer", "adam", "--lr", "0.001", "--chunk-shape", *chunk], timings)
     _stage("diagnose", diagnose.main, [
-        "--validation", *folders, "--device", config.device, "--output", str(config.work_dir / "diagnosis"),
+        "--validation", *folders, "--device", config.device, *amp, "--output", str(config.work_dir / "diagnosis"),
         "--segmentation-path", str(_latest(config, "segmentation")),
         "--classification-path", str(_latest(config, "nodule")),
         "--malignancy-path", str(_latest(config, "malignancy"))], timings)

@@ -23,10 +23,15 @@ def test_demo_runs_every_stage_and_writes_a_scored_report(tmp_path: Path, capsys
     assert report["froc"] is not None and 0.0 <= report["froc"]["cpm"] <= 1.0
     assert {model["task"] for model in report["models"].values()} == {"nodule", "segmentation", "malignancy"}
     assert (tmp_path / "diagnosis" / "findings.csv").is_file()
-    # A second run reuses the generated data instead of writing it again.
+    assert report["config"]["amp"] is False
+    # A second run reuses the generated data instead of writing it again; --amp reaches every stage.
     marker = tmp_path / "luna" / demo.DATASET_MARKER
     written = marker.stat().st_mtime_ns
-    assert demo.main(argv) == 0
+    assert demo.main([*argv, "--amp"]) == 0
     assert marker.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "diagnosis" / "report.json").read_text())["config"]["amp"] is True
+    for task in ("nodule", "segmentation", "malignancy"):
+        newest = max((tmp_path / "models").glob(f"{task}_*.config.json"))
+        assert json.loads(newest.read_text())["amp"] is True, newest
     timings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("demo: ") and "total" in line]
     assert len(timings) == 1 and "synthetic data" not in timings[0] and "diagnose" in timings[0]
