@@ -40,6 +40,7 @@ The site is drawn by ``--seed`` among the voxels that qualify, largest nodule
 first. The new series gets a UID of its own (``2.25.<uuid5>``, derived from the
 source series and every argument), so it never shadows
 the source CT in a cache or a dataset; ``annotations.csv`` and ``candidates.csv``
+(or the ``candidates_V2.csv`` that training reads first, where the folder has one)
 rows of that UID are replaced when the same implant is written again, and rows
 of other series are kept, so one folder can collect several CTs.
 """
@@ -64,7 +65,8 @@ from .cli import make_parser, run_command
 from .ct import Ct, load_ct, write_metaimage
 from .errors import DataError, UsageError
 from .lungs import find_lungs, mask_bounding_box
-from .luna import ANNOTATIONS_FILE, COORD_COLUMNS, read_annotations, read_csv_checked
+from .luna import (ANNOTATIONS_FILE, CANDIDATES_FILES, COORD_COLUMNS, find_candidates_file, read_annotations,
+                   read_csv_checked)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,6 @@ SUPERSAMPLING = 4
 """Sample points per voxel axis for the partial-volume fraction of the sphere's edge."""
 DEFAULT_DIAMETERS_MM = (6.0, 10.0, 16.0)
 DEFAULT_NODULE_HU = 40.0
-CANDIDATES_FILE = "candidates.csv"
 UID_ROOT = "2.25."
 """The DICOM root for UIDs made from a UUID (PS3.5 B.2)."""
 
@@ -330,8 +331,16 @@ def write_implanted(out_dir: Path, ct: Ct, nodules: Sequence[ImplantedNodule],
     rows = pd.DataFrame(rows, columns=["seriesuid", *COORD_COLUMNS, "diameter_mm"])
     _replace_rows(out_dir / ANNOTATIONS_FILE, rows, "annotations")
     candidates = rows.drop(columns="diameter_mm").assign(**{"class": 1})
-    _replace_rows(out_dir / CANDIDATES_FILE, candidates, "candidates", integer_columns=["class"])
+    _replace_rows(_candidates_file(out_dir), candidates, "candidates", integer_columns=["class"])
     return path
+
+
+def _candidates_file(out_dir: Path) -> Path:
+    """The candidates file training reads in ``out_dir`` (LUNA16's ``candidates_V2.csv`` first), else a new one."""
+    try:
+        return find_candidates_file(out_dir)
+    except DataError:
+        return out_dir / CANDIDATES_FILES[-1]
 
 
 def _replace_rows(path: Path, rows: pd.DataFrame, what: str, integer_columns: Sequence[str] = ()) -> None:

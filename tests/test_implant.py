@@ -12,6 +12,7 @@ from p2ch_luna import implant, synth
 from p2ch_luna.ct import Ct, list_series_on_disk, load_ct, write_metaimage
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.lungs import find_lungs
+from p2ch_luna.luna import read_candidate_table
 
 
 @pytest.mark.parametrize("radius, center, spacing", [
@@ -277,3 +278,20 @@ def test_command_errors_are_one_line_and_write_nothing(small_ct: Ct, tmp_path: P
     error = capsys.readouterr().err.strip().splitlines()
     assert message in error[-1] and "Traceback" not in "\n".join(error)
     assert not out.exists()
+
+
+def test_a_luna16_folder_gets_its_candidates_v2_rows(small_ct: Ct, tmp_path: Path) -> None:
+    """Training reads ``candidates_V2.csv`` before ``candidates.csv``: implanting into a LUNA16 copy adds rows there."""
+    source = tmp_path / "source.mhd"
+    write_metaimage(np.asarray(small_ct.hu), small_ct.geometry, source)
+    out = tmp_path / "luna"
+    out.mkdir()
+    (out / "candidates_V2.csv").write_text("seriesuid,coordX,coordY,coordZ,class\nother,1.25,2.5,-3.75,0\n")
+    assert implant.main([str(source), str(out), "--diameters", "3", "--clearance", "2"]) == 0
+    assert not (out / "candidates.csv").exists()
+    rows = pd.read_csv(out / "candidates_V2.csv", dtype={"seriesuid": str})
+    assert rows["seriesuid"].tolist()[0] == "other" and rows["class"].tolist() == [0, 1]
+    assert rows.iloc[0][["coordX", "coordY", "coordZ"]].tolist() == [1.25, 2.5, -3.75]
+    table = read_candidate_table(out)  # "other" is not on disk
+    candidates = table[table["source"] == "candidate"]
+    assert candidates["is_nodule"].tolist() == [True] and candidates["series_uid"].iloc[0].startswith("2.25.")
