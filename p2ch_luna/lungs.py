@@ -104,6 +104,15 @@ def mask_bounding_box(mask: np.ndarray, pad: tuple[int, int, int] = (0, 0, 0)) -
     return tuple(box)
 
 
+def _not_hu_hint(hu: np.ndarray) -> str:
+    """A hint for the no-lungs warning when the values cannot be HU: a chest CT always holds air (-1000)."""
+    lowest, highest = (int(v) for v in np.percentile(hu, [0.1, 99.9])) if hu.size else (0, 0)
+    if lowest < LUNG_HU:
+        return ""
+    return (f"; its values run from {lowest} to {highest} and never reach air (-1000 HU): is it in HU "
+            "(rescale slope and intercept applied)?")
+
+
 def find_lungs(hu: np.ndarray, spacing_irc: tuple[float, float, float],
                margin_mm: float = DEFAULT_MARGIN_MM) -> Lungs:
     """Find the lungs of a CT given its HU ``(I, R, C)`` and voxel spacing (mm, ``irc`` order)."""
@@ -120,7 +129,8 @@ def find_lungs(hu: np.ndarray, spacing_irc: tuple[float, float, float],
     labels = _lung_labels(small, small_spacing, voxel_ml)
     mask = np.zeros(labels.shape, dtype=bool)
     if labels.max() == 0:
-        log.warning("no lungs found (no large air region inside the body); the lung mask is empty")
+        log.warning("no lungs found (no large air region inside the body); the lung mask is empty%s",
+                    _not_hu_hint(small))
     else:
         boxes = [(label, box) for label, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None]
         # scipy's transforms release the GIL: the lungs close at once; they are written in label order.

@@ -61,6 +61,18 @@ def test_no_lungs_gives_empty_mask() -> None:
     assert lungs.bounding_box() is None
 
 
+@pytest.mark.parametrize("offset, hinted", [(0, False), (1024, True)])
+def test_no_lungs_in_values_that_cannot_be_hu_says_so(offset: int, hinted: bool,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A CT stored without its rescale (HU + 1024, say) never reaches air: the warning asks whether it is in HU."""
+    hu = np.full((8, 64, 64), -1000 + offset, dtype=np.int16)
+    hu[:, 16:48, 16:48] = 40 + offset
+    assert not find_lungs(hu, (1.0, 1.0, 1.0)).mask.any()
+    assert "no lungs found" in caplog.text
+    assert ("never reach air" in caplog.text) == hinted
+    assert not hinted or "run from 24 to 1064" in caplog.text
+
+
 def test_mask_bounding_box_pads_and_clamps() -> None:
     mask = np.zeros((5, 10, 10), dtype=bool)
     mask[2, 3:5, 8] = True
