@@ -226,7 +226,9 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     The clipped HU of the region's bounding box (plus context slices) go to
     the device once; each batch of consecutive slices is cropped to the
     region's box within those slices (padded in-plane by ``SEGMENTATION_PAD``),
-    and its 7-slice stacks are gathered there by index. The predictions are
+    and its 7-slice stacks are gathered there by index. The crops start and end
+    on the model's ``pooling_grid`` (where it has one), so they see the pooling
+    cells of the full slice, as the book's full-slice inference does. The predictions are
     read back after the last batch, so the host never waits for a GPU between
     batches. ``progress`` shows a bar of the slices on a terminal.
     """
@@ -241,6 +243,7 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     volume = host_to_device(np.clip(hu[first:last], HU_MIN, HU_MAX), device).float()  # int16 over the bus
     offsets = np.arange(-CONTEXT_SLICES, CONTEXT_SLICES + 1)
     slice_indices = np.arange(slices.start, slices.stop)
+    grid = int(getattr(model, "pooling_grid", 1))  # crops start on the full slice's pooling cells
     context = host_to_device(np.clip(slice_indices[:, None] + offsets[None, :], 0, n_slices - 1) - first, device)
     predictions = []
     with torch.inference_mode(), autocast(device, amp), _bar(len(slice_indices), "segmentation", "slice",
@@ -251,13 +254,18 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
             crop = lungs_module.mask_bounding_box(region[batch_slices], (0, SEGMENTATION_PAD, SEGMENTATION_PAD))
             if crop is None:
                 continue
-            _, rows, cols = crop
+            rows, cols = (_on_grid(axis, grid, size) for axis, size in zip(crop[1:], hu.shape[1:]))
             inputs = volume[context[start : start + batch_size], rows, cols]
             logits = model(to_memory_format(inputs, channels_last=True))
             predictions.append((batch_slices, rows, cols, torch.sigmoid(logits[:, 0].float()) > threshold))
     for batch_slices, rows, cols, predicted in predictions:
         mask[batch_slices, rows, cols] = predicted.cpu().numpy()
     return mask
+
+
+def _on_grid(span: slice, grid: int, size: int) -> slice:
+    """``span`` widened to start and end on multiples of ``grid`` (the end clamped to ``size``)."""
+    return slice(span.start - span.start % grid, min(span.stop + -span.stop % grid, size))
 
 
 def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
 from p2ch_luna import diagnose, implant
 from p2ch_luna.ct import Ct, list_series_on_disk, load_ct
@@ -46,6 +47,30 @@ def test_segment_ct_crops_and_gathers_context_exactly(batch_size: int) -> None:
     expected = np.zeros(hu.shape, dtype=bool)
     expected[2:9, max(5 - pad, 0) : 20 + pad, max(10 - pad, 0) : 30 + pad] = hu[2:9, :36, :46] > 0
     assert np.array_equal(mask, expected)
+
+
+def test_segment_ct_crops_give_the_full_slice_masks_of_a_book_unet() -> None:
+    """The U-Net pools twice: cut at an offset that is not a multiple of 4, a crop sees other pooling cells than
+    the book's full 512 x 512 slices and another mask (16% of the book model's mask on the real CT). Crops on
+    the pooling grid give the full slices' mask but for the zero padding at their edges."""
+    torch.manual_seed(5)
+    model = build_model("unet", **BOOK_SEGMENTATION_KWARGS).eval()
+    assert model.pooling_grid == 4
+    rng = np.random.default_rng(5)
+    hu = ndimage.gaussian_filter(rng.normal(-500, 900, size=(10, 128, 128)), (0, 3, 3)).astype(np.int16)
+    region = np.zeros(hu.shape, dtype=bool)
+    region[2:8, 37:91, 41:99] = True  # crops from rows 21 and columns 25: off the grid
+    whole_slices = np.zeros(hu.shape, dtype=bool)
+    whole_slices[2:8] = True
+    context = np.clip(np.arange(2, 8)[:, None] + np.arange(-3, 4)[None, :], 0, 9)
+    stacks = torch.from_numpy(np.clip(hu, -1000, 1000).astype(np.float32)[context])
+    with torch.no_grad():  # centre the untrained logits on the region, so half of it is segmented
+        model.unet.last.bias -= float(model(stacks)[:, 0, 37:91, 41:99].median())
+    cpu = torch.device("cpu")
+    full = diagnose.segment_ct(hu, whole_slices, model, 0.5, 4, cpu)[region]
+    cropped = diagnose.segment_ct(hu, region, model, 0.5, 4, cpu)[region]
+    assert 0.3 < full.mean() < 0.7
+    assert np.mean(cropped != full) < 0.005  # off the grid: 64%
 
 
 class RecordedBar:

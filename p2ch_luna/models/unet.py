@@ -87,10 +87,16 @@ class UNet(nn.Module):
             channels = 2 ** (wf + level)
         self.last = nn.Conv2d(channels, n_classes, kernel_size=1)
 
+    @property
+    def pooling_grid(self) -> int:
+        """Pixels per cell of the deepest level. Its output moves with its input only by whole cells: a window cut
+        at another offset modulo this sees other pooling cells, and gives other values."""
+        return POOL_FACTOR ** (self.depth - 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         if self.padding:
-            multiple = POOL_FACTOR ** (self.depth - 1)
+            multiple = self.pooling_grid
             x = F.pad(x, (0, -width % multiple, 0, -height % multiple))
         bridges = []
         for level, down in enumerate(self.down_path):
@@ -127,6 +133,10 @@ class UNetWrapper(nn.Module):
         self.input_batchnorm = nn.BatchNorm2d(in_channels)
         self.unet = UNet(in_channels, n_classes, depth, wf, padding, batch_norm, up_mode)
         init_book_weights(self)
+
+    @property
+    def pooling_grid(self) -> int:
+        return self.unet.pooling_grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unet(self.input_batchnorm(x))
