@@ -10,9 +10,10 @@ Pipeline per CT (the book's chapter 14, kept inside the lungs):
 2. U-Net on every slice that holds lung (7-slice context, clamped at the ends),
    cropped to the lungs' bounding box, batched, sigmoid > threshold;
 3. restrict to the lungs and group the mask into candidates: by default one
-   per distance-transform peak of the dense segmented tissue (``--grouping
-   peaks``), or the book's eroded connected components with their HU-weighted
-   centre of mass (``--grouping components``);
+   per distance-transform peak of the dense segmented tissue, with copies of
+   large ones at the lungs' edge moved towards it (``--grouping peaks``), or
+   the book's eroded connected components with their HU-weighted centre of
+   mass (``--grouping components``);
 4. nodule probability per candidate (softmax of the classifier on a chunk of
    the size it was trained on, averaged over its in-plane mirror images unless
    ``--no-flips``), then, with peaks, one detection per blob (a
@@ -103,6 +104,12 @@ MIN_PEAK_RADIUS_MM = 1.0
 """Peak grouping: a blob's centre must lie at least this far inside it (nodules are >= 3 mm across)."""
 PEAK_SEPARATION_MM = 3.0
 """Peak grouping: two peaks closer than this (per axis) are one candidate."""
+EDGE_SHIFT_MIN_DIAMETER_MM = 10.0
+"""Peak grouping: candidates this large near the lungs' edge get shifted copies (see :func:`edge_shifts`)."""
+EDGE_SHIFT_REACH_MM = 3.0
+"""... when the edge lies within their radius plus this."""
+EDGE_SHIFTS = (0.5, 1.0)
+"""... moved by these fractions of their radius towards the edge."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,14 +295,15 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
     candidate at each local maximum of the distance to the edge of the dense
     (>= ``DENSE_HU``; faint ground glass: see :func:`blob_tissue`) segmented
     tissue: the centre of every blob, attached or not, sized by twice that
-    distance. Candidates whose centre falls outside ``region`` are dropped, so
-    every finding lies inside the lungs. ``workers`` threads compute the peaks'
-    distances.
+    distance, plus shifted copies of large ones at the lungs' edge
+    (:func:`edge_shifts`). Candidates whose centre falls outside ``region`` are
+    dropped, so every finding lies inside the lungs. ``workers`` threads compute
+    the peaks' distances.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}")
     restricted = nodule_mask & region
-    box = lungs_module.mask_bounding_box(restricted)
+    box = lungs_module.mask_bounding_box(restricted, (1, 1, 1))  # so no blob touches a face of the box
     if box is None:
         return _empty_candidates()
     restricted = restricted[box]
@@ -311,6 +319,10 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
     if not inside.all():
         log.debug("%s: %d candidate centre(s) outside the lungs dropped", ct.series_uid, int((~inside).sum()))
     centers, voxel_count, diameters = centers[inside], voxel_count[inside], diameters[inside]
+    if grouping == "peaks":
+        shifted, source = edge_shifts(centers, diameters, region, ct.geometry.spacing_irc)
+        rows = np.concatenate([np.arange(len(centers)), source])
+        centers, voxel_count, diameters = np.concatenate([centers, shifted]), voxel_count[rows], diameters[rows]
     xyz = ct.geometry.irc_to_xyz(centers).reshape(-1, 3)
     return pd.DataFrame({
         "series_uid": ct.series_uid,
@@ -319,6 +331,48 @@ def group_candidates(hu: np.ndarray, nodule_mask: np.ndarray, region: np.ndarray
         "voxel_count": voxel_count.astype(np.int64), "diameter_mm": diameters,
         "nodule_probability": np.nan, "malignancy_probability": np.nan,
     }, columns=CANDIDATE_COLUMNS)
+
+
+def edge_shifts(centers_irc: np.ndarray, diameters_mm: np.ndarray, region: np.ndarray,
+                spacing_irc: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of the large candidates at the edge of ``region``, moved towards it: ``(centres, source rows)``.
+
+    A juxtapleural nodule lies partly beyond the lung mask, and the segmenter marks only the part inside,
+    so its depth peak sits towards the lung, off the nodule's centre: 7.5-8.4 mm for a 30 mm one on a
+    real CT, where the book's classifier scored 0.66-0.995 there and 1.000 at the true centre. A candidate
+    at least ``EDGE_SHIFT_MIN_DIAMETER_MM`` across, whose nearest voxel outside ``region`` lies within its
+    radius plus ``EDGE_SHIFT_REACH_MM``, gets copies moved ``EDGE_SHIFTS`` of its radius towards that voxel
+    (those landing inside ``region``). The classifier scores them all, and :func:`keep_strongest` keeps the
+    most probable of each group.
+    """
+    spacing = np.asarray(spacing_irc, dtype=np.float64)
+    shape = np.asarray(region.shape)
+    shifted: list[np.ndarray] = []
+    source: list[int] = []
+    for row in np.flatnonzero(diameters_mm >= EDGE_SHIFT_MIN_DIAMETER_MM):
+        radius = diameters_mm[row] / 2.0
+        center = centers_irc[row]
+        reach = np.ceil((radius + EDGE_SHIFT_REACH_MM) / spacing).astype(int)
+        low = np.maximum(np.rint(center).astype(int) - reach, 0)
+        high = np.minimum(np.rint(center).astype(int) + reach + 1, shape)
+        outside = np.argwhere(~region[tuple(slice(a, b) for a, b in zip(low, high))])
+        if len(outside) == 0:
+            continue
+        offsets = (outside + low - center) * spacing
+        distances = np.linalg.norm(offsets, axis=1)
+        nearest = int(np.argmin(distances))
+        if distances[nearest] > radius + EDGE_SHIFT_REACH_MM or distances[nearest] == 0.0:
+            continue
+        direction = offsets[nearest] / distances[nearest] / spacing  # voxels per mm along the way out
+        for fraction in EDGE_SHIFTS:
+            moved = center + fraction * radius * direction
+            voxel = np.rint(moved).astype(int)
+            if np.all(voxel >= 0) and np.all(voxel < shape) and region[tuple(voxel)]:
+                shifted.append(moved)
+                source.append(int(row))
+    if not shifted:
+        return np.empty((0, 3)), np.empty(0, dtype=np.int64)
+    return np.asarray(shifted, dtype=np.float64), np.asarray(source, dtype=np.int64)
 
 
 def _distance_peaks(hu: np.ndarray, mask: np.ndarray, spacing_irc: np.ndarray,

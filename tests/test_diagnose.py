@@ -154,6 +154,39 @@ def test_peak_grouping_centres_a_nodule_that_touches_a_vessel() -> None:
     assert len(components) == 1 and abs(components.iloc[0]["col"] - 15) > 3
 
 
+def test_edge_shifts_move_large_candidates_near_the_edge_towards_it() -> None:
+    region = np.zeros((20, 60, 60), dtype=bool)
+    region[:, :, :40] = True  # the lung; from column 40 on, the wall
+    centers = np.array([[10.0, 30.0, 32.0], [10.0, 30.0, 10.0], [10.0, 30.0, 36.0]])
+    diameters = np.array([20.0, 20.0, 8.0])  # at the edge; far from it (30 mm > 10 + 3); too small
+    shifted, source = diagnose.edge_shifts(centers, diameters, region, (2.0, 1.0, 1.0))
+    # 8 mm from the edge: moved 5 mm (0.5 of the radius) to column 37; 10 mm would leave the lung
+    assert shifted.tolist() == [[10.0, 30.0, 37.0]] and source.tolist() == [0]
+    shifted, _ = diagnose.edge_shifts(centers[:1] - (0, 0, 4), diameters[:1], region, (2.0, 1.0, 1.0))
+    assert shifted.tolist() == [[10.0, 30.0, 33.0], [10.0, 30.0, 38.0]]  # 12 mm from the edge: both inside
+
+
+def test_peak_grouping_reaches_the_centre_of_a_juxtapleural_nodule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 24 mm nodule centred 4 mm inside the lung's edge: the lung mask and the segmentation hold only its
+    inner part, whose depth peak lies 4 mm towards the lung; an edge shift puts a candidate on its centre."""
+    shape = (40, 60, 70)
+    hu = np.full(shape, -850, dtype=np.int16)
+    hu[:, :, 40:] = 40  # chest wall
+    nodule = _ball(shape, (20, 30, 36), 12.0)
+    hu[nodule] = 40
+    region = np.zeros(shape, dtype=bool)
+    region[:, :, :40] = True
+    ct = _ct(hu)
+
+    def distance_to_centre() -> float:
+        peaks = diagnose.group_candidates(hu, nodule, region, ct, erosion_iterations=1, grouping="peaks")
+        return float(np.min(np.linalg.norm(peaks[["index", "row", "col"]].to_numpy() - (20, 30, 36), axis=1)))
+
+    assert distance_to_centre() <= 1.0
+    monkeypatch.setattr(diagnose, "EDGE_SHIFTS", ())
+    assert distance_to_centre() >= 3.5
+
+
 def test_peak_grouping_centres_faint_ground_glass_and_ignores_segmented_parenchyma() -> None:
     """A -620 HU nodule in noise has half its voxels below DENSE_HU: its blob is taken at FAINT_HU."""
     shape = (40, 60, 90)
