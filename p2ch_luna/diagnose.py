@@ -790,8 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="binary erosions of the mask before --grouping components")
     tuning.add_argument("--grouping", choices=GROUPINGS, default="peaks",
                         help="candidates at distance-transform peaks of the dense segmented tissue (one per "
-                             "blob, also when it touches a vessel; faint ground glass taken at -750 HU), or the "
-                             "book's connected components")
+                             "blob, also when it touches a vessel; faint ground glass taken at -750 HU; large "
+                             "ones at the lungs' edge also moved towards it), or the book's connected components")
     tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
                         help="average the classifiers over the chunk and its in-plane mirror images")
     tuning.add_argument("--nodule-threshold", type=_probability, default=0.5,
