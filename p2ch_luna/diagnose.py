@@ -812,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "machine with 16 cores, on synthetic CTs that take little time to read)")
     running.add_argument("--amp", action="store_true",
                          help="mixed precision: bfloat16 on the CPU and on GPUs that support it, else float16. "
-                              "On a CPU with AMX it measured 1.3-1.6x faster per CT, with the same findings "
+                              "On a CPU with AMX it measured 1.3-1.8x faster per CT, with the same findings "
                               "(probabilities within 0.01); a CPU without AVX-512 BF16 or AMX emulates it, slowly")
     output = parser.add_argument_group("outputs")
     output.add_argument("--output", type=Path, metavar="DIR",
