@@ -184,12 +184,10 @@ def write_metaimage(array: np.ndarray, geometry: Geometry, path: str | os.PathLi
     A failed write is a one-line :class:`~p2ch_luna.errors.LunaError`.
     """
     target = Path(path)
+    staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".write-", dir=target.parent))
-    except OSError as error:
-        raise LunaError(f"could not write {target}: {error.strerror or error}") from error
-    try:
         write_image(to_image(array, geometry), staging / target.name)
         raw_name = target.with_suffix(".raw").name
         os.replace(staging / raw_name, target.with_suffix(".raw"))
@@ -197,7 +195,8 @@ def write_metaimage(array: np.ndarray, geometry: Geometry, path: str | os.PathLi
     except OSError as error:
         raise LunaError(f"could not write {target}: {error.strerror or error}") from error
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 SERIES_PATTERNS = ("{uid}.mhd", "subset*/{uid}.mhd", "subset*/*/{uid}.mhd")
