@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -53,6 +54,7 @@ from .distributed import DistributedInfo, distributed_info_from_env, resolve_dev
 from .engine import amp_settings, warn_if_emulated
 from .errors import DataError, UsageError
 from .geometry import Geometry
+from .heap import release_free_memory
 from .luna import (
     ANNOTATIONS_FILE,
     COORD_COLUMNS,
@@ -237,7 +239,9 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     on the model's ``pooling_grid`` (where it has one), so they see the pooling
     cells of the full slice, as the book's full-slice inference does. The predictions are
     read back after the last batch, so the host never waits for a GPU between
-    batches. ``progress`` shows a bar of the slices on a terminal.
+    batches. On the CPU the heap's free memory goes back to the system after
+    each batch (:mod:`p2ch_luna.heap`). ``progress`` shows a bar of the slices
+    on a terminal.
     """
     mask = np.zeros(hu.shape, dtype=bool)
     box = lungs_module.mask_bounding_box(region)
@@ -247,7 +251,7 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     n_slices = hu.shape[0]
     first = max(slices.start - CONTEXT_SLICES, 0)
     last = min(slices.stop + CONTEXT_SLICES, n_slices)
-    volume = host_to_device(np.clip(hu[first:last], HU_MIN, HU_MAX), device).float()  # int16 over the bus
+    volume = host_to_device(hu[first:last], device)  # int16 over the bus; clipped and widened a batch at a time
     offsets = np.arange(-CONTEXT_SLICES, CONTEXT_SLICES + 1)
     slice_indices = np.arange(slices.start, slices.stop)
     grid = int(getattr(model, "pooling_grid", 1))  # crops start on the full slice's pooling cells
@@ -262,9 +266,11 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
             if crop is None:
                 continue
             rows, cols = (_on_grid(axis, grid, size) for axis, size in zip(crop[1:], hu.shape[1:]))
-            inputs = volume[context[start : start + batch_size], rows, cols]
+            inputs = volume[context[start : start + batch_size], rows, cols].float().clamp_(HU_MIN, HU_MAX)
             logits = model(to_memory_format(inputs, channels_last=True))
             predictions.append((batch_slices, rows, cols, torch.sigmoid(logits[:, 0].float()) > threshold))
+            if device.type == "cpu":
+                release_free_memory()  # each crop's size differs: without this the heap keeps gigabytes
     for batch_slices, rows, cols, predicted in predictions:
         mask[batch_slices, rows, cols] = predicted.cpu().numpy()
     return mask
@@ -276,8 +282,14 @@ def _on_grid(span: slice, grid: int, size: int) -> slice:
 
 
 def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` as a tensor on ``device``; on CUDA through pinned memory, so the host does not wait for the GPU."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    """``array`` as a tensor on ``device``; on CUDA through pinned memory, so the host does not wait for the GPU.
+
+    On the CPU the tensor shares ``array``'s memory, read-only arrays too (a CT's
+    ``hu``): callers only read it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -521,6 +533,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
 
     def lap(name: str) -> None:
         nonlocal clock
+        release_free_memory()  # what the stage freed, before the next one allocates
         now = time.perf_counter()
         timings[name] = now - clock
         clock = now

@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from p2ch_luna import diagnose, implant
-from p2ch_luna.ct import Ct, list_series_on_disk, load_ct
+from p2ch_luna.ct import HU_MAX, Ct, list_series_on_disk, load_ct
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.lungs import find_lungs
@@ -47,6 +47,34 @@ def test_segment_ct_crops_and_gathers_context_exactly(batch_size: int) -> None:
     expected = np.zeros(hu.shape, dtype=bool)
     expected[2:9, max(5 - pad, 0) : 20 + pad, max(10 - pad, 0) : 30 + pad] = hu[2:9, :36, :46] > 0
     assert np.array_equal(mask, expected)
+
+
+class AtHuMax(torch.nn.Module):
+    """A stand-in U-Net: positive logits where the centre input slice is exactly ``HU_MAX``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, diagnose.CONTEXT_SLICES : diagnose.CONTEXT_SLICES + 1]
+        return 0.25 - (centre - HU_MAX) ** 2
+
+
+def test_segment_ct_clips_a_read_only_ct_and_hands_back_the_heap_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slices are clipped to [HU_MIN, HU_MAX] a batch at a time, with no copy of the whole CT, which stays
+    unwritten; on the CPU the heap's free memory goes back to the system after every batch."""
+    releases = []
+    monkeypatch.setattr(diagnose, "release_free_memory", lambda: releases.append(True) or True)
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-3024, 3000, size=(12, 40, 50)).astype(np.int16)
+    hu.setflags(write=False)
+    original = hu.copy()
+    region = np.zeros(hu.shape, dtype=bool)
+    region[2:9, 5:20, 10:30] = True
+    mask = diagnose.segment_ct(hu, region, AtHuMax(), 0.5, 3, torch.device("cpu"))
+    pad = diagnose.SEGMENTATION_PAD
+    expected = np.zeros(hu.shape, dtype=bool)
+    expected[2:9, : 20 + pad, : 30 + pad] = hu[2:9, :36, :46] >= HU_MAX
+    assert np.array_equal(mask, expected)
+    assert np.array_equal(hu, original)
+    assert len(releases) == 3  # 7 slices in batches of 3
 
 
 def test_segment_ct_crops_give_the_full_slice_masks_of_a_book_unet() -> None:

@@ -1,0 +1,123 @@
+"""Peak memory and time of diagnosing one CT: the heap's free memory handed back (ours) or kept (the baseline).
+
+    python bench/bench_memory.py [--slices 300 | --ct CT] [--segmentation-path F --classification-path F]
+                                 [--amp] [--rounds 2]
+
+Each run is a fresh process (peak RSS is per process) that loads the CT and
+runs ``diagnose.diagnose_ct`` once on the CPU. "kept" replaces
+``heap.release_free_memory`` in ``diagnose`` by a no-op, as before the heap was
+trimmed; "released" is the package as it is. The rounds alternate the two, so
+the machine's noise falls on both. Without checkpoints, seeded untrained
+models with the book's architectures are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_diagnose import _wrap, load_or_build  # noqa: E402
+from p2ch_luna import diagnose, synth  # noqa: E402
+from p2ch_luna.ct import load_ct  # noqa: E402
+from p2ch_luna.models.checkpoint import LoadedCheckpoint  # noqa: E402
+
+VARIANTS = ("kept", "released")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args: argparse.Namespace) -> int:
+    """One diagnosis in this process; prints a JSON line of its figures."""
+    if args.child == "kept":
+        diagnose.release_free_memory = lambda: False
+    torch.manual_seed(args.seed)
+    models = diagnose.DiagnosisModels(
+        segmentation=_loaded(load_or_build(args.segmentation_path, "segmentation"), "segmentation"),
+        nodule=_loaded(load_or_build(args.classification_path, "nodule"), "nodule"),
+    )
+    device = torch.device("cpu")
+    models.place(device)
+    ct = load_ct(args.ct)
+    loaded_mb = peak_rss_mb()
+    config = diagnose.DiagnoseConfig(batch_size=diagnose.CPU_SEGMENTATION_BATCH, amp=args.amp)
+    started = time.perf_counter()
+    result, _, nodule_mask = diagnose.diagnose_ct(ct, models, config, device)
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": peak_rss_mb(), "loaded_mb": loaded_mb,
+                      "candidates": len(result.candidates), "mask_voxels": int(nodule_mask.sum()),
+                      "timings": result.timings}))
+    return 0
+
+
+def _loaded(model: LoadedCheckpoint | torch.nn.Module, task: str) -> LoadedCheckpoint:
+    return model if isinstance(model, LoadedCheckpoint) else _wrap(model, task)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300, help="slices of the synthetic 512x512 CT")
+    parser.add_argument("--ct", type=Path, help="diagnose this CT (DICOM folder, .mhd, NIfTI) instead")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--segmentation-path", type=Path)
+    parser.add_argument("--classification-path", type=Path)
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as diagnose --amp")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, alternating")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    with tempfile.TemporaryDirectory() as folder:
+        if args.ct is None:
+            info = synth.generate_dataset(folder, series=1, seed=args.seed, subsets=1, shape=(512, 512),
+                                          slices=(args.slices, args.slices), progress=False)[0]
+            args.ct = Path(info.path)
+        shape = load_ct(args.ct).shape
+        print(f"CT {shape}, {torch.get_num_threads()} torch thread(s), amp {args.amp}")
+        figures: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+        for _ in range(args.rounds):
+            for variant in VARIANTS:
+                figures[variant].append(_run_child(args, variant))
+    for variant in VARIANTS:
+        runs = figures[variant]
+        stages = {key: np.mean([run["timings"][key] for run in runs]) for key in runs[0]["timings"]}
+        print(f"{variant:9s} peak {_listed(runs, 'peak_mb', '.0f')} MB (after loading {runs[0]['loaded_mb']:.0f}), "
+              f"{_listed(runs, 'seconds', '.1f')} s, {runs[0]['candidates']} candidates, "
+              f"{runs[0]['mask_voxels']} mask voxels; mean stage s: "
+              + ", ".join(f"{key} {value:.1f}" for key, value in stages.items()))
+    kept, released = ({key: np.median([run[key] for run in figures[variant]]) for key in ("peak_mb", "seconds")}
+                      for variant in VARIANTS)
+    print(f"released / kept: peak {released['peak_mb'] / kept['peak_mb']:.2f}x, "
+          f"time {released['seconds'] / kept['seconds']:.2f}x (medians)")
+    return 0
+
+
+def _run_child(args: argparse.Namespace, variant: str) -> dict:
+    command = [sys.executable, __file__, "--child", variant, "--ct", str(args.ct), "--seed", str(args.seed)]
+    for flag, value in (("--segmentation-path", args.segmentation_path),
+                        ("--classification-path", args.classification_path)):
+        if value is not None:
+            command += [flag, str(value)]
+    if args.amp:
+        command.append("--amp")
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _listed(runs: list[dict], key: str, spec: str) -> str:
+    return "/".join(format(run[key], spec) for run in runs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
