@@ -4,11 +4,13 @@
                                  [--amp] [--rounds 2]
 
 Each run is a fresh process (peak RSS is per process) that loads the CT and
-runs ``diagnose.diagnose_ct`` once on the CPU. "kept" replaces
-``heap.release_free_memory`` in ``diagnose`` by a no-op, as before the heap was
-trimmed; "released" is the package as it is. The rounds alternate the two, so
-the machine's noise falls on both. Without checkpoints, seeded untrained
-models with the book's architectures are used.
+runs ``diagnose.diagnose_ct`` once on the CPU:
+- "kept": ``HeapTrimmer.step`` is a no-op, as before the heap was trimmed;
+- "every-batch": the segmentation trims the heap after every batch (no slack);
+- "released": the package as it is (``diagnose.SEGMENTATION_HEAP_SLACK``).
+The rounds alternate the variants, so the machine's noise falls on all of
+them. Without checkpoints, seeded untrained models with the book's
+architectures are used.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from p2ch_luna import diagnose, synth  # noqa: E402
 from p2ch_luna.ct import load_ct  # noqa: E402
 from p2ch_luna.models.checkpoint import LoadedCheckpoint  # noqa: E402
 
-VARIANTS = ("kept", "released")
+VARIANTS = ("kept", "every-batch", "released")
 
 
 def peak_rss_mb() -> float:
@@ -42,7 +44,9 @@ def peak_rss_mb() -> float:
 def child(args: argparse.Namespace) -> int:
     """One diagnosis in this process; prints a JSON line of its figures."""
     if args.child == "kept":
-        diagnose.release_free_memory = lambda: False
+        diagnose.HeapTrimmer.step = lambda self: False
+    elif args.child == "every-batch":
+        diagnose.SEGMENTATION_HEAP_SLACK = -1
     torch.manual_seed(args.seed)
     models = diagnose.DiagnosisModels(
         segmentation=_loaded(load_or_build(args.segmentation_path, "segmentation"), "segmentation"),
@@ -92,14 +96,15 @@ def main() -> int:
     for variant in VARIANTS:
         runs = figures[variant]
         stages = {key: np.mean([run["timings"][key] for run in runs]) for key in runs[0]["timings"]}
-        print(f"{variant:9s} peak {_listed(runs, 'peak_mb', '.0f')} MB (after loading {runs[0]['loaded_mb']:.0f}), "
+        print(f"{variant:11s} peak {_listed(runs, 'peak_mb', '.0f')} MB (after loading {runs[0]['loaded_mb']:.0f}), "
               f"{_listed(runs, 'seconds', '.1f')} s, {runs[0]['candidates']} candidates, "
               f"{runs[0]['mask_voxels']} mask voxels; mean stage s: "
               + ", ".join(f"{key} {value:.1f}" for key, value in stages.items()))
-    kept, released = ({key: np.median([run[key] for run in figures[variant]]) for key in ("peak_mb", "seconds")}
-                      for variant in VARIANTS)
-    print(f"released / kept: peak {released['peak_mb'] / kept['peak_mb']:.2f}x, "
-          f"time {released['seconds'] / kept['seconds']:.2f}x (medians)")
+    medians = {variant: {key: np.median([run[key] for run in figures[variant]]) for key in ("peak_mb", "seconds")}
+               for variant in VARIANTS}
+    for variant in VARIANTS[1:]:
+        print(f"{variant} / kept: peak {medians[variant]['peak_mb'] / medians['kept']['peak_mb']:.2f}x, "
+              f"time {medians[variant]['seconds'] / medians['kept']['seconds']:.2f}x (medians)")
     return 0
 
 

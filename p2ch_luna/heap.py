@@ -1,8 +1,12 @@
 """Handing the C heap's free memory back to the operating system.
 
 CPU inference on crops of varying size leaves glibc's heap full of freed
-blocks it keeps for later: diagnosing a 475-slice CT held 3 GB of memory, of
-which 1.6 GB was free but kept. ``malloc_trim`` gives those pages back.
+blocks it keeps for later: segmenting a 475-slice CT left 1.6 GB of the heap
+free but resident, against 0.25 GB in use. ``malloc_trim`` gives those pages
+back. Memory the heap then reuses is faulted in again, which costs time when
+done after every small batch (a third more for a 130-slice CT's
+segmentation), so a loop trims with :class:`HeapTrimmer` only once the
+process has grown by a set amount.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from typing import Callable
 
 
@@ -29,13 +34,36 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_memory() -> bool:
-    """Give the heap's free pages back to the system; whether the C library can (glibc).
-
-    It costs a pass over the heap's free blocks, about a millisecond after a
-    batch of segmentation, and memory reused later is faulted in again.
-    """
+    """Give the heap's free pages back to the system; whether the C library can (glibc)."""
     function = _malloc_trim()
     if function is None:
         return False
     function(0)
     return True
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory (Linux's ``/proc/self/statm``); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapTrimmer:
+    """Releases the heap's free memory once the process has grown by more than ``slack`` bytes since the last
+    release (or since it was made): call :meth:`step` after each batch of a loop."""
+
+    def __init__(self, slack: int) -> None:
+        self.slack = slack
+        self.mark = resident_bytes()
+
+    def step(self) -> bool:
+        """Release if the process has grown past the slack; returns whether it did."""
+        resident = resident_bytes()
+        if resident is None or self.mark is None or resident - self.mark <= self.slack:
+            return False
+        released = release_free_memory()
+        self.mark = resident_bytes()
+        return released

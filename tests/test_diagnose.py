@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from p2ch_luna import diagnose, implant
+from p2ch_luna import diagnose, heap, implant
 from p2ch_luna.ct import HU_MAX, Ct, list_series_on_disk, load_ct
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
@@ -59,9 +59,15 @@ class AtHuMax(torch.nn.Module):
 
 def test_segment_ct_clips_a_read_only_ct_and_hands_back_the_heap_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The slices are clipped to [HU_MIN, HU_MAX] a batch at a time, with no copy of the whole CT, which stays
-    unwritten; on the CPU the heap's free memory goes back to the system after every batch."""
-    releases = []
-    monkeypatch.setattr(diagnose, "release_free_memory", lambda: releases.append(True) or True)
+    unwritten; on the CPU a heap trimmer steps after each batch."""
+    steps = []
+
+    class CountedTrimmer(heap.HeapTrimmer):
+        def step(self) -> bool:
+            steps.append(self.slack)
+            return super().step()
+
+    monkeypatch.setattr(diagnose, "HeapTrimmer", CountedTrimmer)
     rng = np.random.default_rng(1)
     hu = rng.integers(-3024, 3000, size=(12, 40, 50)).astype(np.int16)
     hu.setflags(write=False)
@@ -74,7 +80,7 @@ def test_segment_ct_clips_a_read_only_ct_and_hands_back_the_heap_each_batch(monk
     expected[2:9, : 20 + pad, : 30 + pad] = hu[2:9, :36, :46] >= HU_MAX
     assert np.array_equal(mask, expected)
     assert np.array_equal(hu, original)
-    assert len(releases) == 3  # 7 slices in batches of 3
+    assert steps == [diagnose.SEGMENTATION_HEAP_SLACK] * 3  # 7 slices in batches of 3
 
 
 def test_segment_ct_crops_give_the_full_slice_masks_of_a_book_unet() -> None:

@@ -10,27 +10,51 @@ import pytest
 from p2ch_luna import heap
 
 GLIBC = platform.libc_ver()[0] == "glibc"
+BLOCK_BYTES = 64 * 1024  # under glibc's mmap threshold: the heap holds these
+needs_glibc = pytest.mark.skipif(not GLIBC or heap.resident_bytes() is None, reason="malloc_trim is glibc's")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+def _resident_mb() -> float:
+    resident = heap.resident_bytes()
+    assert resident is not None
+    return resident / 2**20
 
 
-@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
-def test_freed_heap_blocks_go_back_to_the_system() -> None:
-    """Blocks under the mmap threshold stay in the heap when freed below a live one: RSS keeps them until
-    ``release_free_memory``."""
-    blocks = [np.ones(64 * 1024 // 8) for _ in range(3000)]  # 64 KiB each: heap, not mmap; 188 MiB in all
+def _freed_blocks(count: int = 3000) -> np.ndarray:
+    """Frees ``count`` - 1 heap blocks (188 MiB) below a live one, so glibc cannot shrink the heap's top by
+    itself; returns that one."""
+    blocks = [np.ones(BLOCK_BYTES // 8) for _ in range(count)]
     last = blocks.pop()
-    del blocks  # freed, but below ``last``, so glibc cannot shrink the heap's top
-    before = _rss_mb()
+    del blocks
+    return last
+
+
+@needs_glibc
+def test_freed_heap_blocks_go_back_to_the_system() -> None:
+    last = _freed_blocks()
+    before = _resident_mb()
     assert heap.release_free_memory()
-    after = _rss_mb()
+    after = _resident_mb()
     assert before - after > 100, (before, after)
     assert last.sum() == len(last)  # live blocks keep their values
 
 
-def test_release_is_a_no_op_without_malloc_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+@needs_glibc
+def test_the_trimmer_releases_once_the_process_grew_past_its_slack() -> None:
+    trimmer = heap.HeapTrimmer(slack=120 << 20)
+    small = _freed_blocks(count=800)  # 50 MiB: within the slack
+    assert not trimmer.step()
+    large = _freed_blocks()  # 188 MiB more: past it
+    before = _resident_mb()
+    assert trimmer.step()
+    assert _resident_mb() < before - 100
+    assert not trimmer.step()  # measured from the release now
+    assert small.sum() == len(small) and large.sum() == len(large)
+
+
+def test_without_glibc_nothing_is_released(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
     assert heap.release_free_memory() is False
+    trimmer = heap.HeapTrimmer(slack=0)
+    trimmer.mark = 0  # as if the process had grown
+    assert trimmer.step() is False
