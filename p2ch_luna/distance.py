@@ -12,6 +12,7 @@ a cost that follows the mask's size and spreads over threads.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -25,23 +26,26 @@ over threads, the feature transform does not.
 """
 
 
-def depth_mm(mask: np.ndarray, spacing: np.ndarray, workers: int = 1) -> np.ndarray:
-    """Distance (mm, float64) from each voxel of ``mask`` to the nearest voxel outside it; 0 outside.
+def depth_mm(mask: np.ndarray, spacing: np.ndarray, workers: int = 1,
+             dtype: DTypeLike = np.float64) -> np.ndarray:
+    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside it; 0 outside.
 
     The values of ``ndimage.distance_transform_edt(mask, sampling=spacing)``: as
-    in scipy, voxels beyond the array's edge do not count as outside. Sparse
-    masks (``SPARSE_FRACTION``) go through :func:`depth_from_boundary` on
-    ``workers`` threads, the rest through :func:`depth_from_feature_transform`.
+    in scipy, voxels beyond the array's edge do not count as outside. They are
+    computed in float64 and returned as ``dtype`` (float32 halves the array of
+    a large mask's box). Sparse masks (``SPARSE_FRACTION``) go through
+    :func:`depth_from_boundary` on ``workers`` threads, the rest through
+    :func:`depth_from_feature_transform`.
     """
     inside = np.count_nonzero(mask)
     if inside == 0:
-        return np.zeros(mask.shape, dtype=np.float64)
+        return np.zeros(mask.shape, dtype=dtype)
     if inside <= SPARSE_FRACTION * mask.size:
-        return depth_from_boundary(mask, spacing, workers)
-    return depth_from_feature_transform(mask, spacing)
+        return depth_from_boundary(mask, spacing, workers, dtype)
+    return depth_from_feature_transform(mask, spacing, dtype)
 
 
-def depth_from_feature_transform(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+def depth_from_feature_transform(mask: np.ndarray, spacing: np.ndarray, dtype: DTypeLike = np.float64) -> np.ndarray:
     """:func:`depth_mm` from scipy's feature transform: its distances bit for bit.
 
     Computed one axis at a time from the nearest outside voxel's indices instead
@@ -53,10 +57,11 @@ def depth_from_feature_transform(mask: np.ndarray, spacing: np.ndarray) -> np.nd
         along = [1] * mask.ndim
         along[axis] = -1
         _add_squared_mm(squared, nearest[axis] - np.arange(mask.shape[axis], dtype=np.int32).reshape(along), step)
-    return np.sqrt(squared, out=squared)
+    return np.sqrt(squared, out=squared).astype(dtype, copy=False)
 
 
-def depth_from_boundary(mask: np.ndarray, spacing: np.ndarray, workers: int = 1) -> np.ndarray:
+def depth_from_boundary(mask: np.ndarray, spacing: np.ndarray, workers: int = 1,
+                        dtype: DTypeLike = np.float64) -> np.ndarray:
     """:func:`depth_mm` from a k-d tree of the outside voxels that touch ``mask`` (6-connected).
 
     The nearest outside voxel always touches the mask: one step from it towards
@@ -68,12 +73,12 @@ def depth_from_boundary(mask: np.ndarray, spacing: np.ndarray, workers: int = 1)
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     inside = np.flatnonzero(mask)
-    depth = np.zeros(mask.shape, dtype=np.float64)
+    depth = np.zeros(mask.shape, dtype=dtype)
     if inside.size == 0:
         return depth
     outside = np.flatnonzero(outer_boundary(mask))
     if outside.size == 0:  # nothing outside: scipy's convention for a full mask
-        return depth_from_feature_transform(mask, spacing)
+        return depth_from_feature_transform(mask, spacing, dtype)
     inside_irc = np.stack(np.unravel_index(inside, mask.shape), axis=1)
     outside_irc = np.stack(np.unravel_index(outside, mask.shape), axis=1)
     tree = cKDTree(outside_irc * spacing, balanced_tree=False, compact_nodes=False)

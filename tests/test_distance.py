@@ -67,6 +67,16 @@ def test_depth_picks_the_boundary_path_for_sparse_masks(monkeypatch: pytest.Monk
     assert calls == ["boundary"]
 
 
+@pytest.mark.parametrize("fraction, radius", [(0.0005, 2), (0.01, 3)])  # the boundary path, the feature transform
+def test_float32_depth_is_the_float64_depth_rounded(fraction: float, radius: int) -> None:
+    mask = _blobs(6, (20, 30, 30), fraction, radius)
+    spacing = np.array([1.25, 0.7, 0.7])
+    depth = distance.depth_mm(mask, spacing, workers=2, dtype=np.float32)
+    assert depth.dtype == np.float32
+    assert np.array_equal(depth, distance.depth_mm(mask, spacing, workers=2).astype(np.float32))
+    assert distance.depth_mm(np.zeros((2, 3, 4), dtype=bool), spacing, dtype=np.float32).dtype == np.float32
+
+
 def test_depth_of_an_empty_mask_is_zero() -> None:
     empty = np.zeros((4, 5, 6), dtype=bool)
     assert np.array_equal(distance.depth_mm(empty, np.ones(3)), np.zeros(empty.shape))

@@ -41,3 +41,18 @@ def test_one_voxel_each_lies_in_its_label(labelled: tuple[np.ndarray, int, tuple
     positions = regions.one_voxel_each(labels[coordinates], count)
     picked = labels[tuple(axis[positions] for axis in coordinates)]
     assert np.array_equal(picked, np.arange(1, count + 1))
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.15, 0.3])
+def test_touching_labels_are_ndimage_labels_with_26_neighbours(fraction: float) -> None:
+    mask = np.random.default_rng(int(fraction * 100)).random((15, 17, 19)) < fraction
+    expected, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    coordinates = np.nonzero(mask)
+    labels, touching = regions.touching_labels(coordinates)
+    assert touching == count and count > 1
+    assert np.array_equal(labels, expected[coordinates])  # numbered alike too
+
+
+def test_touching_labels_of_no_voxels() -> None:
+    labels, count = regions.touching_labels(np.nonzero(np.zeros((3, 4, 5), dtype=bool)))
+    assert count == 0 and labels.size == 0
