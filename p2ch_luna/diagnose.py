@@ -107,7 +107,7 @@ speckled candidates within its radius."""
 FAINT_SMOOTHING_MM = 1.0
 """Peak grouping: Gaussian sigma of the HU that ``FAINT_HU`` applies to (the noise's specks)."""
 GAUSSIAN_TRUNCATE = 4.0
-"""The smoothing's kernel reaches this many sigmas (scipy's default)."""
+"""Peak grouping: the ``FAINT_SMOOTHING_MM`` kernel reaches this many sigmas (scipy's default)."""
 MIN_PEAK_RADIUS_MM = 1.0
 """Peak grouping: a blob's centre must lie at least this far inside it (nodules are >= 3 mm across)."""
 PEAK_SEPARATION_MM = 3.0
@@ -450,8 +450,8 @@ def blob_tissue(hu: np.ndarray, mask: np.ndarray, spacing_irc: Sequence[float]) 
     reach = [int(GAUSSIAN_TRUNCATE * s + 0.5) for s in sigma]  # gaussian_filter's radius
     boxes = ndimage.find_objects(labels) if is_faint.any() else []
     for label in np.flatnonzero(is_faint):
-        box = tuple(slice(max(s.start - r, 0), min(s.stop + r, size))
-                    for s, r, size in zip(boxes[label - 1], reach, hu.shape))
+        box = tuple(slice(max(span.start - r, 0), min(span.stop + r, length))
+                    for span, r, length in zip(boxes[label - 1], reach, hu.shape))
         smoothed = ndimage.gaussian_filter(hu[box].astype(np.float32), sigma, mode="nearest",
                                            truncate=GAUSSIAN_TRUNCATE)
         dense[box] |= (labels[box] == label) & (smoothed >= FAINT_HU)

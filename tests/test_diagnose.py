@@ -237,6 +237,9 @@ def test_peak_grouping_centres_faint_ground_glass_and_ignores_segmented_parenchy
     assert np.mean(hu[ggo] >= diagnose.DENSE_HU) < 0.5
     blobs = diagnose.blob_tissue(hu, mask, (1.0, 1.0, 1.0))
     assert blobs[ggo].mean() > 0.95 and blobs[air].mean() < 0.05
+    faint = _ball(shape, (20, 30, 20), 6.5)  # smoothed in its own box: as if over the whole CT
+    smoothed = ndimage.gaussian_filter(hu.astype(np.float32), diagnose.FAINT_SMOOTHING_MM, mode="nearest")
+    assert np.array_equal(blobs[faint], (hu[faint] >= diagnose.DENSE_HU) | (smoothed[faint] >= diagnose.FAINT_HU))
     assert np.array_equal(blobs[:, :, 55:], mask[:, :, 55:] & (hu[:, :, 55:] >= diagnose.DENSE_HU))  # solid as before
     peaks = diagnose.group_candidates(hu, mask, np.ones(shape, dtype=bool), _ct(hu), 1, "peaks")
     ggo_peak = peaks.iloc[(peaks["col"] - 20).abs().argmin()]
