@@ -78,10 +78,11 @@ CONTEXT_SLICES = 3
 """Slices above and below the one segmented (7 input channels, as in the book)."""
 SEGMENTATION_PAD = 16
 """Pixels added around the lungs' bounding box before segmenting (U-Net context)."""
-SEGMENTATION_HEAP_SLACK = 256 << 20
-"""Bytes the process may grow by in CPU segmentation before the heap's free memory goes back to the system:
-trimming after every batch cost a 130-slice CT's segmentation a third more time (its memory faulted in
-again); never trimming let the free heap of a 475-slice CT grow to 1.6 GB."""
+SEGMENTATION_HEAP_SLACK = 512 << 20
+"""Bytes the process may grow by in CPU segmentation before the heap's free memory goes back to the system.
+Each trim costs time (the memory is faulted in again): on a 475-slice CT, trimming after every batch
+made the segmentation 30% slower, past 512 MB 15%, and never trimming let the free heap grow to 1.6 GB
+(``bench/bench_memory.py``)."""
 HU_WEIGHT_OFFSET = HU_MIN - 1
 """Centre of mass weights are HU - this (>= 1 after clipping), as in the book."""
 CPU_SEGMENTATION_BATCH = 4
