@@ -277,7 +277,7 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
             inputs = volume[context[start : start + batch_size], rows, cols].float().clamp_(HU_MIN, HU_MAX)
             logits = model(to_memory_format(inputs, channels_last=True))
             predictions.append((batch_slices, rows, cols, torch.sigmoid(logits[:, 0].float()) > threshold))
-            if trimmer is not None:  # each crop's size differs: without this the heap keeps gigabytes
+            if trimmer is not None:  # without this the heap keeps gigabytes of freed blocks
                 trimmer.step()
     for batch_slices, rows, cols, predicted in predictions:
         mask[batch_slices, rows, cols] = predicted.cpu().numpy()

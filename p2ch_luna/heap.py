@@ -1,8 +1,8 @@
 """Handing the C heap's free memory back to the operating system.
 
-CPU inference on crops of varying size leaves glibc's heap full of freed
-blocks it keeps for later: segmenting a 475-slice CT left 1.6 GB of the heap
-free but resident, against 0.25 GB in use. ``malloc_trim`` gives those pages
+CPU inference batch after batch leaves glibc's heap full of freed blocks it
+keeps for later: segmenting a 475-slice CT left 1.6 GB of the heap free but
+resident, against 0.25 GB in use. ``malloc_trim`` gives those pages
 back. Memory the heap then reuses is faulted in again, which costs time when
 done after every batch (30% of a 475-slice CT's segmentation), so a loop
 trims with :class:`HeapTrimmer` only once the process has grown by a set
