@@ -105,12 +105,13 @@ def book_copies(models: diagnose.DiagnosisModels, device: torch.device) -> tuple
     return segmentation, as_book_classifier(nodule)
 
 
-def load_or_build(path: Path | None, task: str) -> LoadedCheckpoint | torch.nn.Module:
+def load_or_build(path: Path | None, task: str) -> LoadedCheckpoint:
+    """The checkpoint at ``path``, or without one a seeded untrained model of the book's architecture."""
     if path is not None:
         return load_checkpoint(path, task)
     if task == "segmentation":
-        return build_model("unet", **BOOK_SEGMENTATION_KWARGS).eval()
-    return build_model("luna").eval()
+        return _wrap(build_model("unet", **BOOK_SEGMENTATION_KWARGS).eval(), task)
+    return _wrap(build_model("luna").eval(), task)
 
 
 def main() -> int:
@@ -132,12 +133,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    segmentation = load_or_build(args.segmentation_path, "segmentation")
-    classifier = load_or_build(args.classification_path, "nodule")
-    models = diagnose.DiagnosisModels(
-        segmentation=segmentation if isinstance(segmentation, LoadedCheckpoint) else _wrap(segmentation, "segmentation"),
-        nodule=classifier if isinstance(classifier, LoadedCheckpoint) else _wrap(classifier, "nodule"),
-    )
+    models = diagnose.DiagnosisModels(segmentation=load_or_build(args.segmentation_path, "segmentation"),
+                                      nodule=load_or_build(args.classification_path, "nodule"))
     device = torch.device(args.device)
     book_models = book_copies(models, device)
     models.place(device)

@@ -404,8 +404,8 @@ def _diagnosis_models(models_dir: Path | None) -> diagnose.DiagnosisModels:
     if models_dir is None:
         torch.manual_seed(0)
         return diagnose.DiagnosisModels(
-            segmentation=bench_diagnose._wrap(bench_diagnose.load_or_build(None, "segmentation"), "segmentation"),
-            nodule=bench_diagnose._wrap(bench_diagnose.load_or_build(None, "nodule"), "nodule"))
+            segmentation=bench_diagnose.load_or_build(None, "segmentation"),
+            nodule=bench_diagnose.load_or_build(None, "nodule"))
     found = {}
     for task in ("segmentation", "nodule"):
         matches = sorted(models_dir.glob(f"{task}_*.best.state"))

@@ -29,10 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_diagnose import _wrap, load_or_build  # noqa: E402
+from bench_diagnose import load_or_build  # noqa: E402
 from p2ch_luna import diagnose, synth  # noqa: E402
 from p2ch_luna.ct import load_ct  # noqa: E402
-from p2ch_luna.models.checkpoint import LoadedCheckpoint  # noqa: E402
 
 VARIANTS = ("kept", "every-batch", "released")
 
@@ -48,10 +47,8 @@ def child(args: argparse.Namespace) -> int:
     elif args.child == "every-batch":
         diagnose.SEGMENTATION_HEAP_SLACK = -1
     torch.manual_seed(args.seed)
-    models = diagnose.DiagnosisModels(
-        segmentation=_loaded(load_or_build(args.segmentation_path, "segmentation"), "segmentation"),
-        nodule=_loaded(load_or_build(args.classification_path, "nodule"), "nodule"),
-    )
+    models = diagnose.DiagnosisModels(segmentation=load_or_build(args.segmentation_path, "segmentation"),
+                                      nodule=load_or_build(args.classification_path, "nodule"))
     device = torch.device("cpu")
     models.place(device)
     ct = load_ct(args.ct)
@@ -63,10 +60,6 @@ def child(args: argparse.Namespace) -> int:
                       "candidates": len(result.candidates), "mask_voxels": int(nodule_mask.sum()),
                       "timings": result.timings}))
     return 0
-
-
-def _loaded(model: LoadedCheckpoint | torch.nn.Module, task: str) -> LoadedCheckpoint:
-    return model if isinstance(model, LoadedCheckpoint) else _wrap(model, task)
 
 
 def main() -> int:
