@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_small_conv import median_ms  # noqa: E402
-from p2ch_luna import resample  # noqa: E402
-from p2ch_luna.augment import AugmentConfig, augment_batch_3d  # noqa: E402
+from p2ch_luna.data import resample  # noqa: E402
+from p2ch_luna.data.augment import AugmentConfig, augment_batch_3d  # noqa: E402
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
 
 TORCH = "torch's operators"

@@ -26,9 +26,9 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_input import nodule_data  # noqa: E402
-from p2ch_luna.datasets import CandidateDataset  # noqa: E402
-from p2ch_luna.tasks import RunContext  # noqa: E402
-from p2ch_luna.tasks.classification import NoduleTask  # noqa: E402
+from p2ch_luna.data.candidates import CandidateDataset  # noqa: E402
+from p2ch_luna.training.tasks import RunContext  # noqa: E402
+from p2ch_luna.training.tasks.classification import NoduleTask  # noqa: E402
 
 
 def per_item(dataset: CandidateDataset, indices: Sequence[int]) -> dict[str, Any]:

@@ -29,10 +29,10 @@ from typing import Sequence
 import numpy as np
 from diskcache import FanoutCache
 
-from p2ch_luna.cache import ChunkCache
-from p2ch_luna.ct import HU_MAX, HU_MIN, find_series_path, list_series_on_disk, load_ct
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, find_series_path, list_series_on_disk, load_ct
 from p2ch_luna.geometry import chunk_bounds
-from p2ch_luna.luna import read_candidate_table
+from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.prepcache import main as prepcache_main
 
 CHUNK_WIDTH = (32, 48, 48)
@@ -48,7 +48,7 @@ TARGET_PREPCACHE_SPEEDUP = 3.0
 def make_dataset(root: Path, series: int, shape: tuple[int, int], slices: tuple[int, int], seed: int) -> None:
     """A synthetic LUNA16 folder: p2ch_luna.synth when present, else random volumes."""
     try:
-        from p2ch_luna.synth import generate_dataset
+        from p2ch_luna.synth.generator import generate_dataset
     except ImportError:
         _random_dataset(root, series, shape, slices, seed)
     else:

@@ -34,8 +34,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import route_convolutions, step_rate, synchronize  # noqa: E402
-from p2ch_luna.engine import amp_settings, tune_backends  # noqa: E402
-from p2ch_luna.kernel_support import relative_difference  # noqa: E402
+from p2ch_luna.training.engine import amp_settings, tune_backends  # noqa: E402
+from p2ch_luna.kernels.support import relative_difference  # noqa: E402
 from p2ch_luna.models import LunaModel, small_conv  # noqa: E402
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
 

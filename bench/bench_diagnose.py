@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import as_book_classifier  # noqa: E402
-from p2ch_luna import diagnose, synth  # noqa: E402
-from p2ch_luna.ct import HU_MAX, HU_MIN, extract_chunk, load_ct  # noqa: E402
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.synth import generator as synth  # noqa: E402
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, extract_chunk, load_ct  # noqa: E402
 from p2ch_luna.models import build_model  # noqa: E402
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, LoadedCheckpoint, load_checkpoint  # noqa: E402
 

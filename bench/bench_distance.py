@@ -24,9 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2ch_luna import distance, lungs, synth  # noqa: E402
-from p2ch_luna.ct import load_ct  # noqa: E402
-from p2ch_luna.diagnose import DENSE_HU  # noqa: E402
+from p2ch_luna.diagnose import distance
+from p2ch_luna.diagnose import lungs
+from p2ch_luna.synth import generator as synth  # noqa: E402
+from p2ch_luna.io.ct import load_ct  # noqa: E402
+from p2ch_luna.diagnose.pipeline import DENSE_HU  # noqa: E402
 
 
 def median_seconds(function: Callable[[], object], repeats: int) -> float:

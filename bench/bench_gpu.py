@@ -66,21 +66,22 @@ import bench_diagnose  # noqa: E402
 import bench_segmentation  # noqa: E402
 import bench_training  # noqa: E402
 from bench_training import step_rate  # noqa: E402
-from p2ch_luna import diagnose, synth  # noqa: E402
-from p2ch_luna.augment import AugmentConfig  # noqa: E402
-from p2ch_luna.config import TrainConfig  # noqa: E402
-from p2ch_luna.ct import list_series_on_disk, load_ct  # noqa: E402
-from p2ch_luna.engine import EpochResult, amp_settings, train_one_epoch, tune_backends  # noqa: E402
-from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations, split_by_series  # noqa: E402
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.synth import generator as synth  # noqa: E402
+from p2ch_luna.data.augment import AugmentConfig  # noqa: E402
+from p2ch_luna.training.config import TrainConfig  # noqa: E402
+from p2ch_luna.io.ct import list_series_on_disk, load_ct  # noqa: E402
+from p2ch_luna.training.engine import EpochResult, amp_settings, train_one_epoch, tune_backends  # noqa: E402
+from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series  # noqa: E402
 from p2ch_luna.models.checkpoint import load_checkpoint  # noqa: E402
 from p2ch_luna.paths import Paths, resolve_paths  # noqa: E402
-from p2ch_luna.sampling import BalancedSampler, make_generator  # noqa: E402
-from p2ch_luna.segmentation_data import TRAIN_CROP  # noqa: E402
-from p2ch_luna.tasks import RunContext  # noqa: E402
-from p2ch_luna.tasks.base import Task  # noqa: E402
-from p2ch_luna.tasks.classification import NoduleTask  # noqa: E402
-from p2ch_luna.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
-from p2ch_luna.training import build_optimizer, place_model  # noqa: E402
+from p2ch_luna.data.sampling import BalancedSampler, make_generator  # noqa: E402
+from p2ch_luna.data.segmentation import TRAIN_CROP  # noqa: E402
+from p2ch_luna.training.tasks import RunContext  # noqa: E402
+from p2ch_luna.training.tasks.base import Task  # noqa: E402
+from p2ch_luna.training.tasks.classification import NoduleTask  # noqa: E402
+from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
+from p2ch_luna.training.cli import build_optimizer, place_model  # noqa: E402
 
 BOOK_DIAGNOSE_WORKERS = 4
 """p2ch14/diagnose.py's default ``--num-workers``."""

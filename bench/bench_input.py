@@ -24,15 +24,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import step_rate  # noqa: E402
-from p2ch_luna.augment import AugmentConfig  # noqa: E402
-from p2ch_luna.config import TrainConfig  # noqa: E402
-from p2ch_luna.engine import move_to_device  # noqa: E402
+from p2ch_luna.data.augment import AugmentConfig  # noqa: E402
+from p2ch_luna.training.config import TrainConfig  # noqa: E402
+from p2ch_luna.training.engine import move_to_device  # noqa: E402
 from p2ch_luna.paths import resolve_paths  # noqa: E402
-from p2ch_luna.sampling import make_generator  # noqa: E402
-from p2ch_luna.synth import generate_dataset  # noqa: E402
-from p2ch_luna.tasks import RunContext  # noqa: E402
-from p2ch_luna.tasks.classification import NoduleTask  # noqa: E402
-from p2ch_luna.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
+from p2ch_luna.data.sampling import make_generator  # noqa: E402
+from p2ch_luna.synth.generator import generate_dataset  # noqa: E402
+from p2ch_luna.training.tasks import RunContext  # noqa: E402
+from p2ch_luna.training.tasks.classification import NoduleTask  # noqa: E402
+from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
 
 WARMUP_BATCHES = 8
 TASKS = {"nodule": NoduleTask, "segmentation": SegmentationTask}

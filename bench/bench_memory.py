@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_diagnose import load_or_build  # noqa: E402
-from p2ch_luna import diagnose, synth  # noqa: E402
-from p2ch_luna.ct import load_ct  # noqa: E402
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.synth import generator as synth  # noqa: E402
+from p2ch_luna.io.ct import load_ct  # noqa: E402
 
 VARIANTS = ("kept", "every-batch", "released")
 

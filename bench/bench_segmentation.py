@@ -41,20 +41,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bench_training import synchronize
-from p2ch_luna import engine
-from p2ch_luna.augment import AugmentConfig
-from p2ch_luna.config import TrainConfig
-from p2ch_luna.ct import HU_MAX, HU_MIN, find_series_path, list_series_on_disk, load_ct
+from p2ch_luna.training import engine
+from p2ch_luna.data.augment import AugmentConfig
+from p2ch_luna.training.config import TrainConfig
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, find_series_path, list_series_on_disk, load_ct
 from p2ch_luna.geometry import chunk_bounds
-from p2ch_luna.losses import segmentation_loss
-from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
-from p2ch_luna.masks import grown_box_mask
+from p2ch_luna.training.losses import segmentation_loss
+from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
+from p2ch_luna.data.masks import grown_box_mask
 from p2ch_luna.models.unet import UNetWrapper
 from p2ch_luna.paths import resolve_paths
-from p2ch_luna.sampling import make_generator, set_sampler_epoch
-from p2ch_luna.segmentation_data import CONTEXT_SLICES, TRAIN_CROP, TRAIN_WINDOW
-from p2ch_luna.tasks.base import RunContext
-from p2ch_luna.tasks.segmentation import SegmentationOptions, SegmentationTask
+from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
+from p2ch_luna.data.segmentation import CONTEXT_SLICES, TRAIN_CROP, TRAIN_WINDOW
+from p2ch_luna.training.tasks.base import RunContext
+from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask
 
 BOOK_BATCH_SIZE = 16
 BOOK_SHARDS = 64
@@ -189,8 +189,8 @@ def our_data_epoch(loader) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    from p2ch_luna.synth import generate_dataset
-    from p2ch_luna.training import place_model
+    from p2ch_luna.synth.generator import generate_dataset
+    from p2ch_luna.training.cli import place_model
 
     data_root = work / "data"
     started = time.perf_counter()

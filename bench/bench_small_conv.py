@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import synchronize  # noqa: E402
-from p2ch_luna.kernel_support import relative_difference  # noqa: E402
+from p2ch_luna.kernels.support import relative_difference  # noqa: E402
 from p2ch_luna.models import small_conv  # noqa: E402
 from p2ch_luna.models import LunaModel  # noqa: E402
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, POOL_FACTOR, LunaConv3d  # noqa: E402

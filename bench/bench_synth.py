@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from p2ch_luna import synth
+from p2ch_luna.synth import generator as synth
 
 
 def main(argv: list[str] | None = None) -> int:

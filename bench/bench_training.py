@@ -4,7 +4,7 @@ Book-style baseline (chapters 12-14 on a CPU): a DataLoader whose ``__getitem__`
 reads a chunk, converts it to float32 and augments it alone (flip, offset,
 scale, rotation, noise with one ``grid_sample`` per sample, as p2ch12's
 ``getCtAugmentedCandidate``), default collation, a channels-first float32
-``LunaModel``, SGD. Ours: :func:`p2ch_luna.engine.train_one_epoch` with the
+``LunaModel``, SGD. Ours: :func:`p2ch_luna.training.engine.train_one_epoch` with the
 nodule task (int16 chunks batched in-process, batched augmentation on the
 training device, channels-last layout), plus variants to attribute the gain.
 
@@ -41,17 +41,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from p2ch_luna.augment import BOOK_NOISE_HU, BOOK_OFFSET, BOOK_SCALE, AugmentConfig  # noqa: E402
-from p2ch_luna.config import TrainConfig  # noqa: E402
-from p2ch_luna.datasets import CandidateDataset  # noqa: E402
-from p2ch_luna.engine import amp_settings, train_one_epoch, tune_backends  # noqa: E402
+from p2ch_luna.data.augment import BOOK_NOISE_HU, BOOK_OFFSET, BOOK_SCALE, AugmentConfig  # noqa: E402
+from p2ch_luna.training.config import TrainConfig  # noqa: E402
+from p2ch_luna.data.candidates import CandidateDataset  # noqa: E402
+from p2ch_luna.training.engine import amp_settings, train_one_epoch, tune_backends  # noqa: E402
 from p2ch_luna.models import LunaModel  # noqa: E402
 from p2ch_luna.models.classifier import LunaConv3d  # noqa: E402
 from p2ch_luna.paths import resolve_paths  # noqa: E402
-from p2ch_luna.sampling import BalancedSampler, make_generator  # noqa: E402
-from p2ch_luna.tasks import RunContext  # noqa: E402
-from p2ch_luna.tasks.classification import NoduleTask  # noqa: E402
-from p2ch_luna.training import place_model  # noqa: E402
+from p2ch_luna.data.sampling import BalancedSampler, make_generator  # noqa: E402
+from p2ch_luna.training.tasks import RunContext  # noqa: E402
+from p2ch_luna.training.tasks.classification import NoduleTask  # noqa: E402
+from p2ch_luna.training.cli import place_model  # noqa: E402
 
 BOOK_BATCH_SIZE = 32
 BOOK_LR = 1e-3
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         data_root = args.data_root
         if data_root is None:
-            from p2ch_luna.synth import generate_dataset
+            from p2ch_luna.synth.generator import generate_dataset
 
             data_root = Path(tmp) / "luna"
             generate_dataset(data_root, series=SYNTH_SERIES, seed=0, shape=SYNTH_SHAPE, slices=SYNTH_SLICES,

@@ -46,9 +46,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Ellipse
 
-from p2ch_luna import synth
-from p2ch_luna.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
-from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations, read_candidate_table
+from p2ch_luna.synth import generator as synth
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
+from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, read_candidate_table
 from p2ch_luna.paths import resolve_paths
 
 data_root = resolve_paths().data_root
@@ -153,7 +153,8 @@ import tempfile
 import matplotlib.pyplot as plt
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from p2ch_luna import synth, training
+from p2ch_luna.synth import generator as synth
+from p2ch_luna.training import cli as training
 
 work = Path(tempfile.mkdtemp(prefix="p2ch_luna_training_"))
 data_root = work / "luna"
@@ -224,8 +225,10 @@ import numpy as np
 import SimpleITK as sitk
 from IPython.display import Image, display
 
-from p2ch_luna import diagnose, synth, training
-from p2ch_luna.ct import list_series_on_disk
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.synth import generator as synth
+from p2ch_luna.training import cli as training
+from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.metrics import format_confusion_table
 from p2ch_luna.models import find_latest_checkpoint
 

@@ -17,8 +17,8 @@ import sys
 import threading
 from typing import Callable, Iterator, Sequence
 
-from .errors import LunaError
-from .paths import add_path_arguments
+from p2ch_luna.errors import LunaError
+from p2ch_luna.paths import add_path_arguments
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import diagnose, prepcache, synth, training
-from .cli import make_parser, run_command
-from .errors import LunaError
-from .models.checkpoint import find_latest_checkpoint
-from .paths import default_data_home
+from p2ch_luna import prepcache
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.synth import generator as synth
+from p2ch_luna.training import cli as training
+from p2ch_luna.cli import make_parser, run_command
+from p2ch_luna.errors import LunaError
+from p2ch_luna.models.checkpoint import find_latest_checkpoint
+from p2ch_luna.paths import default_data_home
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from p2ch_luna.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .cli import make_parser, run_command
-from .errors import DataError
-from .luna import read_csv_checked
-from .metrics import (
+from p2ch_luna.io.atomic import atomic_write_text
+from p2ch_luna.cli import make_parser, run_command
+from p2ch_luna.errors import DataError
+from p2ch_luna.data.luna import read_csv_checked
+from p2ch_luna.metrics import (
     DEFAULT_BOOTSTRAP_SAMPLES,
     DEFAULT_BOOTSTRAP_SEED,
     DIAMETER_COLUMN,

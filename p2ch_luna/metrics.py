@@ -604,7 +604,7 @@ def plot_froc(result: FrocResult, path: str | Path, title: str = "FROC") -> None
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    from .atomic import atomic_path
+    from p2ch_luna.io.atomic import atomic_path
 
     figure = Figure(figsize=(6, 4.5))
     axes = figure.subplots()

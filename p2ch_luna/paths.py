@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .errors import DataError
+from p2ch_luna.errors import DataError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_HOME_ENV = "P2CH_DATA_HOME"

@@ -1,7 +1,7 @@
 """Fill the chunk cache before training: ``python -m p2ch_luna.prepcache``.
 
 Every series on disk that has candidates is read once and stored as a clipped
-int16 volume (see :mod:`p2ch_luna.cache`); classification and segmentation
+int16 volume (see :mod:`p2ch_luna.data.cache`); classification and segmentation
 chunks are then cut from it without touching the CT again. Finished series are
 kept when the run is interrupted, and a rerun skips them.
 """
@@ -19,11 +19,11 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from .cache import ChunkCache, open_cache
-from .cli import make_parser, run_command
-from .errors import DataError, LunaError, UsageError
-from .luna import read_candidate_table
-from .paths import paths_from_args
+from p2ch_luna.data.cache import ChunkCache, open_cache
+from p2ch_luna.cli import make_parser, run_command
+from p2ch_luna.errors import DataError, LunaError, UsageError
+from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.paths import paths_from_args
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2ch_luna import synth, training  # noqa: E402
-from p2ch_luna.tasks.segmentation import OVERLAY_COLORS  # noqa: E402
+from p2ch_luna.synth import generator as synth
+from p2ch_luna.training import cli as training  # noqa: E402
+from p2ch_luna.training.tasks.segmentation import OVERLAY_COLORS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CURVE_PANELS = (("loss/all", "loss"), ("correct/all", "accuracy"), ("pr/f1", "F1"), ("auc/roc", "ROC AUC"))

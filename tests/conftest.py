@@ -15,6 +15,7 @@ if not torch.cuda.is_available():  # small_conv's Triton kernels run in Triton's
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from p2ch_luna.models import build_model
+from p2ch_luna.synth.generator import generate_dataset
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint
 
 
@@ -79,9 +80,8 @@ def book_checkpoints_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic LUNA16 dataset (5 series), written once per session."""
-    synth = pytest.importorskip("p2ch_luna.synth", reason="p2ch_luna.synth is not written yet")
     root = tmp_path_factory.mktemp("tiny_luna")
-    synth.generate_dataset(root, series=5, seed=0, shape=(96, 96), slices=(40, 50))
+    generate_dataset(root, series=5, seed=0, shape=(96, 96), slices=(40, 50))
     return root
 
 

@@ -1,11 +1,11 @@
-"""Tests for p2ch_luna.augment: affine sampling and application, 3D and 2D."""
+"""Tests for p2ch_luna.data.augment: affine sampling and application, 3D and 2D."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from p2ch_luna.augment import (
+from p2ch_luna.data.augment import (
     AugmentConfig,
     add_noise,
     apply_affine_2d,

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from batch_checks import assert_same_batch
-from p2ch_luna.batch_ring import RingDataset, _page_unlock, RingLoader, check_shared_memory, ring_bytes, ring_slots
-from p2ch_luna.cache import ChunkCache
-from p2ch_luna.config import TrainConfig
-from p2ch_luna.datasets import CandidateDataset, nodule_table
+from p2ch_luna.data.batch_ring import RingDataset, _page_unlock, RingLoader, check_shared_memory, ring_bytes, ring_slots
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.training.config import TrainConfig
+from p2ch_luna.data.candidates import CandidateDataset, nodule_table
 from p2ch_luna.errors import LunaError
-from p2ch_luna.luna import read_candidate_table
+from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.paths import resolve_paths
-from p2ch_luna.sampling import BalancedSampler, set_sampler_epoch
-from p2ch_luna.tasks import RunContext, build_loader
+from p2ch_luna.data.sampling import BalancedSampler, set_sampler_epoch
+from p2ch_luna.training.tasks import RunContext, build_loader
 
 CHUNK = (8, 12, 12)
 CPU = torch.device("cpu")
@@ -116,7 +116,7 @@ def test_ring_needs_workers(dataset: CandidateDataset) -> None:
 
 def test_training_with_too_little_shared_memory_stops_with_one_line(tiny_dataset: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
-    from p2ch_luna import training
+    from p2ch_luna.training import cli as training
 
     code = training.main(["nodule", "--data-root", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
                           "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"),
@@ -193,7 +193,7 @@ def test_too_little_shared_memory_drops_a_default_ring_but_not_an_asked_for_one(
 
     context = _context(tmp_path, workers=1, batch_size=4)
     context = dataclasses.replace(context, config=dataclasses.replace(context.config, batch_ring=asked))
-    monkeypatch.setattr("p2ch_luna.batch_ring.shared_memory_free", lambda folder=None: 1000)  # bytes: too few
+    monkeypatch.setattr("p2ch_luna.data.batch_ring.shared_memory_free", lambda folder=None: 1000)  # bytes: too few
     if asked is None:  # the default on CUDA: a warning, and the plain loader's batches
         loader = build_loader(dataset, list(range(8)), context, ring=True)
         assert not isinstance(loader, RingLoader)

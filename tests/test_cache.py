@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import p2ch_luna.cache as cache_module
-from p2ch_luna.cache import ChunkCache, open_cache
-from p2ch_luna.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
+import p2ch_luna.data.cache as cache_module
+from p2ch_luna.data.cache import ChunkCache, open_cache
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
 from p2ch_luna.errors import DataError
-from p2ch_luna.luna import read_candidate_table
+from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.paths import resolve_paths
 
 CLASSIFIER_WIDTH = (32, 48, 48)
@@ -181,7 +181,7 @@ def test_damaged_entry_is_detected_and_rebuilt(tiny_dataset: Path, tmp_path: Pat
     (entry,) = _volume_files(tmp_path / "cache")
     size = entry.stat().st_size
     damage(entry)
-    with caplog.at_level(logging.WARNING, logger="p2ch_luna.cache"):
+    with caplog.at_level(logging.WARNING, logger="p2ch_luna.data.cache"):
         volume = ChunkCache(tmp_path / "cache", tiny_dataset).volume(uid)
     np.testing.assert_array_equal(volume, expected)
     assert "invalid" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests for p2ch_luna.cli (exit codes, one-line errors) and p2ch_luna.atomic (atomic writes)."""
+"""Tests for p2ch_luna.cli (exit codes, one-line errors) and p2ch_luna.io.atomic (atomic writes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from p2ch_luna.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
+from p2ch_luna.io.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
 from p2ch_luna.cli import EXIT_INTERRUPTED, make_parser, run_command
 from p2ch_luna.errors import DataError, LunaError, UsageError
 
@@ -185,7 +185,7 @@ def test_write_over_file_size_limit_raises_luna_error(tmp_path: Path) -> None:
     target.write_bytes(b"previous good file")
     script = textwrap.dedent(f"""
         import resource, signal, sys
-        from p2ch_luna.atomic import atomic_write_bytes
+        from p2ch_luna.io.atomic import atomic_write_bytes
         from p2ch_luna.errors import LunaError
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -1,4 +1,4 @@
-"""Tests for p2ch_luna.ct: readers (MetaImage, NIfTI, DICOM), geometry, chunks and bad inputs."""
+"""Tests for p2ch_luna.io.ct: readers (MetaImage, NIfTI, DICOM), geometry, chunks and bad inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2ch_luna.ct import (HU_MAX, HU_MIN, MIN_SLICES, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct,
+from p2ch_luna.io.ct import (HU_MAX, HU_MIN, MIN_SLICES, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct,
                           read_geometry, read_metaimage_header)
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry

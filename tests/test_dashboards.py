@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2ch_luna import training
+from p2ch_luna.training import cli as training
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 tensor_util = pytest.importorskip("tensorboard.util.tensor_util")

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from batch_checks import assert_same_batch
-from p2ch_luna.cache import ChunkCache
-from p2ch_luna.datasets import CandidateDataset, drop_centres_outside, malignancy_table, nodule_table, split_table
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.data.candidates import CandidateDataset, drop_centres_outside, malignancy_table, nodule_table, split_table
 from p2ch_luna.geometry import Geometry
-from p2ch_luna.luna import read_candidate_table
-from p2ch_luna.tasks.base import collate_batch
+from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.training.tasks.base import collate_batch
 
 CHUNK = (8, 16, 16)
 
@@ -63,7 +63,7 @@ def test_rows_centred_outside_their_ct_are_left_out_with_a_warning(caplog: pytes
         "center_z": [-30.0, -12.0, -4.4, -12.0, -4.6, 0.6],
         "label": [True, False, False, False, True, False],
     })
-    with caplog.at_level("WARNING", logger="p2ch_luna.datasets"):
+    with caplog.at_level("WARNING", logger="p2ch_luna.data.candidates"):
         kept = drop_centres_outside(table, {"a": upright, "b": flipped})
     # a: x 9.6 is voxel col 20 of 20; b: z -4.6 is index 5 of 5 and z 0.6 index -1
     assert kept["center_x"].tolist() == [-10.0, 9.4, 3.0]

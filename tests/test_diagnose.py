@@ -11,14 +11,16 @@ import pytest
 import torch
 from scipy import ndimage
 
-from p2ch_luna import diagnose, heap, implant
-from p2ch_luna.ct import HU_MAX, Ct, list_series_on_disk, load_ct
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.diagnose import heap
+from p2ch_luna.synth import implant
+from p2ch_luna.io.ct import HU_MAX, Ct, list_series_on_disk, load_ct
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
-from p2ch_luna.lungs import find_lungs
+from p2ch_luna.diagnose.lungs import find_lungs
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
-from p2ch_luna.report import FINDINGS_FILE, REPORT_FILE, format_truth, score
+from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE, format_truth, score
 
 BOOK_SEGMENTATION = "seg_2020-01-26_19.45.12_w4d3c1-bal_1_nodupe-label_pos-d1_fn8-adam.best.state"
 BOOK_CLASSIFIER = "cls_2020-02-06_14.16.55_final-nodule-nonnodule.best.state"
@@ -533,7 +535,7 @@ def test_amp_on_the_cpu_runs_the_models_in_bfloat16_close_to_float32() -> None:
 def test_amp_on_a_cpu_that_emulates_bfloat16_is_warned(instructions: bool, warned: bool,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    from p2ch_luna import engine
+    from p2ch_luna.training import engine
 
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, name, lambda: instructions, raising=False)

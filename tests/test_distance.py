@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from p2ch_luna import distance
+from p2ch_luna.diagnose import distance
 
 SPACINGS = [(1.0, 1.0, 1.0), (2.5, 0.7, 0.7), (0.63, 0.81, 0.77)]
 

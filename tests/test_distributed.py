@@ -22,10 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from p2ch_luna import diagnose, training
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.training import cli as training
 from p2ch_luna.distributed import DistributedInfo, distributed_info_from_env, resolve_device
 from p2ch_luna.models import load_checkpoint
-from p2ch_luna.report import FINDINGS_FILE, REPORT_FILE
+from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_TIMEOUT_S = 240

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from p2ch_luna import diagnose, training
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.training import cli as training
 from p2ch_luna.models import build_model, load_checkpoint
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
 
@@ -109,13 +110,13 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
     host wait for the step before it can fetch the next batch, so input and
     model step run one after the other instead of overlapping.
     """
-    from p2ch_luna.augment import AugmentConfig
-    from p2ch_luna.config import TrainConfig
-    from p2ch_luna.engine import amp_settings, move_to_device
+    from p2ch_luna.data.augment import AugmentConfig
+    from p2ch_luna.training.config import TrainConfig
+    from p2ch_luna.training.engine import amp_settings, move_to_device
     from p2ch_luna.paths import resolve_paths
-    from p2ch_luna.sampling import make_generator
-    from p2ch_luna.tasks import RunContext
-    from p2ch_luna.tasks.classification import ClassificationOptions, NoduleTask
+    from p2ch_luna.data.sampling import make_generator
+    from p2ch_luna.training.tasks import RunContext
+    from p2ch_luna.training.tasks.classification import ClassificationOptions, NoduleTask
 
     paths = resolve_paths(tiny_dataset, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
     config = TrainConfig(task="nodule", paths=paths, batch_size=8, ratio=1, augment=AugmentConfig.book(), amp=True,
@@ -149,11 +150,11 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
 def _ring_and_plain_loaders(data_root: Path, tmp_path: Path, batch_size: int, chunk_shape: tuple[int, int, int],
                             epoch_size: int, seed: int) -> tuple[Any, Any]:
     """A nodule training set's batch ring (one worker) and its plain loader, with the same balanced sampling."""
-    from p2ch_luna.config import TrainConfig
+    from p2ch_luna.training.config import TrainConfig
     from p2ch_luna.paths import resolve_paths
-    from p2ch_luna.sampling import BalancedSampler
-    from p2ch_luna.tasks import RunContext, build_loader
-    from p2ch_luna.tasks.classification import ClassificationOptions, NoduleTask
+    from p2ch_luna.data.sampling import BalancedSampler
+    from p2ch_luna.training.tasks import RunContext, build_loader
+    from p2ch_luna.training.tasks.classification import ClassificationOptions, NoduleTask
 
     paths = resolve_paths(data_root, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
     config = TrainConfig(task="nodule", paths=paths, batch_size=batch_size, num_workers=1,
@@ -169,8 +170,8 @@ def _ring_and_plain_loaders(data_root: Path, tmp_path: Path, batch_size: int, ch
 
 def test_batch_ring_on_cuda_gives_the_plain_loaders_batches(tiny_dataset: Path, tmp_path: Path) -> None:
     """Slots page-locked with cudaHostRegister, copied asynchronously and reused: the same batches."""
-    from p2ch_luna.batch_ring import RingLoader, ring_slots
-    from p2ch_luna.engine import move_to_device
+    from p2ch_luna.data.batch_ring import RingLoader, ring_slots
+    from p2ch_luna.training.engine import move_to_device
 
     ring, plain_loader = _ring_and_plain_loaders(tiny_dataset, tmp_path, 4, (8, 12, 12), epoch_size=40, seed=1)
     assert isinstance(ring, RingLoader) and all(buffer.is_pinned() for buffer in ring.buffers.values())

@@ -7,7 +7,7 @@ import platform
 import numpy as np
 import pytest
 
-from p2ch_luna import heap
+from p2ch_luna.diagnose import heap
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 BLOCK_BYTES = 64 * 1024  # under glibc's mmap threshold: the heap holds these

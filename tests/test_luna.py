@@ -1,4 +1,4 @@
-"""Tests for p2ch_luna.luna: CSV parsing, the candidate table and the train/validation split."""
+"""Tests for p2ch_luna.data.luna: CSV parsing, the candidate table and the train/validation split."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2ch_luna.errors import DataError
-from p2ch_luna.luna import (
+from p2ch_luna.data.luna import (
     TABLE_COLUMNS,
     attach_malignancy,
     build_candidate_table,

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from p2ch_luna.synth.generator import make_series
 from scipy import ndimage
 
-from p2ch_luna.lungs import fill_holes_in_slices, find_lungs, mask_bounding_box
+from p2ch_luna.diagnose.lungs import fill_holes_in_slices, find_lungs, mask_bounding_box
 
 LITRE_ML = 1000.0
 
@@ -20,7 +22,7 @@ def _touches_border(mask: np.ndarray) -> bool:
 
 @pytest.fixture(scope="module")
 def real_ct(cptac_dir: Path):
-    from p2ch_luna.ct import load_ct
+    from p2ch_luna.io.ct import load_ct
 
     return load_ct(cptac_dir)
 
@@ -42,8 +44,7 @@ def test_real_ct_lungs_are_plausible(real_ct) -> None:
 
 @pytest.mark.parametrize("seed, shape, n_slices", [(0, (96, 96), 40), (1, (128, 128), 48), (3, (96, 96), 40)])
 def test_mask_covers_synthetic_lungs(seed: int, shape: tuple[int, int], n_slices: int) -> None:
-    synth = pytest.importorskip("p2ch_luna.synth")
-    series = synth.make_series(np.random.default_rng(seed), shape=shape, n_slices=n_slices)
+    series = make_series(np.random.default_rng(seed), shape=shape, n_slices=n_slices)
     lungs = find_lungs(series.hu, tuple(series.geometry.spacing_irc))
     truth = series.lung_mask.astype(bool)
     assert lungs.count == 2

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from p2ch_luna.ct import Ct
+from p2ch_luna.io.ct import Ct
 from p2ch_luna.geometry import Geometry
-from p2ch_luna.masks import (
+from p2ch_luna.data.masks import (
     MASK_THRESHOLD_HU,
     annotation_rows,
     build_nodule_mask,
@@ -139,9 +139,9 @@ def test_pack_mask_round_trip() -> None:
 
 
 def test_cached_mask_matches_mask_of_loaded_ct(tiny_dataset: Path, tmp_path: Path) -> None:
-    from p2ch_luna.cache import ChunkCache
-    from p2ch_luna.ct import find_series_path, load_ct
-    from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations
+    from p2ch_luna.data.cache import ChunkCache
+    from p2ch_luna.io.ct import find_series_path, load_ct
+    from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations
 
     annotations = read_annotations(tiny_dataset / ANNOTATIONS_FILE)
     series_uid = annotations["series_uid"].iloc[0]

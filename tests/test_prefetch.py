@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2ch_luna import prefetch
-from p2ch_luna.ct import list_series_on_disk
+from p2ch_luna.diagnose import prefetch
+from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.errors import DataError
 
 

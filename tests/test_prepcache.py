@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import p2ch_luna.cache as cache_module
-from p2ch_luna.cache import ChunkCache
-from p2ch_luna.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
-from p2ch_luna.luna import read_candidate_table
+import p2ch_luna.data.cache as cache_module
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
+from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.prepcache import main
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from p2ch_luna import regions
+from p2ch_luna.diagnose import regions
 
 
 @pytest.fixture

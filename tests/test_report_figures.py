@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from p2ch_luna import report
-from p2ch_luna.ct import HU_MIN, Ct
+from p2ch_luna.diagnose import report
+from p2ch_luna.io.ct import HU_MIN, Ct
 from p2ch_luna.geometry import Geometry
 
 

@@ -11,8 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-from p2ch_luna import resample
-from p2ch_luna.augment import AugmentConfig, apply_affine_3d, augment_batch_3d, sample_affine_3d
+from p2ch_luna.data import resample
+from p2ch_luna.data.augment import AugmentConfig, apply_affine_3d, augment_batch_3d, sample_affine_3d
 
 needs_kernel = pytest.mark.skipif(resample.kernels() is None, reason="needs Triton")
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -106,7 +106,7 @@ def test_a_kernel_that_fails_or_computes_wrong_is_not_used(monkeypatch: pytest.M
     monkeypatch.setattr(resample, "_self_test_errors", self_test)
     resample.works_on.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="p2ch_luna.resample"):
+        with caplog.at_level("WARNING", logger="p2ch_luna.data.resample"):
             assert not resample.works_on(torch.device("cpu"))
     finally:
         resample.works_on.cache_clear()

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from p2ch_luna.cache import ChunkCache
-from p2ch_luna.ct import HU_MIN, list_series_on_disk
-from p2ch_luna.losses import dice_loss, segmentation_loss
-from p2ch_luna.luna import ANNOTATIONS_FILE, read_annotations
-from p2ch_luna.segmentation_data import (
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.io.ct import HU_MIN, list_series_on_disk
+from p2ch_luna.training.losses import dice_loss, segmentation_loss
+from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations
+from p2ch_luna.data.segmentation import (
     SameShapeBatchSampler,
     SegmentationSeries,
     SegmentationTrainDataset,
@@ -24,7 +24,7 @@ from p2ch_luna.segmentation_data import (
     read_sample,
     validation_slices,
 )
-from p2ch_luna.tasks.segmentation import OVERLAY_COLORS, overlay_image
+from p2ch_luna.training.tasks.segmentation import OVERLAY_COLORS, overlay_image
 
 
 class _ArraySeries:
@@ -157,7 +157,7 @@ def test_overlay_colours() -> None:
 
 def test_training_end_to_end(tiny_dataset: Path, tmp_path: Path) -> None:
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    from p2ch_luna import training
+    from p2ch_luna.training import cli as training
     from p2ch_luna.models.checkpoint import find_latest_checkpoint, load_checkpoint
     from p2ch_luna.models.unet import UNetWrapper
 
@@ -185,7 +185,7 @@ def test_training_end_to_end(tiny_dataset: Path, tmp_path: Path) -> None:
 
 
 def test_bad_segmentation_option_is_a_usage_error(tmp_path: Path) -> None:
-    from p2ch_luna import training
+    from p2ch_luna.training import cli as training
 
     code = training.main(["segmentation", "--data-root", str(tmp_path), "--ratio", "0",
                           "--random-crop-fraction", "1.5"])
@@ -216,7 +216,7 @@ def test_batched_crops_are_the_single_crops(tiny_series: SegmentationSeries) -> 
 
 
 def test_batch_ring_trains_the_segmenter_to_the_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
-    from p2ch_luna import training
+    from p2ch_luna.training import cli as training
     from p2ch_luna.models.checkpoint import find_latest_checkpoint, load_checkpoint
 
     def run(out: Path, *extra: str) -> Any:

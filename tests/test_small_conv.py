@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 import torch
 
-from p2ch_luna import kernel_support
+from p2ch_luna.kernels import support as kernel_support
 from p2ch_luna.models import LunaModel, small_conv
 from p2ch_luna.models.classifier import LunaConv3d
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from p2ch_luna import engine, training
-from p2ch_luna.config import TrainConfig
-from p2ch_luna.engine import AmpSettings, amp_settings, split_batch, train_one_epoch
+from p2ch_luna.training import engine
+from p2ch_luna.training import cli as training
+from p2ch_luna.training.config import TrainConfig
+from p2ch_luna.training.engine import AmpSettings, amp_settings, split_batch, train_one_epoch
 from p2ch_luna.errors import LunaError
 from p2ch_luna.models import LunaModel, load_checkpoint, save_checkpoint
 from p2ch_luna.paths import resolve_paths
-from p2ch_luna.tasks import RunContext
-from p2ch_luna.tasks.base import ModelSpec, Task
-from p2ch_luna.tasks.classification import ClassificationOptions, MalignancyTask
+from p2ch_luna.training.tasks import RunContext
+from p2ch_luna.training.tasks.base import ModelSpec, Task
+from p2ch_luna.training.tasks.classification import ClassificationOptions, MalignancyTask
 
 TINY_MODEL = '{"conv_channels": 2, "depth": 2}'
 TINY_CHUNK = ["--chunk-shape", "8", "16", "16"]
@@ -136,7 +137,7 @@ def test_default_num_workers(device: str, cuda_available: bool, cpus: int, proce
     (True, "cpu", 1, True)])
 def test_batch_ring_by_default_only_on_cuda_with_workers(asked: bool | None, device: str, workers: int,
                                                          expected: bool) -> None:
-    from p2ch_luna.tasks.base import uses_batch_ring
+    from p2ch_luna.training.tasks.base import uses_batch_ring
 
     config = TrainConfig(task="nodule", paths=resolve_paths(), num_workers=workers, batch_ring=asked)
     assert uses_batch_ring(config, torch.device(device)) is expected

@@ -1,9 +1,9 @@
 """Models (nodule classifier, U-Net segmenter), their registry, and checkpoints."""
 
-from .checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from .classifier import LunaBlock, LunaModel
-from .registry import MODEL_REGISTRY, build_model
-from .unet import UNet, UNetWrapper
+from p2ch_luna.models.checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from p2ch_luna.models.classifier import LunaBlock, LunaModel
+from p2ch_luna.models.registry import MODEL_REGISTRY, build_model
+from p2ch_luna.models.unet import UNet, UNetWrapper
 
 __all__ = [
     "MODEL_REGISTRY",

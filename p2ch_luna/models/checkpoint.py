@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
-from ..atomic import atomic_write_bytes
-from ..errors import DataError
-from .registry import build_model
+from p2ch_luna import __version__
+from p2ch_luna.io.atomic import atomic_write_bytes
+from p2ch_luna.errors import DataError
+from p2ch_luna.models.registry import build_model
 
 log = logging.getLogger(__name__)
 

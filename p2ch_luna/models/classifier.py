@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import small_conv
-from .weights import init_book_weights
+from p2ch_luna.models import small_conv
+from p2ch_luna.models.weights import init_book_weights
 
 CHUNK_SHAPE_IRC = (32, 48, 48)
 """The book's candidate chunk size (index, row, col) that the classifier reads."""

@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .classifier import LunaModel
-from .unet import UNetWrapper
+from p2ch_luna.models.classifier import LunaModel
+from p2ch_luna.models.unet import UNetWrapper
 
 WIDE_CONV_CHANNELS = 16
 

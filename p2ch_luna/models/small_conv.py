@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..kernel_support import Result, compiling, interpreting, relative_difference, triton_usable
+from p2ch_luna.kernels.support import Result, compiling, interpreting, relative_difference, triton_usable
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def kernels() -> ModuleType | None:
     """The Triton kernels module, or None where Triton is not installed or older than ``MIN_TRITON``."""
     if not triton_usable():
         return None
-    from . import small_conv_kernels
+    from p2ch_luna.kernels import small_conv as small_conv_kernels
     return small_conv_kernels
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import init_book_weights
+from p2ch_luna.models.weights import init_book_weights
 
 UP_MODES = ("upconv", "upsample")
 POOL_FACTOR = 2

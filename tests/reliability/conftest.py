@@ -25,7 +25,7 @@ def restore_logging() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def luna_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic LUNA16 folder (6 series of 64 x 64 x 30-40), written once per session."""
-    from p2ch_luna.synth import generate_dataset
+    from p2ch_luna.synth.generator import generate_dataset
 
     root = tmp_path_factory.mktemp("reliability_luna")
     generate_dataset(root, series=6, seed=0, shape=(64, 64), slices=(30, 40), progress=False)

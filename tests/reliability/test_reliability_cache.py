@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2ch_luna.cache import ChunkCache
-from p2ch_luna.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
-from p2ch_luna.luna import split_by_series
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
+from p2ch_luna.data.luna import split_by_series
 from reliability_helpers import (TEMP_FILE, Child, assert_one_line_error, file_size_limit, run, start,
                                  training_args)
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.reliability
 PREPCACHE = "p2ch_luna.prepcache"
 SLOW_PREPCACHE = """
 import contextlib, sys, time
-import p2ch_luna.cache as cache
+import p2ch_luna.data.cache as cache
 from p2ch_luna.prepcache import main
 
 load_ct, atomic_open = cache.load_ct, cache.atomic_open

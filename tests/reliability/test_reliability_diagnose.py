@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2ch_luna import diagnose, training
-from p2ch_luna.ct import list_series_on_disk
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.training import cli as training
+from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import save_checkpoint
 from reliability_helpers import (assert_one_line_error, diagnose_model_args, file_size_limit, run, start,

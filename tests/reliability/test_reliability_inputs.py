@@ -20,9 +20,11 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from p2ch_luna import diagnose, prepcache, training
-from p2ch_luna.ct import list_series_on_disk
-from p2ch_luna.luna import split_by_series
+from p2ch_luna import prepcache
+from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna.training import cli as training
+from p2ch_luna.io.ct import list_series_on_disk
+from p2ch_luna.data.luna import split_by_series
 from reliability_helpers import SHARED_DATA, assert_one_line_error, diagnose_model_args, training_args
 
 pytestmark = pytest.mark.reliability

@@ -33,8 +33,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .ct import list_series_on_disk
-from .errors import DataError
+from p2ch_luna.io.ct import list_series_on_disk
+from p2ch_luna.errors import DataError
 
 log = logging.getLogger(__name__)
 

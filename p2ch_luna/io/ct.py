@@ -26,8 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import ArrayLike
 
-from .errors import DataError, LunaError
-from .geometry import Geometry, chunk_bounds
+from p2ch_luna.errors import DataError, LunaError
+from p2ch_luna.geometry import Geometry, chunk_bounds
 
 log = logging.getLogger(__name__)
 

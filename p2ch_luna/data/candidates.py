@@ -1,7 +1,7 @@
 """Candidate datasets for the nodule and malignancy classifiers.
 
-Rows come from the LUNA16 candidate table (:func:`p2ch_luna.luna.read_candidate_table`),
-chunks from the chunk cache (:class:`p2ch_luna.cache.ChunkCache`). A sample is a
+Rows come from the LUNA16 candidate table (:func:`p2ch_luna.data.luna.read_candidate_table`),
+chunks from the chunk cache (:class:`p2ch_luna.data.cache.ChunkCache`). A sample is a
 dict::
 
     image       int16 tensor (1, I, R, C) of clipped HU (converted to float on the device)
@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .cache import ChunkCache
-from .errors import DataError
-from .geometry import Geometry
-from .luna import VALIDATION_STRIDE, split_by_series
-from .models.classifier import CHUNK_SHAPE_IRC
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.errors import DataError
+from p2ch_luna.geometry import Geometry
+from p2ch_luna.data.luna import VALIDATION_STRIDE, split_by_series
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class CandidateDataset(Dataset):
         return {"image": torch.from_numpy(images), **self.fill_batch(indices, {"image": images})}
 
     def ring_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Per-sample shape and dtype of the batch's large arrays (see :mod:`p2ch_luna.batch_ring`)."""
+        """Per-sample shape and dtype of the batch's large arrays (see :mod:`p2ch_luna.data.batch_ring`)."""
         return {"image": ((1, *self.chunk_shape_irc), torch.int16)}
 
     def fill_batch(self, indices: Sequence[int], arrays: dict[str, np.ndarray]) -> dict[str, Any]:

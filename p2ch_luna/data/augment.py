@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import resample
+from p2ch_luna.data import resample
 
 BOOK_OFFSET = 0.1
 BOOK_SEGMENTATION_OFFSET = 0.03

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, collate_batch, to_memory_format
+from p2ch_luna.training.tasks.base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, collate_batch, to_memory_format
 
 TASK_CLASSES: dict[str, str] = {
-    "nodule": "p2ch_luna.tasks.classification:NoduleTask",
-    "malignancy": "p2ch_luna.tasks.classification:MalignancyTask",
-    "segmentation": "p2ch_luna.tasks.segmentation:SegmentationTask",
+    "nodule": "p2ch_luna.training.tasks.classification:NoduleTask",
+    "malignancy": "p2ch_luna.training.tasks.classification:MalignancyTask",
+    "segmentation": "p2ch_luna.training.tasks.segmentation:SegmentationTask",
 }
 """Task name -> ``module:class`` of its :class:`Task` subclass."""
 

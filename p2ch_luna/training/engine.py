@@ -1,6 +1,6 @@
 """``train_one_epoch`` and ``evaluate``: the loop every task shares.
 
-The task computes losses and metrics (:class:`p2ch_luna.tasks.Task`); this
+The task computes losses and metrics (:class:`p2ch_luna.training.tasks.Task`); this
 module moves batches to the device (pinned memory, non-blocking copies), runs
 the forward pass under autocast when AMP is on, steps the optimizer (with a
 GradScaler for float16), accumulates gradients over micro-batches when asked,
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .distributed import all_gather_objects, all_true
-from .errors import LunaError
-from .tasks.base import Batch, Outputs, Task
+from p2ch_luna.distributed import all_gather_objects, all_true
+from p2ch_luna.errors import LunaError
+from p2ch_luna.training.tasks.base import Batch, Outputs, Task
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .ct import Ct
-from .geometry import Geometry
+from p2ch_luna.io.ct import Ct
+from p2ch_luna.geometry import Geometry
 
 if TYPE_CHECKING:
-    from .cache import ChunkCache
+    from p2ch_luna.data.cache import ChunkCache
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from p2ch_luna.distance import depth_mm
+from p2ch_luna.diagnose.distance import depth_mm
 
 log = logging.getLogger(__name__)
 

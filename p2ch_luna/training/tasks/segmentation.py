@@ -2,7 +2,7 @@
 
 ``python -m p2ch_luna.training segmentation`` runs this task through the shared
 engine. Loss: the book's soft Dice loss plus ``--fn-loss-weight`` times the
-Dice loss restricted to nodule pixels (:func:`p2ch_luna.losses.segmentation_loss`).
+Dice loss restricted to nodule pixels (:func:`p2ch_luna.training.losses.segmentation_loss`).
 Pixel counts use probability > 0.5. The best checkpoint is picked by
 validation pixel recall by default, as in the book (``--score-metric dice``
 picks by Dice instead). Each validation epoch writes a few slices to
@@ -23,18 +23,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..augment import AugmentConfig, augment_batch_2d
-from ..cache import open_cache
-from ..ct import HU_MAX, HU_MIN, list_series_on_disk
-from ..errors import DataError, UsageError
-from ..losses import BOOK_FN_LOSS_WEIGHT, dice_loss, segmentation_loss
-from ..luna import ANNOTATIONS_FILE, read_annotations, split_by_series
-from ..masks import MASK_MODES, MASK_THRESHOLD_HU
-from ..metrics import segmentation_metrics
-from ..models.checkpoint import BOOK_SEGMENTATION_KWARGS
-from ..models.registry import build_model
-from ..sampling import ShardedSequentialSampler
-from ..segmentation_data import (
+from p2ch_luna.data.augment import AugmentConfig, augment_batch_2d
+from p2ch_luna.data.cache import open_cache
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.training.losses import BOOK_FN_LOSS_WEIGHT, dice_loss, segmentation_loss
+from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
+from p2ch_luna.data.masks import MASK_MODES, MASK_THRESHOLD_HU
+from p2ch_luna.metrics import segmentation_metrics
+from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
+from p2ch_luna.models.registry import build_model
+from p2ch_luna.data.sampling import ShardedSequentialSampler
+from p2ch_luna.data.segmentation import (
     CONTEXT_SLICES,
     DEFAULT_RANDOM_CROP_FRACTION,
     DEFAULT_VAL_NEGATIVE_FRACTION,
@@ -46,7 +46,7 @@ from ..segmentation_data import (
     SegmentationValDataset,
     validation_slices,
 )
-from .base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, uses_batch_ring
+from p2ch_luna.training.tasks.base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, uses_batch_ring
 
 log = logging.getLogger(__name__)
 

@@ -41,21 +41,21 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .augment import BOOK_NOISE_HU, BOOK_OFFSET, BOOK_SCALE, AugmentConfig
-from .atomic import atomic_write_text
-from .cli import EXIT_INTERRUPTED, HelpFormatter, make_parser, run_command
-from .config import (DEFAULT_BATCH_SIZE, DEFAULT_COMMENT, DEFAULT_LEARNING_RATE, DEFAULT_MOMENTUM,
+from p2ch_luna.data.augment import BOOK_NOISE_HU, BOOK_OFFSET, BOOK_SCALE, AugmentConfig
+from p2ch_luna.io.atomic import atomic_write_text
+from p2ch_luna.cli import EXIT_INTERRUPTED, HelpFormatter, make_parser, run_command
+from p2ch_luna.training.config import (DEFAULT_BATCH_SIZE, DEFAULT_COMMENT, DEFAULT_LEARNING_RATE, DEFAULT_MOMENTUM,
                      DEFAULT_TB_PREFIX, OPTIMIZERS, TrainConfig, config_to_dict)
-from .distributed import (DistributedInfo, barrier, broadcast_buffers, broadcast_object, distributed_info_from_env,
+from p2ch_luna.distributed import (DistributedInfo, barrier, broadcast_buffers, broadcast_object, distributed_info_from_env,
                           init_distributed, resolve_device, shutdown_distributed)
-from .engine import EpochResult, amp_settings, evaluate, train_one_epoch, tune_backends, warn_if_emulated
-from .errors import DataError, UsageError
-from .models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .models.layout import channels_last
-from .paths import paths_from_args
-from .sampling import make_generator, set_sampler_epoch
-from .tasks import TASK_CLASSES, RunContext, Task, get_task_class
-from . import tblog
+from p2ch_luna.training.engine import EpochResult, amp_settings, evaluate, train_one_epoch, tune_backends, warn_if_emulated
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from p2ch_luna.models.layout import channels_last
+from p2ch_luna.paths import paths_from_args
+from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
+from p2ch_luna.training.tasks import TASK_CLASSES, RunContext, Task, get_task_class
+from p2ch_luna.training import tensorboard as tblog
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def build_parser(selected_task: str | None = None) -> argparse.ArgumentParser:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every task shares (plus the folder and logging flags, after the task name)."""
-    from .paths import add_path_arguments
+    from p2ch_luna.paths import add_path_arguments
 
     add_path_arguments(parser)
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=argparse.SUPPRESS,

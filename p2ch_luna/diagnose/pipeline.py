@@ -6,7 +6,7 @@
 
 Pipeline per CT (the book's chapter 14, kept inside the lungs):
 
-1. lung mask from HU (:mod:`p2ch_luna.lungs`); every later step stays inside it;
+1. lung mask from HU (:mod:`p2ch_luna.diagnose.lungs`); every later step stays inside it;
 2. U-Net on every slice that holds lung (7-slice context, clamped at the ends),
    cropped to the lungs' bounding box, batched, sigmoid > threshold;
 3. restrict to the lungs and group the mask into candidates: by default one
@@ -44,18 +44,18 @@ import torch.distributed as dist
 from scipy import ndimage
 from tqdm import tqdm
 
-from . import distance
-from . import lungs as lungs_module
-from . import prefetch as prefetch_module
-from . import regions
-from .cli import make_parser, run_command
-from .ct import HU_MAX, HU_MIN, Ct, extract_chunk, find_series_path, list_series_on_disk
-from .distributed import DistributedInfo, distributed_info_from_env, resolve_device
-from .engine import amp_settings, warn_if_emulated
-from .errors import DataError, UsageError
-from .geometry import Geometry
-from .heap import HeapTrimmer
-from .luna import (
+from p2ch_luna.diagnose import distance
+from p2ch_luna.diagnose import lungs as lungs_module
+from p2ch_luna.diagnose import prefetch as prefetch_module
+from p2ch_luna.diagnose import regions
+from p2ch_luna.cli import make_parser, run_command
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, Ct, extract_chunk, find_series_path, list_series_on_disk
+from p2ch_luna.distributed import DistributedInfo, distributed_info_from_env, resolve_device
+from p2ch_luna.training.engine import amp_settings, warn_if_emulated
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.geometry import Geometry
+from p2ch_luna.diagnose.heap import HeapTrimmer
+from p2ch_luna.data.luna import (
     ANNOTATIONS_FILE,
     COORD_COLUMNS,
     EXCLUDED_FILE,
@@ -66,11 +66,11 @@ from .luna import (
     read_malignancy,
     split_by_series,
 )
-from .metrics import FrocResult, confusion_table, froc, match_nodules
-from .models.checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
-from .models.classifier import CHUNK_SHAPE_IRC
-from .models.layout import channels_last, to_memory_format
-from .paths import Paths, paths_from_args
+from p2ch_luna.metrics import FrocResult, confusion_table, froc, match_nodules
+from p2ch_luna.models.checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
+from p2ch_luna.models.layout import channels_last, to_memory_format
+from p2ch_luna.paths import Paths, paths_from_args
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def segment_ct(hu: np.ndarray, region: np.ndarray, model: torch.nn.Module, thres
     cells of the full slice, as the book's full-slice inference does. The predictions are
     read back after the last batch, so the host never waits for a GPU between
     batches. On the CPU the heap's free memory goes back to the system whenever
-    the process has grown by ``SEGMENTATION_HEAP_SLACK`` (:mod:`p2ch_luna.heap`).
+    the process has grown by ``SEGMENTATION_HEAP_SLACK`` (:mod:`p2ch_luna.diagnose.heap`).
     ``progress`` shows a bar of the slices on a terminal.
     """
     mask = np.zeros(hu.shape, dtype=bool)
@@ -539,7 +539,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
                 ) -> tuple[SeriesDiagnosis, np.ndarray, np.ndarray]:
     """Run the whole pipeline on one CT; returns the diagnosis, the lung mask and the nodule mask.
 
-    ``lungs`` found beforehand (:mod:`p2ch_luna.prefetch`) skip that step; the
+    ``lungs`` found beforehand (:mod:`p2ch_luna.diagnose.prefetch`) skip that step; the
     caller then adds its time to the timings. ``progress`` shows bars of the
     model stages on a terminal.
     """
@@ -763,7 +763,7 @@ def diagnose_series(selection: Sequence[tuple[str, Path]], models: DiagnosisMode
     """Load and diagnose each CT, rendering the per-finding figures (and the mask) as bytes.
 
     With ``prefetch`` > 0, that many worker processes load the next CTs and
-    find their lungs while this one runs the models (:mod:`p2ch_luna.prefetch`).
+    find their lungs while this one runs the models (:mod:`p2ch_luna.diagnose.prefetch`).
     With ``show_progress``, a bar shows the CTs, or for a single CT its model stages.
     """
     stage_bars = show_progress and len(selection) < 2
@@ -780,7 +780,7 @@ def _diagnose_prepared(prepared: prefetch_module.PreparedCt, path: Path, models:
                        config: DiagnoseConfig, device: torch.device, figures: bool,
                        save_mask: bool, progress: bool = False) -> SeriesDiagnosis:
     """Diagnose one loaded CT whose lungs are found; figures and mask bytes when asked."""
-    from . import report
+    from p2ch_luna.diagnose import report
 
     started = time.perf_counter()
     ct = prepared.ct
@@ -873,7 +873,7 @@ def _positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import report
+    from p2ch_luna.diagnose import report
 
     paths = paths_from_args(args)
     if args.save_mask and args.output is None:

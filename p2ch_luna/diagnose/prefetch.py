@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import lungs as lungs_module
-from .ct import Ct, load_ct
-from .errors import LunaError
+from p2ch_luna.diagnose import lungs as lungs_module
+from p2ch_luna.io.ct import Ct, load_ct
+from p2ch_luna.errors import LunaError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _result(future: concurrent.futures.Future[PreparedCt], path: Path) -> Prepar
 
 def _start_worker(log_level: int) -> None:
     """Worker set-up: Ctrl-C is the main process's to handle; log as it does."""
-    from .cli import configure_logging
+    from p2ch_luna.cli import configure_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(logging.getLevelName(log_level))

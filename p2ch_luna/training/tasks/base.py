@@ -2,7 +2,7 @@
 
 A task (nodule classification, malignancy, segmentation) says *what* is
 trained: its model, its data, its loss and its metrics. The engine
-(:mod:`p2ch_luna.engine`) and the entry point (:mod:`p2ch_luna.training`) say
+(:mod:`p2ch_luna.training.engine`) and the entry point (:mod:`p2ch_luna.training`) say
 *how*: devices, AMP, DDP, progress, checkpoints and TensorBoard.
 
 Life of a run, as the engine drives it::
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ..augment import AugmentConfig
-from ..batch_ring import RingDataset, RingLoader, SharedMemoryShortage
-from ..config import TrainConfig
-from ..models.layout import to_memory_format  # noqa: F401  (part of the task interface)
+from p2ch_luna.data.augment import AugmentConfig
+from p2ch_luna.data.batch_ring import RingDataset, RingLoader, SharedMemoryShortage
+from p2ch_luna.training.config import TrainConfig
+from p2ch_luna.models.layout import to_memory_format  # noqa: F401  (part of the task interface)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ModelSpec:
 
 
 class Task(abc.ABC):
-    """One kind of training, run by :func:`p2ch_luna.engine.train_one_epoch`/``evaluate``.
+    """One kind of training, run by :func:`p2ch_luna.training.engine.train_one_epoch`/``evaluate``.
 
     Subclasses set the class attributes and implement the abstract methods.
     ``task_name`` is what checkpoints record (``"nodule"``, ``"malignancy"``
@@ -132,7 +132,7 @@ class Task(abc.ABC):
 
     def set_epoch(self, epoch: int) -> None:
         """Called before each training epoch (1-based), after the engine has called
-        ``set_epoch`` on the training loader's sampler (see :func:`p2ch_luna.sampling.set_sampler_epoch`)."""
+        ``set_epoch`` on the training loader's sampler (see :func:`p2ch_luna.data.sampling.set_sampler_epoch`)."""
 
     # --- loss and metrics ---------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def build_loader(
     ``sampler`` decides the order and the rank's shard; the dataset items are
     dicts collated by ``default_collate`` (strings become lists), or whole
     batches from a dataset's ``__getitems__`` (passed through). With ``ring``
-    (``--batch-ring``) the workers write into a :class:`~p2ch_luna.batch_ring.RingLoader`'s
+    (``--batch-ring``) the workers write into a :class:`~p2ch_luna.data.batch_ring.RingLoader`'s
     shared buffers instead: same batches, large arrays already on the device.
     """
     config = context.config

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .augment import AugmentConfig
-from .paths import Paths
+from p2ch_luna.data.augment import AugmentConfig
+from p2ch_luna.paths import Paths
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LEARNING_RATE = 1e-3

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import LunaError
+from p2ch_luna.errors import LunaError
 
 
 @contextlib.contextmanager

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .ct import HU_MIN, Ct, to_image, write_image
-from .errors import LunaError
-from .evaluate import format_report as format_froc
-from .metrics import FrocResult, format_confusion_table, plot_froc
+from p2ch_luna.io.ct import HU_MIN, Ct, to_image, write_image
+from p2ch_luna.errors import LunaError
+from p2ch_luna.evaluate import format_report as format_froc
+from p2ch_luna.metrics import FrocResult, format_confusion_table, plot_froc
 
 if TYPE_CHECKING:
-    from .diagnose import DiagnoseConfig, SeriesDiagnosis, Truth
+    from p2ch_luna.diagnose.pipeline import DiagnoseConfig, SeriesDiagnosis, Truth
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Summary:
 def score(results: Sequence[SeriesDiagnosis], truth: Truth | None, scored_uids: Sequence[str],
           config: DiagnoseConfig) -> Scores:
     """Confusion tables for the series in ``scored_uids`` and the FROC over them (when nodules exist)."""
-    from .diagnose import luna_froc, series_confusion, truth_matches
+    from p2ch_luna.diagnose.pipeline import luna_froc, series_confusion, truth_matches
 
     wanted = set(scored_uids)
     scored = [result for result in results if result.series_uid in wanted]
@@ -119,7 +119,7 @@ def format_truth(row: pd.Series) -> str:
 def format_report(results: Sequence[SeriesDiagnosis], scores: Scores, config: DiagnoseConfig,
                   summary: Summary) -> str:
     """The printed report: findings per series, confusion tables, FROC, one summary line."""
-    from .diagnose import findings
+    from p2ch_luna.diagnose.pipeline import findings
 
     lines = []
     n_findings = n_malignant = n_candidates = 0
@@ -196,7 +196,7 @@ def _table(table: np.ndarray | None) -> list[list[int]] | None:
 
 def findings_csv(results: Sequence[SeriesDiagnosis]) -> str:
     """Every candidate in the LUNA16 submission format."""
-    from .diagnose import luna_detections
+    from p2ch_luna.diagnose.pipeline import luna_detections
 
     frames = [luna_detections(result.candidates) for result in results]
     frame = pd.concat(frames) if frames else pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ",

@@ -19,7 +19,7 @@ so edge slices repeat. The label is the nodule mask of the centre slice.
 Samples are dicts: ``image`` int16 ``(2*context+1, H, W)`` (converted to float
 on the device), ``mask`` bool ``(1, H, W)``, ``series_uid``, ``slice_index``.
 The training set also cuts whole batches straight into batch arrays, and into
-the shared buffers of a batch ring (:mod:`p2ch_luna.batch_ring`).
+the shared buffers of a batch ring (:mod:`p2ch_luna.data.batch_ring`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from .cache import ChunkCache
-from .ct import HU_MIN
-from .geometry import chunk_bounds
-from .masks import MASK_THRESHOLD_HU, annotation_rows, cached_packed_mask, cached_positive_slices, unpack_mask
-from .sampling import epoch_seed
+from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.io.ct import HU_MIN
+from p2ch_luna.geometry import chunk_bounds
+from p2ch_luna.data.masks import MASK_THRESHOLD_HU, annotation_rows, cached_packed_mask, cached_positive_slices, unpack_mask
+from p2ch_luna.data.sampling import epoch_seed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class SegmentationSample(TypedDict):
 
 @dataclasses.dataclass(frozen=True)
 class MaskOptions:
-    """How nodule masks are built from annotations (see :mod:`p2ch_luna.masks`)."""
+    """How nodule masks are built from annotations (see :mod:`p2ch_luna.data.masks`)."""
 
     mode: str = "grow"
     threshold_hu: float = MASK_THRESHOLD_HU
@@ -200,7 +200,7 @@ class SegmentationTrainDataset(Dataset):
         return {**tensors, **self.fill_batch(items, {key: tensor.numpy() for key, tensor in tensors.items()})}
 
     def ring_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Per-sample shape and dtype of the batch's large arrays (see :mod:`p2ch_luna.batch_ring`)."""
+        """Per-sample shape and dtype of the batch's large arrays (see :mod:`p2ch_luna.data.batch_ring`)."""
         return {"image": ((2 * self.context + 1, self.crop, self.crop), torch.int16),
                 "mask": ((1, self.crop, self.crop), torch.bool)}
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from .errors import LunaError
+from p2ch_luna.errors import LunaError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class _SlotBatchSampler(Sampler[tuple[int, list[int]]]):
 
 
 class RingLoader:
-    """Iterates dict batches like :func:`p2ch_luna.tasks.base.build_loader`'s DataLoader, except that the
+    """Iterates dict batches like :func:`p2ch_luna.training.tasks.base.build_loader`'s DataLoader, except that the
     ring arrays (the chunks) arrive already on ``device``; other tensors are pinned on CUDA.
 
     ``sampler`` and ``len()`` behave as the DataLoader's (the engine calls

@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from .kernel_support import compiling, interpreting, relative_difference, triton_usable
+from p2ch_luna.kernels.support import compiling, interpreting, relative_difference, triton_usable
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def kernels() -> ModuleType | None:
     """The Triton kernel module, or None where Triton is not installed or older than supported."""
     if not triton_usable():
         return None
-    from . import resample_kernels
+    from p2ch_luna.kernels import resample as resample_kernels
     return resample_kernels
 
 

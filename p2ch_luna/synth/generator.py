@@ -67,12 +67,12 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from .atomic import atomic_write_text
-from .cli import make_parser, run_command
-from .ct import write_metaimage
-from .errors import UsageError
-from .geometry import Geometry
-from .paths import paths_from_args
+from p2ch_luna.io.atomic import atomic_write_text
+from p2ch_luna.cli import make_parser, run_command
+from p2ch_luna.io.ct import write_metaimage
+from p2ch_luna.errors import UsageError
+from p2ch_luna.geometry import Geometry
+from p2ch_luna.paths import paths_from_args
 
 log = logging.getLogger(__name__)
 

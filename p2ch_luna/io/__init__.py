@@ -1,0 +1,1 @@
+"""Reading and writing files: CT images (MetaImage, NIfTI, DICOM) and atomic writes."""

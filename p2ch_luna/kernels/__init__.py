@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA (the classifier's small convolutions, the augmentation's resampling) and their support."""
