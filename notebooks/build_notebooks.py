@@ -225,11 +225,11 @@ import numpy as np
 import SimpleITK as sitk
 from IPython.display import Image, display
 
-from p2ch_luna.diagnose import pipeline as diagnose
+from p2ch_luna import diagnose
 from p2ch_luna.synth import generator as synth
 from p2ch_luna.training import cli as training
 from p2ch_luna.io.ct import list_series_on_disk
-from p2ch_luna.metrics import format_confusion_table
+from p2ch_luna.evaluation.text import format_confusion_table
 from p2ch_luna.models import find_latest_checkpoint
 
 work = Path(tempfile.mkdtemp(prefix="p2ch_luna_diagnosis_"))

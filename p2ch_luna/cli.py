@@ -146,3 +146,38 @@ def _thread_errors_logged() -> Iterator[None]:
         yield
     finally:
         threading.excepthook = previous
+
+
+# ---------------------------------------------------------------------------
+# Option types and options shared by several commands
+
+DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
+
+
+def add_device_argument(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--device``, spelled and explained the same in every command that runs a model."""
+    group.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value

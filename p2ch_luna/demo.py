@@ -13,7 +13,7 @@ commands (the same ``main`` functions as ``python -m p2ch_luna.<command>``):
 
 Everything lives under ``--work-dir`` (default ``data-unversioned/demo``), so the
 demo never touches a real LUNA16 folder, cache or model. The defaults are sized
-to finish in about five minutes on an idle 2-core CPU.
+to finish in a few minutes on a 2-core CPU (figures: ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -21,21 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from p2ch_luna import prepcache
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.synth import generator as synth
-from p2ch_luna.training import cli as training
-from p2ch_luna.cli import make_parser, run_command
+from p2ch_luna import diagnose, prepcache, training
+from p2ch_luna.cli import add_device_argument, make_parser, run_command
 from p2ch_luna.errors import LunaError
 from p2ch_luna.models.checkpoint import find_latest_checkpoint
 from p2ch_luna.paths import default_data_home
+from p2ch_luna.synth import generator as synth
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=32, help="classifier batch size")
     train.add_argument("--num-workers", type=int, default=None,
                        help="DataLoader worker processes (default: the training command's, 0 on the CPU)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(train)
     train.add_argument("--amp", action="store_true",
                        help="train and diagnose in mixed precision (bfloat16 on the CPU and recent GPUs): "
-                            "about 1.4x faster on a CPU with AMX, slower on one that emulates bfloat16")
+                            "faster on a CPU with AMX, slower on one that emulates bfloat16")
     return parser
 
 

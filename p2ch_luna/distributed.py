@@ -8,11 +8,12 @@ with ``WORLD_SIZE=1``) no process group is created.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from p2ch_luna.errors import UsageError
 log = logging.getLogger(__name__)
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+Item = TypeVar("Item")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,3 +134,42 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
         return
     for buffer in model.buffers():
         dist.broadcast(buffer, src=src)
+
+
+# ---------------------------------------------------------------------------
+# Work split across ranks and gathered on rank 0 (diagnosis: series as Python objects, over gloo)
+
+
+def shard(items: Sequence[Item], rank: int, world_size: int) -> list[Item]:
+    """This rank's share of the work: every ``world_size``-th item from ``rank``."""
+    return list(items[rank::world_size])
+
+
+def merge_shards(shards: Sequence[Sequence[Item]], order: Sequence[str], key: Callable[[Item], str]) -> list[Item]:
+    """All ranks' results in the order their keys were asked for (unknown keys last)."""
+    position = {name: i for i, name in enumerate(order)}
+    merged = [item for part in shards for item in part]
+    return sorted(merged, key=lambda item: position.get(key(item), len(position)))
+
+
+def gather_to_main(value: Any, info: DistributedInfo) -> list[Any] | None:
+    """Every rank's ``value`` in rank order on rank 0, None on the other ranks."""
+    if not info.is_distributed:
+        return [value]
+    gathered: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+@contextlib.contextmanager
+def process_group(info: DistributedInfo) -> Iterator[None]:
+    """A gloo process group (results are gathered as Python objects) for torchrun runs."""
+    created = False
+    if info.is_distributed and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -5,7 +5,7 @@
 
 The findings CSV has ``seriesuid,coordX,coordY,coordZ,probability`` (LUNA16's
 submission format). Scoring follows the official ``noduleCADEvaluationLUNA16.py``
-(see :func:`p2ch_luna.metrics.froc`). The scans evaluated matter: FPs are
+(see :func:`p2ch_luna.metrics.froc.froc`). The scans evaluated matter: FPs are
 averaged over them, so pass the list of scans the detector ran on; by default
 it is every scan named in the annotations or the findings, which leaves out
 scans that have neither.
@@ -22,22 +22,19 @@ from typing import Sequence
 
 import numpy as np
 
-from p2ch_luna.io.atomic import atomic_write_text
-from p2ch_luna.cli import make_parser, run_command
-from p2ch_luna.errors import DataError
+from p2ch_luna.cli import make_parser, non_negative_int, run_command
+from p2ch_luna.columns import DIAMETER_COLUMN, PROBABILITY_COLUMN, SERIES_COLUMN, XYZ_COLUMNS
 from p2ch_luna.data.luna import read_csv_checked
-from p2ch_luna.metrics import (
+from p2ch_luna.errors import DataError
+from p2ch_luna.evaluation.figures import plot_froc
+from p2ch_luna.evaluation.text import format_froc
+from p2ch_luna.io.atomic import atomic_write_text
+from p2ch_luna.metrics.froc import (
     DEFAULT_BOOTSTRAP_SAMPLES,
     DEFAULT_BOOTSTRAP_SEED,
-    DIAMETER_COLUMN,
     LUNA16_MAX_DETECTIONS_PER_SCAN,
-    PROBABILITY_COLUMN,
-    SERIES_COLUMN,
-    XYZ_COLUMNS,
-    FrocResult,
     froc,
     match_nodules,
-    plot_froc,
 )
 
 log = logging.getLogger(__name__)
@@ -45,7 +42,7 @@ log = logging.getLogger(__name__)
 FROC_PLOT_FILE = "froc.png"
 FROC_JSON_FILE = "froc.json"
 NODULES_FILE = "nodules.csv"
-"""Each annotated nodule of the evaluated scans with the finding that hits it (``metrics.match_nodules``)."""
+"""Each annotated nodule of the evaluated scans with the finding that hits it (:func:`p2ch_luna.metrics.froc.match_nodules`)."""
 
 
 def read_series_list(path: Path) -> list[str]:
@@ -62,27 +59,6 @@ def read_series_list(path: Path) -> list[str]:
     if not uids:
         raise DataError(f"series list {path} names no series")
     return uids
-
-
-def format_report(result: FrocResult) -> str:
-    """The command's printed report: CPM with CI, the seven operating points, counts."""
-    lines = [
-        f"CPM: {result.cpm:.4f}"
-        + (
-            f"  ({result.confidence:.0%} CI {result.ci_low:.4f} - {result.ci_high:.4f}, "
-            f"{result.n_bootstrap} bootstrap samples over scans)"
-            if result.n_bootstrap > 0
-            else ""
-        ),
-        "Sensitivity at average FPs per scan:",
-    ]
-    lines += [f"  {point:>6g}: {value:.4f}" for point, value in result.sensitivities_at_operating_points.items()]
-    lines.append(
-        f"Nodules detected: {result.n_detected_nodules}/{result.n_nodules}; "
-        f"false positives: {result.n_false_positives}; ignored marks: {result.n_ignored}; "
-        f"scans: {result.n_scans}"
-    )
-    return "\n".join(lines)
 
 
 def _series_uids(args: argparse.Namespace, annotation_uids: Sequence[str], finding_uids: Sequence[str]) -> list[str]:
@@ -119,7 +95,7 @@ def evaluate(args: argparse.Namespace) -> int:
         rng=np.random.default_rng(args.seed),
         max_detections_per_scan=args.max_per_scan or None,
     )
-    print(format_report(result))
+    print(format_froc(result))
     if args.output is not None:
         plot_froc(result, args.output / FROC_PLOT_FILE, title=Path(args.findings).stem)
         atomic_write_text(args.output / FROC_JSON_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -130,13 +106,6 @@ def evaluate(args: argparse.Namespace) -> int:
         log.info("wrote %s, %s and %s", args.output / FROC_PLOT_FILE, args.output / FROC_JSON_FILE,
                  args.output / NODULES_FILE)
     return 0
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     scans.add_argument("--series-uids", nargs="+", metavar="UID", help="the evaluated series UIDs")
     parser.add_argument(
         "--bootstrap",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=DEFAULT_BOOTSTRAP_SAMPLES,
         help="bootstrap samples over scans for the CPM confidence interval (0: none)",
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_BOOTSTRAP_SEED, help="bootstrap random seed")
     parser.add_argument(
         "--max-per-scan",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=LUNA16_MAX_DETECTIONS_PER_SCAN,
         help="keep only the most suspicious marks per scan, as the official script does (0: keep all)",
     )

@@ -14,26 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-
-
-class XyzMm(NamedTuple):
-    """A point in world coordinates (millimetres)."""
-
-    x: float
-    y: float
-    z: float
-
-
-class IrcIndex(NamedTuple):
-    """A voxel index ``(index, row, col)`` into an ``(I, R, C)`` array."""
-
-    index: int
-    row: int
-    col: int
 
 
 def _as_points(points: ArrayLike) -> tuple[np.ndarray, bool]:

@@ -19,10 +19,10 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from p2ch_luna.data.cache import ChunkCache, open_cache
 from p2ch_luna.cli import make_parser, run_command
-from p2ch_luna.errors import DataError, LunaError, UsageError
+from p2ch_luna.data.cache import ChunkCache, open_cache
 from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.errors import DataError, LunaError, UsageError
 from p2ch_luna.paths import paths_from_args
 
 log = logging.getLogger(__name__)

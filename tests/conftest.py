@@ -15,8 +15,8 @@ if not torch.cuda.is_available():  # small_conv's Triton kernels run in Triton's
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from p2ch_luna.models import build_model
-from p2ch_luna.synth.generator import generate_dataset
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint
+from p2ch_luna.synth.generator import generate_dataset
 
 
 @pytest.fixture(autouse=True)

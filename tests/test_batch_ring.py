@@ -9,16 +9,16 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 import torch
-
 from batch_checks import assert_same_batch
-from p2ch_luna.data.batch_ring import RingDataset, _page_unlock, RingLoader, check_shared_memory, ring_bytes, ring_slots
+
+from p2ch_luna.data.batch_ring import RingDataset, RingLoader, _page_unlock, check_shared_memory, ring_bytes, ring_slots
 from p2ch_luna.data.cache import ChunkCache
-from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.data.candidates import CandidateDataset, nodule_table
-from p2ch_luna.errors import LunaError
 from p2ch_luna.data.luna import read_candidate_table
-from p2ch_luna.paths import resolve_paths
 from p2ch_luna.data.sampling import BalancedSampler, set_sampler_epoch
+from p2ch_luna.errors import LunaError
+from p2ch_luna.paths import resolve_paths
+from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.tasks import RunContext, build_loader
 
 CHUNK = (8, 12, 12)

@@ -15,9 +15,9 @@ import SimpleITK as sitk
 
 import p2ch_luna.data.cache as cache_module
 from p2ch_luna.data.cache import ChunkCache, open_cache
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
-from p2ch_luna.errors import DataError
 from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.errors import DataError
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
 from p2ch_luna.paths import resolve_paths
 
 CLASSIFIER_WIDTH = (32, 48, 48)

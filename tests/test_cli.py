@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from p2ch_luna.io.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
 from p2ch_luna.cli import EXIT_INTERRUPTED, make_parser, run_command
 from p2ch_luna.errors import DataError, LunaError, UsageError
+from p2ch_luna.io.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def raising(error: BaseException):

@@ -12,10 +12,20 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2ch_luna.io.ct import (HU_MAX, HU_MIN, MIN_SLICES, Ct, extract_chunk, find_series_path, list_series_on_disk, load_ct,
-                          read_geometry, read_metaimage_header)
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
+from p2ch_luna.io.ct import (
+    HU_MAX,
+    HU_MIN,
+    MIN_SLICES,
+    Ct,
+    extract_chunk,
+    find_series_path,
+    list_series_on_disk,
+    load_ct,
+    read_geometry,
+    read_metaimage_header,
+)
 
 CPTAC_SHAPE = (99, 512, 512)
 CPTAC_SPACING = (0.564453125, 0.564453125, 3.0)

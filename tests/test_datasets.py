@@ -9,12 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from batch_checks import assert_same_batch
+
 from p2ch_luna.data.cache import ChunkCache
-from p2ch_luna.data.candidates import CandidateDataset, drop_centres_outside, malignancy_table, nodule_table, split_table
-from p2ch_luna.geometry import Geometry
+from p2ch_luna.data.candidates import (
+    CandidateDataset,
+    drop_centres_outside,
+    malignancy_table,
+    nodule_table,
+    split_table,
+)
 from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.geometry import Geometry
 from p2ch_luna.training.tasks.base import collate_batch
 
 CHUNK = (8, 16, 16)

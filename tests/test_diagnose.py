@@ -11,16 +11,19 @@ import pytest
 import torch
 from scipy import ndimage
 
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.diagnose import heap
-from p2ch_luna.synth import implant
-from p2ch_luna.io.ct import HU_MAX, Ct, list_series_on_disk, load_ct
-from p2ch_luna.errors import DataError
-from p2ch_luna.geometry import Geometry
+from p2ch_luna import distributed
+from p2ch_luna.data.luna import split_by_series
+from p2ch_luna.diagnose import classify, grouping, heap, inference, model_set, pipeline, segment
+from p2ch_luna.diagnose import cli as diagnose_cli
 from p2ch_luna.diagnose.lungs import find_lungs
-from p2ch_luna.models import build_model
-from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
 from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE, format_truth, score
+from p2ch_luna.errors import DataError
+from p2ch_luna.evaluation.truth import read_truth
+from p2ch_luna.geometry import Geometry
+from p2ch_luna.io.ct import HU_MAX, Ct, extract_chunk, list_series_on_disk, load_ct
+from p2ch_luna.models import build_model
+from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, LoadedCheckpoint
+from p2ch_luna.synth import implant
 
 BOOK_SEGMENTATION = "seg_2020-01-26_19.45.12_w4d3c1-bal_1_nodupe-label_pos-d1_fn8-adam.best.state"
 BOOK_CLASSIFIER = "cls_2020-02-06_14.16.55_final-nodule-nonnodule.best.state"
@@ -34,8 +37,11 @@ def _ct(hu: np.ndarray, spacing_xyz=(1.0, 1.0, 1.0), uid: str = "series") -> Ct:
 class CentreSliceLogits(torch.nn.Module):
     """A stand-in U-Net: the logit of each pixel is the HU of the centre input slice."""
 
+    in_channels = 7
+    context = 3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, diagnose.CONTEXT_SLICES : diagnose.CONTEXT_SLICES + 1]
+        return x[:, self.context : self.context + 1]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
@@ -44,8 +50,8 @@ def test_segment_ct_crops_and_gathers_context_exactly(batch_size: int) -> None:
     hu = rng.integers(-1000, 1000, size=(12, 40, 50)).astype(np.int16)
     region = np.zeros(hu.shape, dtype=bool)
     region[2:9, 5:20, 10:30] = True
-    mask = diagnose.segment_ct(hu, region, CentreSliceLogits(), 0.5, batch_size, torch.device("cpu"))
-    pad = diagnose.SEGMENTATION_PAD
+    mask = segment.segment_ct(hu, region, CentreSliceLogits(), 0.5, batch_size, torch.device("cpu"))
+    pad = segment.SEGMENTATION_PAD
     expected = np.zeros(hu.shape, dtype=bool)
     expected[2:9, max(5 - pad, 0) : 20 + pad, max(10 - pad, 0) : 30 + pad] = hu[2:9, :36, :46] > 0
     assert np.array_equal(mask, expected)
@@ -54,8 +60,11 @@ def test_segment_ct_crops_and_gathers_context_exactly(batch_size: int) -> None:
 class AtHuMax(torch.nn.Module):
     """A stand-in U-Net: positive logits where the centre input slice is exactly ``HU_MAX``."""
 
+    in_channels = 7
+    context = 3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centre = x[:, diagnose.CONTEXT_SLICES : diagnose.CONTEXT_SLICES + 1]
+        centre = x[:, self.context : self.context + 1]
         return 0.25 - (centre - HU_MAX) ** 2
 
 
@@ -69,20 +78,20 @@ def test_segment_ct_clips_a_read_only_ct_and_hands_back_the_heap_each_batch(monk
             steps.append(self.slack)
             return super().step()
 
-    monkeypatch.setattr(diagnose, "HeapTrimmer", CountedTrimmer)
+    monkeypatch.setattr(segment, "HeapTrimmer", CountedTrimmer)
     rng = np.random.default_rng(1)
     hu = rng.integers(-3024, 3000, size=(12, 40, 50)).astype(np.int16)
     hu.setflags(write=False)
     original = hu.copy()
     region = np.zeros(hu.shape, dtype=bool)
     region[2:9, 5:20, 10:30] = True
-    mask = diagnose.segment_ct(hu, region, AtHuMax(), 0.5, 3, torch.device("cpu"))
-    pad = diagnose.SEGMENTATION_PAD
+    mask = segment.segment_ct(hu, region, AtHuMax(), 0.5, 3, torch.device("cpu"))
+    pad = segment.SEGMENTATION_PAD
     expected = np.zeros(hu.shape, dtype=bool)
     expected[2:9, : 20 + pad, : 30 + pad] = hu[2:9, :36, :46] >= HU_MAX
     assert np.array_equal(mask, expected)
     assert np.array_equal(hu, original)
-    assert steps == [diagnose.SEGMENTATION_HEAP_SLACK] * 3  # 7 slices in batches of 3
+    assert steps == [segment.SEGMENTATION_HEAP_SLACK] * 3  # 7 slices in batches of 3
 
 
 def test_segment_ct_crops_give_the_full_slice_masks_of_a_book_unet() -> None:
@@ -103,8 +112,8 @@ def test_segment_ct_crops_give_the_full_slice_masks_of_a_book_unet() -> None:
     with torch.no_grad():  # centre the untrained logits on the region, so half of it is segmented
         model.unet.last.bias -= float(model(stacks)[:, 0, 37:91, 41:99].median())
     cpu = torch.device("cpu")
-    full = diagnose.segment_ct(hu, whole_slices, model, 0.5, 4, cpu)[region]
-    cropped = diagnose.segment_ct(hu, region, model, 0.5, 4, cpu)[region]
+    full = segment.segment_ct(hu, whole_slices, model, 0.5, 4, cpu)[region]
+    cropped = segment.segment_ct(hu, region, model, 0.5, 4, cpu)[region]
     assert 0.3 < full.mean() < 0.7
     assert np.mean(cropped != full) < 0.005  # off the grid: 64%
 
@@ -130,15 +139,15 @@ class RecordedBar:
 
 @pytest.mark.parametrize("progress", [True, False])
 def test_model_stages_count_their_work_in_progress_bars(monkeypatch: pytest.MonkeyPatch, progress: bool) -> None:
-    monkeypatch.setattr(diagnose, "tqdm", RecordedBar)
+    monkeypatch.setattr(inference, "tqdm", RecordedBar)
     monkeypatch.setattr(RecordedBar, "bars", [])
     hu = np.random.default_rng(1).integers(-1000, 1000, size=(12, 40, 50)).astype(np.int16)
     region = np.zeros(hu.shape, dtype=bool)
     region[2:9, 5:20, 10:30] = True
-    diagnose.segment_ct(hu, region, CentreSliceLogits(), 0.5, 3, torch.device("cpu"), progress=progress)
+    segment.segment_ct(hu, region, CentreSliceLogits(), 0.5, 3, torch.device("cpu"), progress=progress)
     model = build_model("luna", input_shape=(16, 16, 16)).eval()
     centers = np.array([[5, 10, 20], [6, 12, 25], [4, 15, 15], [7, 18, 28], [3, 9, 12]])
-    diagnose.classify_chunks(hu, centers, model, 2, torch.device("cpu"), flips=True, progress=progress,
+    classify.classify_chunks(hu, centers, model, 2, torch.device("cpu"), flips=True, progress=progress,
                              description="nodule classification")
     segmentation, classification = RecordedBar.bars
     assert (segmentation.description, segmentation.total, segmentation.done) == ("segmentation", 7, 7)
@@ -156,7 +165,7 @@ def test_component_grouping_centres_sizes_and_lung_restriction() -> None:
     region = np.zeros(hu.shape, dtype=bool)
     region[:, :15, :15] = True
     ct = _ct(hu, spacing_xyz=(0.5, 0.5, 2.0))
-    candidates = diagnose.group_candidates(hu, nodule_mask, region, ct, erosion_iterations=1, grouping="components")
+    candidates = grouping.group_candidates(hu, nodule_mask, region, ct, erosion_iterations=1, grouping="components")
     assert len(candidates) == 1
     row = candidates.iloc[0]
     assert (row["index"], row["row"], row["col"]) == pytest.approx((6.0, 6.0, 6.0))
@@ -181,12 +190,12 @@ def test_peak_grouping_centres_a_nodule_that_touches_a_vessel() -> None:
     flooded = ball | tube | _ball(shape, (20, 20, 15), 7.0)  # an over-segmenting model
     region = np.ones(shape, dtype=bool)
     ct = _ct(hu)
-    peaks = diagnose.group_candidates(hu, flooded, region, ct, erosion_iterations=1, grouping="peaks")
+    peaks = grouping.group_candidates(hu, flooded, region, ct, erosion_iterations=1, grouping="peaks")
     strongest = peaks.sort_values("diameter_mm", ascending=False).iloc[0]
     assert (strongest["index"], strongest["row"], strongest["col"]) == pytest.approx((20, 20, 15), abs=0.6)
     assert strongest["diameter_mm"] == pytest.approx(2 * 5.0, abs=1.5)
-    assert (peaks["diameter_mm"] < 2 * diagnose.MIN_PEAK_RADIUS_MM).sum() == 0
-    components = diagnose.group_candidates(hu, flooded, region, ct, erosion_iterations=1, grouping="components")
+    assert (peaks["diameter_mm"] < 2 * grouping.MIN_PEAK_RADIUS_MM).sum() == 0
+    components = grouping.group_candidates(hu, flooded, region, ct, erosion_iterations=1, grouping="components")
     assert len(components) == 1 and abs(components.iloc[0]["col"] - 15) > 3
 
 
@@ -195,10 +204,10 @@ def test_edge_shifts_move_large_candidates_near_the_edge_towards_it() -> None:
     region[:, :, :40] = True  # the lung; from column 40 on, the wall
     centers = np.array([[10.0, 30.0, 32.0], [10.0, 30.0, 10.0], [10.0, 30.0, 36.0]])
     diameters = np.array([20.0, 20.0, 8.0])  # at the edge; far from it (30 mm > 10 + 3); too small
-    shifted, source = diagnose.edge_shifts(centers, diameters, region, (2.0, 1.0, 1.0))
+    shifted, source = grouping.edge_shifts(centers, diameters, region, (2.0, 1.0, 1.0))
     # 8 mm from the edge: moved 5 mm (0.5 of the radius) to column 37; 10 mm would leave the lung
     assert shifted.tolist() == [[10.0, 30.0, 37.0]] and source.tolist() == [0]
-    shifted, _ = diagnose.edge_shifts(centers[:1] - (0, 0, 4), diameters[:1], region, (2.0, 1.0, 1.0))
+    shifted, _ = grouping.edge_shifts(centers[:1] - (0, 0, 4), diameters[:1], region, (2.0, 1.0, 1.0))
     assert shifted.tolist() == [[10.0, 30.0, 33.0], [10.0, 30.0, 38.0]]  # 12 mm from the edge: both inside
 
 
@@ -215,11 +224,11 @@ def test_peak_grouping_reaches_the_centre_of_a_juxtapleural_nodule(monkeypatch: 
     ct = _ct(hu)
 
     def distance_to_centre() -> float:
-        peaks = diagnose.group_candidates(hu, nodule, region, ct, erosion_iterations=1, grouping="peaks")
+        peaks = grouping.group_candidates(hu, nodule, region, ct, erosion_iterations=1, grouping="peaks")
         return float(np.min(np.linalg.norm(peaks[["index", "row", "col"]].to_numpy() - (20, 30, 36), axis=1)))
 
     assert distance_to_centre() <= 1.0
-    monkeypatch.setattr(diagnose, "EDGE_SHIFTS", ())
+    monkeypatch.setattr(grouping, "EDGE_SHIFTS", ())
     assert distance_to_centre() >= 3.5
 
 
@@ -236,14 +245,14 @@ def test_peak_grouping_centres_faint_ground_glass_and_ignores_segmented_parenchy
     hu = np.rint(hu).astype(np.int16)
     air = _ball(shape, (20, 30, 45), 6.0)  # parenchyma an over-segmenting model marks: not faint
     mask = _ball(shape, (20, 30, 20), 6.5) | _ball(shape, (20, 30, 70), 4.5) | air
-    assert np.mean(hu[ggo] >= diagnose.DENSE_HU) < 0.5
-    blobs = diagnose.blob_tissue(hu, mask, (1.0, 1.0, 1.0))
+    assert np.mean(hu[ggo] >= grouping.DENSE_HU) < 0.5
+    blobs = grouping.blob_tissue(hu, mask, (1.0, 1.0, 1.0))
     assert blobs[ggo].mean() > 0.95 and blobs[air].mean() < 0.05
     faint = _ball(shape, (20, 30, 20), 6.5)  # smoothed in its own box: as if over the whole CT
-    smoothed = ndimage.gaussian_filter(hu.astype(np.float32), diagnose.FAINT_SMOOTHING_MM, mode="nearest")
-    assert np.array_equal(blobs[faint], (hu[faint] >= diagnose.DENSE_HU) | (smoothed[faint] >= diagnose.FAINT_HU))
-    assert np.array_equal(blobs[:, :, 55:], mask[:, :, 55:] & (hu[:, :, 55:] >= diagnose.DENSE_HU))  # solid as before
-    peaks = diagnose.group_candidates(hu, mask, np.ones(shape, dtype=bool), _ct(hu), 1, "peaks")
+    smoothed = ndimage.gaussian_filter(hu.astype(np.float32), grouping.FAINT_SMOOTHING_MM, mode="nearest")
+    assert np.array_equal(blobs[faint], (hu[faint] >= grouping.DENSE_HU) | (smoothed[faint] >= grouping.FAINT_HU))
+    assert np.array_equal(blobs[:, :, 55:], mask[:, :, 55:] & (hu[:, :, 55:] >= grouping.DENSE_HU))  # solid as before
+    peaks = grouping.group_candidates(hu, mask, np.ones(shape, dtype=bool), _ct(hu), 1, "peaks")
     ggo_peak = peaks.iloc[(peaks["col"] - 20).abs().argmin()]
     assert (ggo_peak["index"], ggo_peak["row"], ggo_peak["col"]) == pytest.approx((20, 30, 20), abs=1.0)
     assert ggo_peak["diameter_mm"] > 6.0  # one blob, not specks
@@ -255,33 +264,33 @@ def test_keep_strongest_drops_candidates_inside_a_more_probable_one() -> None:
         "center_x": [0.0, 2.0, 20.0, 6.0], "center_y": 0.0, "center_z": 0.0,
         "diameter_mm": [10.0, 3.0, 3.0, 3.0], "nodule_probability": [0.9, 0.8, 0.7, 0.6],
     })
-    assert diagnose.keep_strongest(candidates).tolist() == [True, False, True, True]
+    assert grouping.keep_strongest(candidates).tolist() == [True, False, True, True]
 
 
 def test_group_candidates_empty_mask() -> None:
     hu = np.zeros((5, 8, 8), dtype=np.int16)
     empty = np.zeros(hu.shape, dtype=bool)
-    for grouping in diagnose.GROUPINGS:
-        candidates = diagnose.group_candidates(hu, empty, ~empty, _ct(hu), 1, grouping)
-        assert list(candidates.columns) == diagnose.CANDIDATE_COLUMNS and candidates.empty
+    for method in grouping.GROUPINGS:
+        candidates = grouping.group_candidates(hu, empty, ~empty, _ct(hu), 1, method)
+        assert list(candidates.columns) == grouping.CANDIDATE_COLUMNS and candidates.empty
 
 
 def test_shard_and_merge_restore_the_requested_order() -> None:
     uids = [f"uid{i}" for i in range(7)]
-    shards = [diagnose.shard(uids, rank, 3) for rank in range(3)]
+    shards = [distributed.shard(uids, rank, 3) for rank in range(3)]
     assert sorted(sum(shards, [])) == sorted(uids)
     assert shards[1] == ["uid1", "uid4"]
     results = [[_diagnosis(uid) for uid in part] for part in shards]
-    merged = diagnose.merge_shards(results, uids)
+    merged = distributed.merge_shards(results, uids, key=lambda result: result.series_uid)
     assert [d.series_uid for d in merged] == uids
-    info = diagnose.DistributedInfo()
-    assert diagnose.gather_to_main("x", info) == ["x"]
+    info = distributed.DistributedInfo()
+    assert distributed.gather_to_main("x", info) == ["x"]
 
 
-def _diagnosis(uid: str, candidates: pd.DataFrame | None = None) -> diagnose.SeriesDiagnosis:
-    return diagnose.SeriesDiagnosis(
+def _diagnosis(uid: str, candidates: pd.DataFrame | None = None) -> pipeline.SeriesDiagnosis:
+    return pipeline.SeriesDiagnosis(
         series_uid=uid, source="", shape_irc=(1, 1, 1), spacing_irc=(1.0, 1.0, 1.0), lung_volume_ml=0.0,
-        candidates=diagnose._empty_candidates() if candidates is None else candidates, timings={"total_s": 0.0},
+        candidates=grouping._empty_candidates() if candidates is None else candidates, timings={"total_s": 0.0},
     )
 
 
@@ -298,14 +307,14 @@ def _detections_from_truth(truth: pd.DataFrame, uid: str) -> pd.DataFrame:
         "malignancy_probability": [*np.where(malignant, 0.95, 0.05), 0.1, np.nan],
     }
     frame = pd.DataFrame(rows).assign(series_uid=uid, index=0.0, row=0.0, col=0.0, voxel_count=1, diameter_mm=5.0)
-    return frame[diagnose.CANDIDATE_COLUMNS]
+    return frame[grouping.CANDIDATE_COLUMNS]
 
 
 def test_scoring_synthetic_truth_fills_the_confusion_table(tiny_dataset: Path) -> None:
-    truth = diagnose.read_truth(tiny_dataset)
+    truth = read_truth(tiny_dataset)
     uids = sorted(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))
     results = [_diagnosis(uid, _detections_from_truth(truth.nodules, uid)) for uid in uids]
-    config = diagnose.DiagnoseConfig()
+    config = pipeline.DiagnoseConfig()
     scores = score(results, truth, uids, config)
     nodules = truth.nodules[truth.nodules["series_uid"].isin(uids)]
     n_malignant = int(nodules["is_malignant"].fillna(False).sum())
@@ -338,26 +347,26 @@ def test_scoring_synthetic_truth_fills_the_confusion_table(tiny_dataset: Path) -
 def test_truth_takes_annotations_excluded_from_the_data_root_unless_given(tmp_path: Path) -> None:
     header = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
     (tmp_path / "annotations.csv").write_text(header + "1.2.3,0,0,0,6\n")
-    assert diagnose.read_truth(tmp_path).excluded is None
+    assert read_truth(tmp_path).excluded is None
     (tmp_path / "annotations_excluded.csv").write_text(header + "1.2.3,10,0,0,-1\n1.2.3,20,0,0,-1\n")
-    assert len(diagnose.read_truth(tmp_path).excluded) == 2
+    assert len(read_truth(tmp_path).excluded) == 2
     given = tmp_path / "other.csv"
     given.write_text(header + "1.2.3,30,0,0,-1\n")
-    assert diagnose.read_truth(tmp_path, given).excluded["coordX"].tolist() == [30.0]
+    assert read_truth(tmp_path, given).excluded["coordX"].tolist() == [30.0]
     (tmp_path / "annotations_excluded.csv").write_text("seriesuid,x\n")
     with pytest.raises(DataError, match="annotations_excluded.csv"):
-        diagnose.read_truth(tmp_path)
+        read_truth(tmp_path)
 
 
 @pytest.mark.slow
 def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untrained_models: Path,
                                                     tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    code = diagnose.main(["--validation", "--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
+    code = diagnose_cli.main(["--validation", "--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
                           "--output", str(out), "--save-mask", "--segmentation-threshold", "0.9", "--amp"])
     assert code == 0
     printed = capsys.readouterr().out
-    validation = diagnose.split_by_series(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))[1]
+    validation = split_by_series(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))[1]
     assert f"Summary: {len(validation)} CT(s)" in printed and "Confusion table" in printed
     report = json.loads((out / REPORT_FILE).read_text())
     assert [s["series_uid"] for s in report["series"]] == validation
@@ -391,7 +400,7 @@ def test_book_models_find_the_nodules_implanted_in_a_real_ct(cptac_dir: Path, bo
                          "--hu", "40", "40", "40", "40", "-620"]) == 0
     (uid,) = list_series_on_disk(data)
     out = tmp_path / "out"
-    assert diagnose.main([
+    assert diagnose_cli.main([
         "--data-root", str(data), "--cache-dir", str(tmp_path / "cache"), "--series-uid", uid, "--output", str(out),
         "--segmentation-path", str(book_checkpoints_dir / BOOK_SEGMENTATION),
         "--classification-path", str(book_checkpoints_dir / BOOK_CLASSIFIER),
@@ -448,7 +457,7 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tiny_dataset: Path, untrained
     args = make_args(tiny_dataset, untrained_models, empty)
     if "--models-dir" not in args:
         args += ["--models-dir", str(untrained_models)]
-    assert diagnose.main([*args, "--output", str(out)]) == code
+    assert diagnose_cli.main([*args, "--output", str(out)]) == code
     error = capsys.readouterr().err.strip().splitlines()
     assert message in error[-1] and "Traceback" not in "\n".join(error)
     assert (out / REPORT_FILE).read_text() == "previous"
@@ -471,11 +480,11 @@ def test_classify_chunks_with_flips_averages_the_mirror_images() -> None:
     hu = rng.integers(-300, 300, size=(10, 12, 12)).astype(np.int16)
     centers = np.array([[5, 6, 6], [4, 5, 7]])
     model = LeftHeavyLogits()
-    plain = diagnose.classify_chunks(hu, centers, model, 8, torch.device("cpu"))
-    averaged = diagnose.classify_chunks(hu, centers, model, 8, torch.device("cpu"), flips=True)
+    plain = classify.classify_chunks(hu, centers, model, 8, torch.device("cpu"))
+    averaged = classify.classify_chunks(hu, centers, model, 8, torch.device("cpu"), flips=True)
     expected = []
     for center in centers:
-        chunk = torch.from_numpy(diagnose.extract_chunk(hu, center, model.input_shape)).float()[None, None]
+        chunk = torch.from_numpy(extract_chunk(hu, center, model.input_shape)).float()[None, None]
         views = [chunk, chunk.flip(3), chunk.flip(4), chunk.flip((3, 4))]
         expected.append(np.mean([torch.softmax(model(v), dim=1)[0, 1].item() for v in views]))
     assert averaged == pytest.approx(expected, abs=1e-6)
@@ -493,14 +502,14 @@ def test_placed_models_give_the_same_results_in_channels_last() -> None:
     segmentation = build_model("unet", **{**BOOK_SEGMENTATION_KWARGS, "depth": 2}).eval()
     classifier = build_model("luna", input_shape=[16, 16, 16]).eval()
     cpu = torch.device("cpu")
-    mask = diagnose.segment_ct(hu, region, segmentation, 0.5, 4, cpu)
-    probabilities = diagnose.classify_chunks(hu, centers, classifier, 2, cpu, flips=True)
-    models = diagnose.DiagnosisModels(segmentation=_loaded(segmentation, "segmentation"),
+    mask = segment.segment_ct(hu, region, segmentation, 0.5, 4, cpu)
+    probabilities = classify.classify_chunks(hu, centers, classifier, 2, cpu, flips=True)
+    models = model_set.DiagnosisModels(segmentation=_loaded(segmentation, "segmentation"),
                                       nodule=_loaded(classifier, "nodule")).place(cpu)
     assert all(p.is_contiguous(memory_format=torch.channels_last_3d)
                for p in classifier.parameters() if p.dim() == 5)
-    assert np.array_equal(diagnose.segment_ct(hu, region, models.segmentation.model, 0.5, 4, cpu), mask)
-    assert diagnose.classify_chunks(hu, centers, models.nodule.model, 2, cpu, flips=True) == pytest.approx(
+    assert np.array_equal(segment.segment_ct(hu, region, models.segmentation.model, 0.5, 4, cpu), mask)
+    assert classify.classify_chunks(hu, centers, models.nodule.model, 2, cpu, flips=True) == pytest.approx(
         probabilities, abs=1e-5)
 
 
@@ -520,34 +529,18 @@ def test_amp_on_the_cpu_runs_the_models_in_bfloat16_close_to_float32() -> None:
         for module in model.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 module.register_forward_hook(lambda _module, _inputs, output: computed.append(output.dtype))
-    mask = diagnose.segment_ct(hu, region, segmentation, 0.5, 4, cpu)
-    probabilities = diagnose.classify_chunks(hu, centers, classifier, 4, cpu, flips=True)
+    mask = segment.segment_ct(hu, region, segmentation, 0.5, 4, cpu)
+    probabilities = classify.classify_chunks(hu, centers, classifier, 4, cpu, flips=True)
     assert set(computed) == {torch.float32}
     computed.clear()
-    mask_bf16 = diagnose.segment_ct(hu, region, segmentation, 0.5, 4, cpu, amp=True)
-    probabilities_bf16 = diagnose.classify_chunks(hu, centers, classifier, 4, cpu, amp=True, flips=True)
+    mask_bf16 = segment.segment_ct(hu, region, segmentation, 0.5, 4, cpu, amp=True)
+    probabilities_bf16 = classify.classify_chunks(hu, centers, classifier, 4, cpu, amp=True, flips=True)
     assert set(computed) == {torch.bfloat16}
     assert mask_bf16.dtype == bool and np.mean(mask_bf16 != mask) < 0.02
     np.testing.assert_allclose(probabilities_bf16, probabilities, atol=3e-2)
 
 
-@pytest.mark.parametrize("instructions, warned", [(True, False), (False, True)])
-def test_amp_on_a_cpu_that_emulates_bfloat16_is_warned(instructions: bool, warned: bool,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    from p2ch_luna.training import engine
-
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, name, lambda: instructions, raising=False)
-    engine.warn_if_emulated(True, torch.device("cpu"))
-    engine.warn_if_emulated(False, torch.device("cpu"))
-    engine.warn_if_emulated(True, torch.device("meta"))
-    assert caplog.text.count("bfloat16 is emulated") == int(warned)
-
-
-def _loaded(model: torch.nn.Module, task: str) -> "diagnose.LoadedCheckpoint":
-    from p2ch_luna.models.checkpoint import LoadedCheckpoint
-
+def _loaded(model: torch.nn.Module, task: str) -> LoadedCheckpoint:
     return LoadedCheckpoint(path=Path("untrained"), model=model, task=task, model_name=type(model).__name__,
                             model_kwargs={}, epoch=None, samples_seen=None, optimizer_name=None,
                             optimizer_state=None, config={}, metrics={}, is_book=False, raw={})

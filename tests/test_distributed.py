@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.training import cli as training
+from p2ch_luna.diagnose import cli as diagnose_cli
+from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE
 from p2ch_luna.distributed import DistributedInfo, distributed_info_from_env, resolve_device
 from p2ch_luna.models import load_checkpoint
-from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE
+from p2ch_luna.training import cli as training
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_TIMEOUT_S = 240
@@ -151,7 +151,7 @@ def test_diagnosis_split_over_two_ranks_matches_one_process(tiny_dataset: Path, 
                 str(untrained_models), "--output", str(out), "--segmentation-threshold", "0.9", "--device", "cpu",
                 "--log-level", "WARNING"]
 
-    assert diagnose.main(args(tmp_path / "one")) == 0
+    assert diagnose_cli.main(args(tmp_path / "one")) == 0
     one_printed = capsys.readouterr().out
     completed = _torchrun(["--standalone", "--nproc-per-node", "2"], "p2ch_luna.diagnose", args(tmp_path / "two"))
     assert "on cpu x 2" in completed.stdout  # one report, from rank 0, over both ranks

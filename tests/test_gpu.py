@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.training import cli as training
+from p2ch_luna.diagnose import classify, segment
 from p2ch_luna.models import build_model, load_checkpoint
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
+from p2ch_luna.training import cli as training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -60,8 +60,8 @@ def test_cuda_segmentation_matches_cpu() -> None:
     hu = rng.normal(-700, 300, size=(12, 96, 96)).astype(np.int16)
     region = np.zeros(hu.shape, dtype=bool)
     region[2:10, 10:80, 12:90] = True
-    on_cpu = diagnose.segment_ct(hu, region, model, 0.5, 4, CPU)
-    on_cuda = diagnose.segment_ct(hu, region, model.to(CUDA), 0.5, 4, CUDA)
+    on_cpu = segment.segment_ct(hu, region, model, 0.5, 4, CPU)
+    on_cuda = segment.segment_ct(hu, region, model.to(CUDA), 0.5, 4, CUDA)
     assert np.mean(on_cpu != on_cuda) < 1e-3  # TF32 convolutions may flip voxels at the threshold
 
 
@@ -71,10 +71,10 @@ def test_cuda_classification_matches_cpu_and_bf16_stays_close() -> None:
     rng = np.random.default_rng(1)
     hu = rng.normal(-500, 400, size=(40, 64, 64)).astype(np.int16)
     centers = rng.integers([8, 12, 12], [32, 52, 52], size=(40, 3))
-    on_cpu = diagnose.classify_chunks(hu, centers, model, 16, CPU, flips=True)
+    on_cpu = classify.classify_chunks(hu, centers, model, 16, CPU, flips=True)
     model.to(CUDA)
-    on_cuda = diagnose.classify_chunks(hu, centers, model, 16, CUDA, flips=True)
-    bf16 = diagnose.classify_chunks(hu, centers, model, 16, CUDA, amp=True, flips=True)
+    on_cuda = classify.classify_chunks(hu, centers, model, 16, CUDA, flips=True)
+    bf16 = classify.classify_chunks(hu, centers, model, 16, CUDA, amp=True, flips=True)
     np.testing.assert_allclose(on_cuda, on_cpu, atol=2e-3)
     np.testing.assert_allclose(bf16, on_cpu, atol=3e-2)
 
@@ -111,10 +111,11 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
     model step run one after the other instead of overlapping.
     """
     from p2ch_luna.data.augment import AugmentConfig
-    from p2ch_luna.training.config import TrainConfig
-    from p2ch_luna.training.engine import amp_settings, move_to_device
-    from p2ch_luna.paths import resolve_paths
     from p2ch_luna.data.sampling import make_generator
+    from p2ch_luna.paths import resolve_paths
+    from p2ch_luna.precision import amp_settings
+    from p2ch_luna.training.config import TrainConfig
+    from p2ch_luna.training.engine import move_to_device
     from p2ch_luna.training.tasks import RunContext
     from p2ch_luna.training.tasks.classification import ClassificationOptions, NoduleTask
 
@@ -150,9 +151,9 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
 def _ring_and_plain_loaders(data_root: Path, tmp_path: Path, batch_size: int, chunk_shape: tuple[int, int, int],
                             epoch_size: int, seed: int) -> tuple[Any, Any]:
     """A nodule training set's batch ring (one worker) and its plain loader, with the same balanced sampling."""
-    from p2ch_luna.training.config import TrainConfig
-    from p2ch_luna.paths import resolve_paths
     from p2ch_luna.data.sampling import BalancedSampler
+    from p2ch_luna.paths import resolve_paths
+    from p2ch_luna.training.config import TrainConfig
     from p2ch_luna.training.tasks import RunContext, build_loader
     from p2ch_luna.training.tasks.classification import ClassificationOptions, NoduleTask
 

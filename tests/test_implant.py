@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from p2ch_luna.synth import implant
-from p2ch_luna.synth import generator as synth
-from p2ch_luna.io.ct import Ct, list_series_on_disk, load_ct, write_metaimage
-from p2ch_luna.errors import DataError, UsageError
-from p2ch_luna.diagnose.lungs import find_lungs
 from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.diagnose.lungs import find_lungs
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.io.ct import Ct, list_series_on_disk, load_ct, write_metaimage
+from p2ch_luna.synth import generator as synth
+from p2ch_luna.synth import implant
 
 
 @pytest.mark.parametrize("radius, center, spacing", [

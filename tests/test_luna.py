@@ -11,7 +11,6 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2ch_luna.errors import DataError
 from p2ch_luna.data.luna import (
     TABLE_COLUMNS,
     attach_malignancy,
@@ -24,6 +23,7 @@ from p2ch_luna.data.luna import (
     read_malignancy,
     split_by_series,
 )
+from p2ch_luna.errors import DataError
 
 UID_A = "1.2.3.100"
 UID_B = "1.2.3.200"

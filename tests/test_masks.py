@@ -9,8 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from p2ch_luna.io.ct import Ct
-from p2ch_luna.geometry import Geometry
 from p2ch_luna.data.masks import (
     MASK_THRESHOLD_HU,
     annotation_rows,
@@ -24,6 +22,8 @@ from p2ch_luna.data.masks import (
     positive_slices,
     unpack_mask,
 )
+from p2ch_luna.geometry import Geometry
+from p2ch_luna.io.ct import Ct
 
 LUNG_HU = -850
 NODULE_HU = 40
@@ -140,8 +140,8 @@ def test_pack_mask_round_trip() -> None:
 
 def test_cached_mask_matches_mask_of_loaded_ct(tiny_dataset: Path, tmp_path: Path) -> None:
     from p2ch_luna.data.cache import ChunkCache
-    from p2ch_luna.io.ct import find_series_path, load_ct
     from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations
+    from p2ch_luna.io.ct import find_series_path, load_ct
 
     annotations = read_annotations(tiny_dataset / ANNOTATIONS_FILE)
     series_uid = annotations["series_uid"].iloc[0]

@@ -8,22 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from p2ch_luna import metrics
-from p2ch_luna.metrics import (
-    OPERATING_POINTS,
-    classification_metrics,
-    confusion_table,
-    dice_score,
-    format_confusion_table,
-    froc,
-    match_detections,
-    match_nodules,
-    plot_froc,
-    precision_recall_curve,
-    roc_auc,
-    roc_curve,
-    segmentation_metrics,
-)
+from p2ch_luna.evaluation.figures import plot_froc
+from p2ch_luna.evaluation.text import format_confusion_table
+from p2ch_luna.metrics import froc as froc_module
+from p2ch_luna.metrics.classification import classification_metrics, precision_recall_curve, roc_auc, roc_curve
+from p2ch_luna.metrics.confusion import confusion_table
+from p2ch_luna.metrics.froc import OPERATING_POINTS, froc, match_detections, match_nodules
+from p2ch_luna.metrics.segmentation import dice_score, segmentation_metrics
 
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 DETECTION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
@@ -244,7 +235,7 @@ def test_interp_rows_matches_numpy_interp():
     xp = np.r_[0, np.sort(rng.integers(0, 6, size=20)) / 2.0][None, :].repeat(2, axis=0)
     fp = np.cumsum(rng.random((2, 21)), axis=1)
     x = np.array([0.125, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0])
-    got = metrics._interp_rows(x, xp, fp)
+    got = froc_module._interp_rows(x, xp, fp)
     for row in range(2):
         np.testing.assert_allclose(got[row], np.interp(x, xp[row], fp[row]))
 

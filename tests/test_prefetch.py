@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from p2ch_luna.diagnose import prefetch
-from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.errors import DataError
+from p2ch_luna.io.ct import list_series_on_disk
 
 
 def _selection(root: Path) -> list[tuple[str, Path]]:

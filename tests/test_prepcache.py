@@ -10,8 +10,8 @@ import pytest
 
 import p2ch_luna.data.cache as cache_module
 from p2ch_luna.data.cache import ChunkCache
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
 from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
 from p2ch_luna.prepcache import main
 
 

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from p2ch_luna.data.sampling import (BalancedSampler, ShardedSequentialSampler, epoch_seed, make_generator,
-                                set_sampler_epoch)
+from p2ch_luna.data.sampling import (
+    BalancedSampler,
+    ShardedSequentialSampler,
+    epoch_seed,
+    make_generator,
+    set_sampler_epoch,
+)
 
 LABELS = np.array([True] * 7 + [False] * 50)
 

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from p2ch_luna.data.cache import ChunkCache
-from p2ch_luna.io.ct import HU_MIN, list_series_on_disk
-from p2ch_luna.training.losses import dice_loss, segmentation_loss
 from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations
 from p2ch_luna.data.segmentation import (
     SameShapeBatchSampler,
@@ -24,6 +22,8 @@ from p2ch_luna.data.segmentation import (
     read_sample,
     validation_slices,
 )
+from p2ch_luna.io.ct import HU_MIN, list_series_on_disk
+from p2ch_luna.training.losses import dice_loss, segmentation_loss
 from p2ch_luna.training.tasks.segmentation import OVERLAY_COLORS, overlay_image
 
 
@@ -157,9 +157,9 @@ def test_overlay_colours() -> None:
 
 def test_training_end_to_end(tiny_dataset: Path, tmp_path: Path) -> None:
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    from p2ch_luna.training import cli as training
     from p2ch_luna.models.checkpoint import find_latest_checkpoint, load_checkpoint
     from p2ch_luna.models.unet import UNetWrapper
+    from p2ch_luna.training import cli as training
 
     code = training.main([
         "segmentation", "--data-root", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
@@ -216,8 +216,8 @@ def test_batched_crops_are_the_single_crops(tiny_series: SegmentationSeries) -> 
 
 
 def test_batch_ring_trains_the_segmenter_to_the_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
-    from p2ch_luna.training import cli as training
     from p2ch_luna.models.checkpoint import find_latest_checkpoint, load_checkpoint
+    from p2ch_luna.training import cli as training
 
     def run(out: Path, *extra: str) -> Any:
         assert training.main([

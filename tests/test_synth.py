@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from p2ch_luna.synth import generator as synth
-from p2ch_luna.io.ct import load_ct
 from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.io.ct import load_ct
+from p2ch_luna.synth import generator as synth
 
 SHAPE = (96, 96)
 SLICES = (40, 50)

@@ -12,13 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from p2ch_luna.training import engine
-from p2ch_luna.training import cli as training
-from p2ch_luna.training.config import TrainConfig
-from p2ch_luna.training.engine import AmpSettings, amp_settings, split_batch, train_one_epoch
 from p2ch_luna.errors import LunaError
 from p2ch_luna.models import LunaModel, load_checkpoint, save_checkpoint
 from p2ch_luna.paths import resolve_paths
+from p2ch_luna.precision import AmpSettings, amp_settings
+from p2ch_luna.training import cli as training
+from p2ch_luna.training import engine
+from p2ch_luna.training.config import TrainConfig
+from p2ch_luna.training.engine import split_batch, train_one_epoch
 from p2ch_luna.training.tasks import RunContext
 from p2ch_luna.training.tasks.base import ModelSpec, Task
 from p2ch_luna.training.tasks.classification import ClassificationOptions, MalignancyTask

@@ -24,16 +24,16 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from p2ch_luna.columns import CENTER_COLUMNS
 from p2ch_luna.data.cache import ChunkCache
+from p2ch_luna.data.luna import VALIDATION_STRIDE, split_by_series
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
-from p2ch_luna.data.luna import VALIDATION_STRIDE, split_by_series
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
 
 log = logging.getLogger(__name__)
 
 LABEL_COLUMN = "label"
-CENTER_COLUMNS = ["center_x", "center_y", "center_z"]
 
 
 def nodule_table(candidates: pd.DataFrame) -> pd.DataFrame:
@@ -71,7 +71,7 @@ def drop_centres_outside(table: pd.DataFrame, geometries: Mapping[str, Geometry]
     """``table`` without the rows whose centre's nearest voxel lies outside their series' CT, with one warning
     saying how many and naming the first (such a row would stop training whenever the sampler drew it; the
     segmenter's masks skip such annotations likewise)."""
-    centres = table[CENTER_COLUMNS].to_numpy(dtype=np.float64)
+    centres = table[list(CENTER_COLUMNS)].to_numpy(dtype=np.float64)
     inside = np.ones(len(table), dtype=bool)
     for series_uid, rows in table.groupby("series_uid", sort=False).indices.items():
         geometry = geometries[series_uid]
@@ -111,7 +111,7 @@ class CandidateDataset(Dataset):
         self.cache = cache
         self.chunk_shape_irc = tuple(int(n) for n in chunk_shape_irc)
         self.series_uids = self.table["series_uid"].astype(str).tolist()
-        self.centers_xyz = self.table[CENTER_COLUMNS].to_numpy(dtype=np.float64)
+        self.centers_xyz = self.table[list(CENTER_COLUMNS)].to_numpy(dtype=np.float64)
         self.labels = self.table[LABEL_COLUMN].to_numpy(dtype=bool)
 
     def __len__(self) -> int:

@@ -33,8 +33,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from p2ch_luna.io.ct import list_series_on_disk
+from p2ch_luna.columns import XYZ_COLUMNS
 from p2ch_luna.errors import DataError
+from p2ch_luna.io.ct import list_series_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ DIAMETER_MATCH_FRACTION = 0.25
 MALIGNANCY_MATCH_FRACTION = 0.5
 """A malignancy row belongs to an annotation within its radius."""
 
-COORD_COLUMNS = ["coordX", "coordY", "coordZ"]
 TABLE_COLUMNS = ["series_uid", "center_x", "center_y", "center_z", "is_nodule",
                  "diameter_mm", "is_malignant", "has_annotation", "source"]
 
@@ -112,8 +112,8 @@ def _check_range(frame: pd.DataFrame, path: Path, column: str, valid: np.ndarray
 def read_annotations(path: str | Path) -> pd.DataFrame:
     """``annotations.csv`` as ``series_uid, center_x/y/z, diameter_mm``."""
     path = Path(path)
-    frame = read_csv_checked(path, ["seriesuid", *COORD_COLUMNS, "diameter_mm"],
-                             [*COORD_COLUMNS, "diameter_mm"], what="annotations")
+    frame = read_csv_checked(path, ["seriesuid", *XYZ_COLUMNS, "diameter_mm"],
+                             [*XYZ_COLUMNS, "diameter_mm"], what="annotations")
     _check_range(frame, path, "diameter_mm", frame["diameter_mm"].to_numpy() > 0, "must be > 0", "annotations")
     return _rename_coordinates(frame)
 
@@ -121,7 +121,7 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
 def read_candidates(path: str | Path) -> pd.DataFrame:
     """``candidates.csv`` as ``series_uid, center_x/y/z, is_nodule``."""
     path = Path(path)
-    frame = read_csv_checked(path, ["seriesuid", *COORD_COLUMNS, "class"], [*COORD_COLUMNS, "class"],
+    frame = read_csv_checked(path, ["seriesuid", *XYZ_COLUMNS, "class"], [*XYZ_COLUMNS, "class"],
                              what="candidates")
     _check_range(frame, path, "class", frame["class"].isin([0.0, 1.0]).to_numpy(), "must be 0 or 1", "candidates")
     frame["is_nodule"] = frame.pop("class").astype(bool)
@@ -131,8 +131,8 @@ def read_candidates(path: str | Path) -> pd.DataFrame:
 def read_malignancy(path: str | Path) -> pd.DataFrame:
     """The book's ``annotations_with_malignancy.csv`` as ``series_uid, center_x/y/z, diameter_mm, is_malignant``."""
     path = Path(path)
-    frame = read_csv_checked(path, ["seriesuid", *COORD_COLUMNS, "diameter_mm", "mal_bool"],
-                             [*COORD_COLUMNS, "diameter_mm"], what="malignancy annotations")
+    frame = read_csv_checked(path, ["seriesuid", *XYZ_COLUMNS, "diameter_mm", "mal_bool"],
+                             [*XYZ_COLUMNS, "diameter_mm"], what="malignancy annotations")
     flags = frame["mal_bool"].str.lower()
     valid = flags.isin(["true", "false", "1", "0"]).to_numpy()
     _check_range(frame, path, "mal_bool", valid, "must be True or False", "malignancy annotations")

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from p2ch_luna.io.ct import Ct
+from p2ch_luna.columns import CENTER_COLUMNS
 from p2ch_luna.geometry import Geometry
+from p2ch_luna.io.ct import Ct
 
 if TYPE_CHECKING:
     from p2ch_luna.data.cache import ChunkCache
@@ -41,7 +42,6 @@ MASK_THRESHOLD_HU = -700
 INITIAL_RADIUS = 2
 """The book starts growing each box from this radius (voxels)."""
 MASK_MODES = ("grow", "sphere")
-CENTER_COLUMNS = ["center_x", "center_y", "center_z"]
 
 
 def annotation_rows(annotations: pd.DataFrame, series_uid: str | None = None) -> pd.DataFrame:
@@ -116,7 +116,7 @@ def build_nodule_mask(hu: np.ndarray, geometry: Geometry, annotations: pd.DataFr
         raise ValueError(f"mask mode must be one of {MASK_MODES}, not {mode!r}")
     if hu.shape != tuple(geometry.shape_irc):
         raise ValueError(f"HU shape {hu.shape} differs from the geometry's {geometry.shape_irc}")
-    centers_xyz = annotations[CENTER_COLUMNS].to_numpy(dtype=np.float64).reshape(-1, 3)
+    centers_xyz = annotations[list(CENTER_COLUMNS)].to_numpy(dtype=np.float64).reshape(-1, 3)
     diameters = annotations["diameter_mm"].to_numpy(dtype=np.float64).reshape(-1)
     centers_irc = geometry.xyz_to_irc(centers_xyz).reshape(-1, 3)
     inside = geometry.contains_irc(centers_irc).reshape(-1)

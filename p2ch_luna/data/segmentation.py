@@ -36,10 +36,16 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from p2ch_luna.data.cache import ChunkCache
-from p2ch_luna.io.ct import HU_MIN
-from p2ch_luna.geometry import chunk_bounds
-from p2ch_luna.data.masks import MASK_THRESHOLD_HU, annotation_rows, cached_packed_mask, cached_positive_slices, unpack_mask
+from p2ch_luna.data.masks import (
+    MASK_THRESHOLD_HU,
+    annotation_rows,
+    cached_packed_mask,
+    cached_positive_slices,
+    unpack_mask,
+)
 from p2ch_luna.data.sampling import epoch_seed
+from p2ch_luna.geometry import chunk_bounds
+from p2ch_luna.io.ct import HU_MIN
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,6 @@ from typing import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``python -m p2ch_luna.diagnose`` command (imported on call, so importing the package stays light)."""
-    from p2ch_luna.diagnose.pipeline import main as run
+    from p2ch_luna.diagnose.cli import main as run
 
     return run(argv)

@@ -1,5 +1,5 @@
 import sys
 
-from p2ch_luna.diagnose.pipeline import main
+from p2ch_luna.diagnose.cli import main
 
 sys.exit(main())

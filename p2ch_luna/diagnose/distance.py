@@ -19,10 +19,10 @@ from scipy.spatial import cKDTree
 SPARSE_FRACTION = 0.1
 """Masks filling at most this fraction of their array are measured with the k-d tree.
 
-On a 2-core machine the tree costs about 6-10 times as much per inside voxel as
-the feature transform per voxel of the array (``bench/bench_distance.py``), so
-at a tenth the two cost about the same on one thread; the tree's search spreads
-over threads, the feature transform does not.
+The tree costs several times as much per inside voxel as the feature transform
+per voxel of the array, so around a tenth the two cost about the same on one
+thread; the tree's search spreads over threads, the feature transform does not
+(``python -m bench.bench_distance``).
 """
 
 
@@ -49,7 +49,8 @@ def depth_from_feature_transform(mask: np.ndarray, spacing: np.ndarray, dtype: D
     """:func:`depth_mm` from scipy's feature transform: its distances bit for bit.
 
     Computed one axis at a time from the nearest outside voxel's indices instead
-    of through scipy's (3, I, R, C) float64 temporary: about 20% faster.
+    of through scipy's (3, I, R, C) float64 temporary, which is faster and holds less memory
+    (``python -m bench.bench_distance``).
     """
     nearest = ndimage.distance_transform_edt(mask, sampling=spacing, return_distances=False, return_indices=True)
     squared = np.zeros(mask.shape, dtype=np.float64)

@@ -1,12 +1,12 @@
 """Handing the C heap's free memory back to the operating system.
 
 CPU inference batch after batch leaves glibc's heap full of freed blocks it
-keeps for later: segmenting a 475-slice CT left 1.6 GB of the heap free but
-resident, against 0.25 GB in use. ``malloc_trim`` gives those pages
-back. Memory the heap then reuses is faulted in again, which costs time when
-done after every batch (30% of a 475-slice CT's segmentation), so a loop
+keeps for later: on a large CT several times the memory in use stays resident
+but free. ``malloc_trim`` gives those pages back. Memory the heap then reuses
+is faulted in again, which costs time when done after every batch, so a loop
 trims with :class:`HeapTrimmer` only once the process has grown by a set
-amount.
+amount (what each costs: ``python -m bench.bench_memory``; figures in
+``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ AIRWAY_MAX_AREA_MM2 = 400.0
 """Slice cross-sections smaller than this (trachea about 250 mm²) are cut off as airway."""
 CLOSING_MM = 15.0
 """Closing radius per lung: notches of juxtapleural nodules up to ~30 mm are filled (10 mm lost half of a
-24 mm one on a real CT; see the README's implant measurements)."""
+24 mm one on a real CT; see docs/benchmarks.md, implanted nodules)."""
 DEFAULT_MARGIN_MM = 3.0
 """Dilation of the final mask, so findings on the pleura stay inside."""
 

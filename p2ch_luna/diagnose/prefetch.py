@@ -1,11 +1,9 @@
 """Load the next CTs and find their lungs in worker processes while this one runs the models.
 
 Reading a CT and building its lung mask are CPU work in SimpleITK and
-scipy. Most of it releases the GIL, so threads would overlap it too: on a
-2-core machine with one torch thread (``bench/bench_diagnose.py --series 4
---slices 100 --threads 1``), one worker process gave 1.09x and, with this
-pool swapped for a thread pool, one thread 1.07x. Processes also keep the
-Python-level work apart. With ``workers`` > 0, :func:`prepared_cts` hands them to that many
+scipy. Most of it releases the GIL, so threads would overlap it too; processes
+were chosen because they also keep the Python-level work apart and measured at
+least as fast (``python -m bench.bench_diagnose --series 4 --slices 100 --threads 1``). With ``workers`` > 0, :func:`prepared_cts` hands them to that many
 ``spawn``-ed worker processes (no CUDA or torch state is inherited) and keeps
 ``workers`` CTs in flight ahead of the one being diagnosed; results come back
 in the order asked. Errors are re-raised in this process when their CT's turn
@@ -26,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from p2ch_luna.diagnose import lungs as lungs_module
-from p2ch_luna.io.ct import Ct, load_ct
+from p2ch_luna.diagnose.lungs import Lungs, find_lungs
 from p2ch_luna.errors import LunaError
+from p2ch_luna.io.ct import Ct, load_ct
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ class PreparedCt:
     """A loaded CT, its lungs and how long each took (seconds)."""
 
     ct: Ct
-    lungs: lungs_module.Lungs
+    lungs: Lungs
     load_s: float
     lungs_s: float
 
@@ -49,7 +47,7 @@ def prepare_ct(series_uid: str, path: Path, margin_mm: float) -> PreparedCt:
     ct = load_ct(path, series_uid=series_uid or None)
     loaded = time.perf_counter()
     spacing_irc = tuple(float(v) for v in ct.geometry.spacing_irc)
-    lungs = lungs_module.find_lungs(ct.hu, spacing_irc, margin_mm=margin_mm)
+    lungs = find_lungs(ct.hu, spacing_irc, margin_mm=margin_mm)
     return PreparedCt(ct=ct, lungs=lungs, load_s=loaded - started, lungs_s=time.perf_counter() - loaded)
 
 

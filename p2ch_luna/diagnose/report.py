@@ -1,4 +1,4 @@
-"""Outputs of ``p2ch_luna.diagnose``: the console report, report.json, findings.csv and figures.
+"""Outputs of ``p2ch_luna.diagnose``: the scores, the console report, report.json, findings.csv, the mask.
 
 Files are staged in a temporary folder next to the output folder and then moved
 in one by one with ``os.replace``: an error before the move leaves the output
@@ -8,41 +8,31 @@ folder untouched, and no file in it is ever half written.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from p2ch_luna.io.ct import HU_MIN, Ct, to_image, write_image
+from p2ch_luna.diagnose.pipeline import DiagnoseConfig, SeriesDiagnosis, findings
 from p2ch_luna.errors import LunaError
-from p2ch_luna.evaluate import format_report as format_froc
-from p2ch_luna.metrics import FrocResult, format_confusion_table, plot_froc
-
-if TYPE_CHECKING:
-    from p2ch_luna.diagnose.pipeline import DiagnoseConfig, SeriesDiagnosis, Truth
+from p2ch_luna.evaluation.figures import plot_froc
+from p2ch_luna.evaluation.scoring import luna_froc, series_confusion, truth_matches
+from p2ch_luna.evaluation.text import format_confusion_table, format_froc
+from p2ch_luna.evaluation.truth import Truth, luna_detections
+from p2ch_luna.io.ct import to_image, write_image
+from p2ch_luna.metrics.froc import FrocResult
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 FINDINGS_FILE = "findings.csv"
 FROC_FILE = "froc.png"
-MAX_FIGURES_PER_SERIES = 20
-"""Figures are drawn for the most probable findings only (a poor model may report hundreds)."""
-FIGURE_DPI = 80
-FIGURE_WINDOW_HU = (-1000, 400)
-"""Display window of the figures (lung window)."""
-PNG_COMPRESS_LEVEL = 1
-"""zlib level of the findings' PNGs: at PIL's default (6), encoding took half of a figure's time, for files
-about 11% smaller."""
-FIGURE_VIEW_MM = 80.0
-"""Distance shown on each side of a finding in each view, in millimetres (a 160 mm square)."""
 
 
 @dataclasses.dataclass
@@ -53,7 +43,7 @@ class Scores:
     total: np.ndarray | None = None
     froc: FrocResult | None = None
     nodules: pd.DataFrame | None = None
-    """Each annotated nodule of the scored series and the candidate that finds it (``diagnose.truth_matches``)."""
+    """Each annotated nodule of the scored series and the candidate that finds it (:func:`p2ch_luna.evaluation.scoring.truth_matches`)."""
 
     def nodules_of(self, series_uid: str) -> pd.DataFrame | None:
         if self.nodules is None:
@@ -75,13 +65,12 @@ class Summary:
 def score(results: Sequence[SeriesDiagnosis], truth: Truth | None, scored_uids: Sequence[str],
           config: DiagnoseConfig) -> Scores:
     """Confusion tables for the series in ``scored_uids`` and the FROC over them (when nodules exist)."""
-    from p2ch_luna.diagnose.pipeline import luna_froc, series_confusion, truth_matches
-
     wanted = set(scored_uids)
     scored = [result for result in results if result.series_uid in wanted]
     if truth is None or not scored:
         return Scores()
-    per_series = {r.series_uid: series_confusion(truth.for_series(r.series_uid), r.candidates, config)
+    per_series = {r.series_uid: series_confusion(truth.for_series(r.series_uid), r.candidates,
+                                                   config.nodule_threshold, config.malignancy_threshold)
                   for r in scored}
     total = np.sum(list(per_series.values()), axis=0)
     uids = [r.series_uid for r in scored]
@@ -89,7 +78,7 @@ def score(results: Sequence[SeriesDiagnosis], truth: Truth | None, scored_uids: 
     if not has_nodules:
         return Scores(per_series=per_series, total=total)
     froc = luna_froc(truth, pd.concat([r.candidates for r in scored]), uids)
-    return Scores(per_series=per_series, total=total, froc=froc, nodules=truth_matches(truth, scored, config))
+    return Scores(per_series=per_series, total=total, froc=froc, nodules=truth_matches(truth, {r.series_uid: r.candidates for r in scored}, config.nodule_threshold))
 
 
 # ---------------------------------------------------------------------------
@@ -119,8 +108,6 @@ def format_truth(row: pd.Series) -> str:
 def format_report(results: Sequence[SeriesDiagnosis], scores: Scores, config: DiagnoseConfig,
                   summary: Summary) -> str:
     """The printed report: findings per series, confusion tables, FROC, one summary line."""
-    from p2ch_luna.diagnose.pipeline import findings
-
     lines = []
     n_findings = n_malignant = n_candidates = 0
     for result in results:
@@ -196,8 +183,6 @@ def _table(table: np.ndarray | None) -> list[list[int]] | None:
 
 def findings_csv(results: Sequence[SeriesDiagnosis]) -> str:
     """Every candidate in the LUNA16 submission format."""
-    from p2ch_luna.diagnose.pipeline import luna_detections
-
     frames = [luna_detections(result.candidates) for result in results]
     frame = pd.concat(frames) if frames else pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ",
                                                                      "probability"])
@@ -238,110 +223,3 @@ def _write_mask(path: Path, result: SeriesDiagnosis) -> None:
     count = int(np.prod(result.shape_irc))
     mask = np.unpackbits(result.mask_bits, count=count).reshape(result.shape_irc)
     write_image(to_image(mask, result.geometry), path)
-
-
-# ---------------------------------------------------------------------------
-# Figures
-
-
-def render_findings(ct: Ct, found: pd.DataFrame, lung_mask: np.ndarray | None = None) -> dict[str, bytes]:
-    """A PNG per finding (the most probable first, at most ``MAX_FIGURES_PER_SERIES``), keyed by file name.
-
-    One figure is drawn once and redrawn for each finding (:class:`FindingFigure`).
-    """
-    if len(found) > MAX_FIGURES_PER_SERIES:
-        log.info("%s: figures for the %d most probable of %d findings", ct.series_uid, MAX_FIGURES_PER_SERIES,
-                 len(found))
-    shown = found.head(MAX_FIGURES_PER_SERIES)
-    if shown.empty:
-        return {}
-    figure = FindingFigure(ct.geometry.spacing_irc)
-    return {f"{ct.series_uid}_finding{number:03d}.png": figure.render(ct, row, number, lung_mask)
-            for number, (_, row) in enumerate(shown.iterrows(), start=1)}
-
-
-def render_finding(ct: Ct, row: pd.Series, number: int, lung_mask: np.ndarray | None = None) -> bytes:
-    """Axial, coronal and sagittal views through a finding, marked with a circle of its size."""
-    return FindingFigure(ct.geometry.spacing_irc).render(ct, row, number, lung_mask)
-
-
-def view_window(plane: np.ndarray, center: tuple[int, int], half: tuple[int, int], fill: Any) -> np.ndarray:
-    """The ``(2 * half + 1)``-pixel window of ``plane`` centred on ``center``; ``fill`` beyond its edges."""
-    window = np.full((2 * half[0] + 1, 2 * half[1] + 1), fill, dtype=plane.dtype)
-    source, target = [], []
-    for axis in range(2):
-        start = center[axis] - half[axis]
-        low, high = max(start, 0), min(center[axis] + half[axis] + 1, plane.shape[axis])
-        source.append(slice(low, max(high, low)))
-        target.append(slice(low - start, max(high, low) - start))
-    window[tuple(target)] = plane[tuple(source)]
-    return window
-
-
-class FindingFigure:
-    """Axial, coronal and sagittal views up to ``FIGURE_VIEW_MM`` around a finding, for one CT's spacing.
-
-    The figure, its axes and images are made once and only their contents
-    change from one finding to the next: in matplotlib, building a figure and
-    laying it out cost more than drawing it. Beyond the CT's edges the views
-    show air.
-    """
-
-    # (name, vertical axis, horizontal axis) per view: axial (row, col), coronal (index, col), sagittal (index, row)
-    VIEWS = (("axial", 1, 2), ("coronal", 0, 2), ("sagittal", 0, 1))
-
-    def __init__(self, spacing_irc: Sequence[float]) -> None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Ellipse
-
-        self.spacing = np.asarray(spacing_irc, dtype=np.float64)
-        self.half = np.maximum(np.rint(FIGURE_VIEW_MM / self.spacing), 1).astype(int)
-        self.figure = Figure(figsize=(12, 4.4), dpi=FIGURE_DPI)
-        FigureCanvasAgg(self.figure)
-        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.05)
-        self.axes = self.figure.subplots(1, 3)
-        self.images, self.circles, self.contours = [], [], [None, None, None]
-        for axis, (name, vertical, horizontal) in zip(self.axes, self.VIEWS):
-            shape = (2 * self.half[vertical] + 1, 2 * self.half[horizontal] + 1)
-            self.images.append(axis.imshow(
-                np.full(shape, HU_MIN, dtype=np.int16), cmap="gray", vmin=FIGURE_WINDOW_HU[0],
-                vmax=FIGURE_WINDOW_HU[1], aspect=self.spacing[vertical] / self.spacing[horizontal],
-                origin="lower" if vertical == 0 else "upper", interpolation="nearest"))
-            circle = Ellipse((self.half[horizontal], self.half[vertical]), 1.0, 1.0, fill=False, color="red",
-                             linewidth=1.2)
-            axis.add_patch(circle)
-            self.circles.append(circle)
-            axis.set_autoscale_on(False)  # the lung contours must not move the view
-            axis.set_title(name)
-            axis.set_xticks([])
-            axis.set_yticks([])
-
-    def render(self, ct: Ct, row: pd.Series, number: int, lung_mask: np.ndarray | None = None) -> bytes:
-        """The PNG of finding ``row`` (a candidate row of :mod:`p2ch_luna.diagnose`) of ``ct``."""
-        center = np.clip(np.rint([row["index"], row["row"], row["col"]]).astype(int), 0, np.array(ct.shape) - 1)
-        radius_mm = max(float(row["diameter_mm"]), 3.0) / 2 + 2.0
-        for view, (axis, (_, vertical, horizontal)) in enumerate(zip(self.axes, self.VIEWS)):
-            through = tuple(slice(None) if a in (vertical, horizontal) else int(center[a]) for a in range(3))
-            window_center = (int(center[vertical]), int(center[horizontal]))
-            window_half = (int(self.half[vertical]), int(self.half[horizontal]))
-            self.images[view].set_data(view_window(ct.hu[through], window_center, window_half, HU_MIN))
-            self.circles[view].set_width(2 * radius_mm / self.spacing[horizontal])
-            self.circles[view].set_height(2 * radius_mm / self.spacing[vertical])
-            if self.contours[view] is not None:
-                self.contours[view].remove()
-                self.contours[view] = None
-            if lung_mask is not None:
-                lungs = view_window(lung_mask[through], window_center, window_half, False)
-                if lungs.any() and not lungs.all():
-                    self.contours[view] = axis.contour(lungs.astype(np.float32), levels=[0.5], colors="tab:blue",
-                                                       linewidths=0.6)
-        malignancy = row["malignancy_probability"]
-        self.figure.suptitle(
-            f"{ct.series_uid} finding {number}: nodule {row['nodule_probability']:.2f}"
-            + ("" if pd.isna(malignancy) else f", malignancy {malignancy:.2f}")
-            + f", ~{row['diameter_mm']:.1f} mm at ({row['center_x']:.1f}, {row['center_y']:.1f}, "
-            f"{row['center_z']:.1f}) mm", fontsize=9)
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
-        return buffer.getvalue()

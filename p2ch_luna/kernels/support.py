@@ -14,7 +14,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MIN_TRITON = (3, 6)
-"""The oldest Triton the kernels were tested with (3.6 compiled on an H200; 3.6 and 3.9 interpreted)."""
+"""The oldest Triton the kernels were tested with, compiled on a GPU and interpreted (docs/benchmarks.md)."""
 DIFFERENCE_CHUNK = 1 << 24
 """Elements compared at a time, so a check needs no float64 copy of a whole activation."""
 

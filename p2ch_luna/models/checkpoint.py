@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from p2ch_luna import __version__
-from p2ch_luna.io.atomic import atomic_write_bytes
 from p2ch_luna.errors import DataError
+from p2ch_luna.io.atomic import atomic_write_bytes
 from p2ch_luna.models.registry import build_model
 
 log = logging.getLogger(__name__)

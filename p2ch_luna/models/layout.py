@@ -1,7 +1,7 @@
 """Channels-last memory layout for models and their inputs.
 
-On the CPU (oneDNN) it measured 1.6-2.6x faster for the classifier and 2x for
-the U-Net in inference; on GPUs it is what cuDNN's tensor-core kernels want.
+On the CPU (oneDNN) it is faster for both models in inference
+(``python -m bench.bench_diagnose``); on GPUs it is what cuDNN's tensor-core kernels want.
 Training and diagnosis use it by default (``--no-channels-last`` turns it off
 for training).
 """

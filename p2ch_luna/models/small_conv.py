@@ -1,21 +1,18 @@
 """3x3x3 convolutions of few channels (the classifier's) as Triton kernels, with autograd.
 
 cuDNN's 3D convolution kernels fill the tensor cores poorly at the classifier's
-1-16 channels: on an H200 its first two layers (1 -> 8 and 8 -> 8 channels,
-32x48x48, batch 256, bfloat16) took 9.1 and 13.2 ms for forward + backward, a
-few percent of the chip's rate. The kernels in ``small_conv_kernels`` gather
+1-16 channels (a few percent of the chip's rate on the first two layers). The kernels in ``small_conv_kernels`` gather
 each output voxel's 27 x C inputs straight from the channels-last volume and
 multiply them on the tensor cores, with the bias and the ReLU in the same
 pass; the input gradient is the same kernel with the flipped, transposed
 weights, and the weight gradient a second kernel that reduces over the voxels
-in splits. There the first layer took 2.4 ms, and the classifier's training
-step went from 9,252 to 14,535 samples/s with the layers of up to 16 channels
-on these kernels (``bench/bench_small_conv.py``,
-``bench/bench_classifier_step.py --triton-sweep``).
+in splits. The layers of up to 16 channels run markedly faster so
+(``python -m bench.bench_small_conv``, ``python -m bench.bench_classifier_step --triton-sweep``;
+figures in docs/benchmarks.md).
 
 Each problem size gets the fastest of a few launch forms (``Tile``), timed on
 its first call; a form must reproduce torch's own result for that problem
-(cuDNN's, on a GPU), since on the H200 one form was miscompiled at full size
+(cuDNN's, on a GPU), since one form was seen miscompiled at full size
 (``fastest_agreeing_tile``), and where no form does, torch computes that
 problem. Before the first use on a GPU the kernels check themselves against
 torch on a small convolution (``works_on``); where Triton is missing, too old,
@@ -89,7 +86,7 @@ FORWARD_TILES = (Tile(128, 32), Tile(128, 64), Tile(128, 32, bitmask=True, narro
                  Tile(256, 32, num_warps=8, bitmask=True, narrow=True))
 """The candidates, the plainest first (the one used untimed: small problems, the interpreter)."""
 # (128, 32) with the bit-mask gather and 8 output columns computed wrong 8-channel weight gradients at full
-# size on an H200 (see fastest_agreeing_tile), so it is no candidate.
+# size on a GPU (see fastest_agreeing_tile), so it is no candidate.
 WEIGHT_GRAD_TILES = (Tile(128, 32), Tile(64, 64), Tile(64, 64, bitmask=True, narrow=True),
                      Tile(32, 256, num_warps=8, bitmask=True, narrow=True),
                      Tile(64, 128, num_warps=8, bitmask=True, narrow=True),
@@ -214,9 +211,9 @@ def fastest_agreeing_tile(tiles: list[Tile], run: Callable[[Tile], Result], expe
     None where none agrees. Tiles that disagree, or fail to build or run (a launch form may need more shared
     memory than a smaller GPU has), are logged and left out.
 
-    On an H200 (Triton 3.6) one candidate, (128, 32) with the bit-mask gather and 8 output columns,
-    computed a wrong 8-channel weight gradient at full size (relative difference 1.4) while every
-    other candidate, and that one on small volumes and in the interpreter, agreed: a compiler fault no
+    One candidate, (128, 32) with the bit-mask gather and 8 output columns, was seen computing a wrong
+    8-channel weight gradient at full size while every other candidate, and that one on small volumes
+    and in the interpreter, agreed (docs/benchmarks.md): a compiler fault no
     test on small data can rule out for other shapes or GPUs, hence the check on the real problem, against
     torch rather than another form, which the same fault could hit.
     """

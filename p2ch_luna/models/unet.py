@@ -138,6 +138,11 @@ class UNetWrapper(nn.Module):
     def pooling_grid(self) -> int:
         return self.unet.pooling_grid
 
+    @property
+    def in_channels(self) -> int:
+        """Input channels: the segmented slice and the context slices around it."""
+        return self.input_batchnorm.num_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unet(self.input_batchnorm(x))
 

@@ -59,13 +59,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from p2ch_luna.columns import XYZ_COLUMNS
 from p2ch_luna.diagnose import distance
 from p2ch_luna.io.atomic import atomic_write_text
 from p2ch_luna.cli import make_parser, run_command
 from p2ch_luna.io.ct import Ct, load_ct, write_metaimage
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.diagnose.lungs import find_lungs, mask_bounding_box
-from p2ch_luna.data.luna import (ANNOTATIONS_FILE, CANDIDATES_FILES, COORD_COLUMNS, find_candidates_file, read_annotations,
+from p2ch_luna.data.luna import (ANNOTATIONS_FILE, CANDIDATES_FILES, find_candidates_file, read_annotations,
                    read_csv_checked)
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,7 @@ def write_implanted(out_dir: Path, ct: Ct, nodules: Sequence[ImplantedNodule],
     if source_nodules is not None:
         rows += [[ct.series_uid, *row] for row in
                  source_nodules[["center_x", "center_y", "center_z", "diameter_mm"]].itertuples(index=False)]
-    rows = pd.DataFrame(rows, columns=["seriesuid", *COORD_COLUMNS, "diameter_mm"])
+    rows = pd.DataFrame(rows, columns=["seriesuid", *XYZ_COLUMNS, "diameter_mm"])
     _replace_rows(out_dir / ANNOTATIONS_FILE, rows, "annotations")
     candidates = rows.drop(columns="diameter_mm").assign(**{"class": 1})
     _replace_rows(_candidates_file(out_dir), candidates, "candidates", integer_columns=["class"])

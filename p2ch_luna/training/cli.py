@@ -41,29 +41,46 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from p2ch_luna.cli import EXIT_INTERRUPTED, HelpFormatter, add_device_argument, make_parser, run_command
 from p2ch_luna.data.augment import BOOK_NOISE_HU, BOOK_OFFSET, BOOK_SCALE, AugmentConfig
-from p2ch_luna.io.atomic import atomic_write_text
-from p2ch_luna.cli import EXIT_INTERRUPTED, HelpFormatter, make_parser, run_command
-from p2ch_luna.training.config import (DEFAULT_BATCH_SIZE, DEFAULT_COMMENT, DEFAULT_LEARNING_RATE, DEFAULT_MOMENTUM,
-                     DEFAULT_TB_PREFIX, OPTIMIZERS, TrainConfig, config_to_dict)
-from p2ch_luna.distributed import (DistributedInfo, barrier, broadcast_buffers, broadcast_object, distributed_info_from_env,
-                          init_distributed, resolve_device, shutdown_distributed)
-from p2ch_luna.training.engine import EpochResult, amp_settings, evaluate, train_one_epoch, tune_backends, warn_if_emulated
+from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
+from p2ch_luna.distributed import (
+    DistributedInfo,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    distributed_info_from_env,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
 from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.io.atomic import atomic_write_text
 from p2ch_luna.models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from p2ch_luna.models.layout import channels_last
 from p2ch_luna.paths import paths_from_args
-from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
-from p2ch_luna.training.tasks import TASK_CLASSES, RunContext, Task, get_task_class
+from p2ch_luna.precision import amp_settings, tune_backends, warn_if_emulated
 from p2ch_luna.training import tensorboard as tblog
+from p2ch_luna.training.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_COMMENT,
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_MOMENTUM,
+    DEFAULT_TB_PREFIX,
+    OPTIMIZERS,
+    TrainConfig,
+    config_to_dict,
+)
+from p2ch_luna.training.engine import EpochResult, evaluate, train_one_epoch
+from p2ch_luna.training.tasks import TASK_CLASSES, RunContext, Task, get_task_class
 
 log = logging.getLogger(__name__)
 
 RUN_TIME_FORMAT = "%Y-%m-%d_%H.%M.%S"
 COMMENT_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 CUDA_LOADER_WORKERS = 8
-"""Default ``--num-workers`` on CUDA: on an H200 with 16 cores, 8 workers fed the classifier faster than 16
-(batch 256, bfloat16: 7,709 against 7,420 samples/s with the batch ring, 5,957 against 5,093 without)."""
+"""Default ``--num-workers`` on CUDA: 8 workers fed the classifier faster than 16 on a 16-core GPU machine
+(``python -m bench.bench_gpu --worker-sweep``; figures in docs/benchmarks.md)."""
 RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "paths", "resume")
 """Config fields that ``--resume`` takes from the command line instead of the checkpoint."""
 CONFIG_SUFFIX = ".config.json"
@@ -135,7 +152,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--val-stride", type=int, default=10, help="every N-th series (sorted by UID) is validation")
     run.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
     run.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(run)
     run.add_argument("--amp", action="store_true",
                      help="mixed precision: bfloat16 autocast (CPU, recent GPUs), else float16 with a GradScaler")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -23,7 +23,6 @@ DEFAULT_MOMENTUM = 0.99
 DEFAULT_TB_PREFIX = "p2ch_luna"
 DEFAULT_COMMENT = "dlwpt"
 OPTIMIZERS = ("sgd", "adam")
-DEVICE_CHOICES_HELP = "auto, cpu, cuda or cuda:N"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from p2ch_luna.metrics import roc_curve
+from p2ch_luna.metrics.classification import roc_curve
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reliability_helpers import TEMP_FILE, Child, assert_one_line_error, file_size_limit, run, start, training_args
 
 from p2ch_luna.data.cache import ChunkCache
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
 from p2ch_luna.data.luna import split_by_series
-from reliability_helpers import (TEMP_FILE, Child, assert_one_line_error, file_size_limit, run, start,
-                                 training_args)
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
 
 pytestmark = pytest.mark.reliability
 

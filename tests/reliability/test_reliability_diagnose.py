@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_helpers import assert_one_line_error, diagnose_model_args, file_size_limit, run, start, training_args
 
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.training import cli as training
+from p2ch_luna.diagnose import cli as diagnose_cli
 from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import save_checkpoint
-from reliability_helpers import (assert_one_line_error, diagnose_model_args, file_size_limit, run, start,
-                                 training_args)
+from p2ch_luna.training import cli as training
 
 pytestmark = pytest.mark.reliability
 
@@ -49,7 +48,7 @@ def test_file_size_limit_while_writing_the_report_keeps_the_previous_one(
     output = tmp_path / "report"
     args = ["--data-root", str(luna_root), "--series-uid", first_uid(luna_root), "--output", str(output),
             *diagnose_model_args(diagnosis_models), *(["--save-mask"] if save_mask else [])]
-    assert diagnose.main(args) == 0
+    assert diagnose_cli.main(args) == 0
     before = {name: (output / name).read_bytes() for name in REPORT_FILES}
     sizes = {path.name: path.stat().st_size for path in output.iterdir()}
     mask_bytes = max((size for name, size in sizes.items() if "_mask." in name), default=0)
@@ -116,7 +115,7 @@ def test_bad_checkpoint_given_to_diagnose_is_a_one_line_error(kind: str, luna_ro
                                                              capsys: pytest.CaptureFixture) -> None:
     path, expected = bad_checkpoint(kind, tmp_path, diagnosis_models)
     output = tmp_path / "report"
-    code = diagnose.main(["--data-root", str(luna_root), "--series-uid", first_uid(luna_root),
+    code = diagnose_cli.main(["--data-root", str(luna_root), "--series-uid", first_uid(luna_root),
                           "--output", str(output), *diagnose_model_args(diagnosis_models),
                           "--classification-path", str(path)])
     assert_one_line_error(code, capsys.readouterr().err, str(path), expected, expected_code=1)
@@ -126,7 +125,7 @@ def test_bad_checkpoint_given_to_diagnose_is_a_one_line_error(kind: str, luna_ro
 def test_checkpoint_with_code_is_refused_by_diagnose(luna_root: Path, diagnosis_models: dict[str, Path],
                                                     tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path, marker = malicious_checkpoint(tmp_path, diagnosis_models["nodule"])
-    code = diagnose.main(["--data-root", str(luna_root), "--series-uid", first_uid(luna_root),
+    code = diagnose_cli.main(["--data-root", str(luna_root), "--series-uid", first_uid(luna_root),
                           *diagnose_model_args(diagnosis_models), "--classification-path", str(path)])
     assert_one_line_error(code, capsys.readouterr().err, str(path), "refused", expected_code=1)
     assert not marker.exists(), "loading the checkpoint ran code"

@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from reliability_helpers import SHARED_DATA, assert_one_line_error, diagnose_model_args, training_args
 
 from p2ch_luna import prepcache
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.training import cli as training
-from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.data.luna import split_by_series
-from reliability_helpers import SHARED_DATA, assert_one_line_error, diagnose_model_args, training_args
+from p2ch_luna.diagnose import cli as diagnose_cli
+from p2ch_luna.io.ct import list_series_on_disk
+from p2ch_luna.training import cli as training
 
 pytestmark = pytest.mark.reliability
 
@@ -164,7 +164,7 @@ def test_bad_ct_given_to_diagnose_is_a_one_line_error(kind: str, diagnosis_model
     folder.mkdir()
     path, expected = bad_ct(kind, folder, cptac_or_none)
     output = tmp_path / "report"
-    code = diagnose.main(["--ct", str(path), "--output", str(output), *diagnose_model_args(diagnosis_models)])
+    code = diagnose_cli.main(["--ct", str(path), "--output", str(output), *diagnose_model_args(diagnosis_models)])
     assert_one_line_error(code, capsys.readouterr().err, str(path), expected, expected_code=1)
     assert not output.exists(), "diagnose wrote a report for a CT it could not read"
 
@@ -269,7 +269,7 @@ def test_series_uid_picks_one_series_of_a_mixed_dicom_folder(diagnosis_models: d
                                                              capsys: pytest.CaptureFixture) -> None:
     """The two-series error says "choose one with --series-uid": diagnose --ct must accept that choice."""
     path, _ = bad_ct("dicom-two-series", tmp_path, cptac_or_none)
-    code = diagnose.main(["--ct", str(path), "--series-uid", SECOND_SERIES_UID,
+    code = diagnose_cli.main(["--ct", str(path), "--series-uid", SECOND_SERIES_UID,
                           *diagnose_model_args(diagnosis_models)])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]

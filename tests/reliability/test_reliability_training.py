@@ -12,10 +12,18 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from reliability_helpers import (
+    Child,
+    assert_no_partial_files,
+    assert_one_line_error,
+    checkpoint_files,
+    file_size_limit,
+    run,
+    start,
+    training_args,
+)
 
 from p2ch_luna.models.checkpoint import load_checkpoint
-from reliability_helpers import (Child, assert_no_partial_files, assert_one_line_error, checkpoint_files,
-                                 file_size_limit, run, start, training_args)
 
 pytestmark = pytest.mark.reliability
 

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import importlib
 
-from p2ch_luna.training.tasks.base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, collate_batch, to_memory_format
+from p2ch_luna.training.tasks.base import (
+    Batch,
+    ModelSpec,
+    Outputs,
+    RunContext,
+    Task,
+    build_loader,
+    collate_batch,
+    to_memory_format,
+)
 
 TASK_CLASSES: dict[str, str] = {
     "nodule": "p2ch_luna.training.tasks.classification:NoduleTask",

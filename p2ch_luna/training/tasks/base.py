@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from p2ch_luna.data.augment import AugmentConfig
 from p2ch_luna.data.batch_ring import RingDataset, RingLoader, SharedMemoryShortage
-from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.models.layout import to_memory_format  # noqa: F401  (part of the task interface)
+from p2ch_luna.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +227,9 @@ def uses_batch_ring(config: TrainConfig, device: torch.device) -> bool:
     """Whether a task's training loader writes into a batch ring: as ``--batch-ring``/``--no-batch-ring`` says,
     else (``config.batch_ring`` None) on CUDA with loader workers.
 
-    On an H200 (``bench/bench_gpu.py``) the ring took the classifier's training loop at batch 256, bfloat16,
-    from 4,380 to 6,613 and from 5,093 to 7,420 samples/s with 16 workers, and from 5,957 to 7,709 with 8.
-    On the 2-core CPU machine it sped up the input path alone 1.45x but, with the augmentation that sets the
-    rate there, 1.03x (``bench/bench_input.py``), so it stays off there by default.
+    On a GPU the ring speeds the classifier's training loop up markedly (``python -m bench.bench_gpu``); on
+    the CPU the augmentation sets the rate and the ring gains next to nothing (``python -m bench.bench_input``),
+    so it stays off there by default. Figures: docs/benchmarks.md.
     """
     if config.batch_ring is not None:
         return config.batch_ring

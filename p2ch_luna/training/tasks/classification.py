@@ -28,18 +28,33 @@ from torch import nn
 
 from p2ch_luna.data.augment import augment_batch_3d
 from p2ch_luna.data.cache import open_cache
-from p2ch_luna.io.ct import list_series_on_disk, read_geometry
-from p2ch_luna.data.candidates import (CandidateDataset, drop_centres_outside, malignancy_table, nodule_table, positive_count,
-                        split_table)
-from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.data.candidates import (
+    CandidateDataset,
+    drop_centres_outside,
+    malignancy_table,
+    nodule_table,
+    positive_count,
+    split_table,
+)
 from p2ch_luna.data.luna import read_candidate_table
-from p2ch_luna.metrics import classification_metrics
+from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.io.ct import list_series_on_disk, read_geometry
+from p2ch_luna.metrics.classification import classification_metrics
 from p2ch_luna.models import build_model, load_checkpoint
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
 from p2ch_luna.models.weights import init_book_weights
-from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler
+from p2ch_luna.training.tasks.base import (
+    Batch,
+    ModelSpec,
+    Outputs,
+    RunContext,
+    Task,
+    build_loader,
+    to_memory_format,
+    uses_batch_ring,
+)
 from p2ch_luna.training.tensorboard import add_classification_curves
-from p2ch_luna.training.tasks.base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, to_memory_format, uses_batch_ring
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,8 @@ from torch.utils.data import DataLoader
 
 from p2ch_luna.data.augment import AugmentConfig, augment_batch_2d
 from p2ch_luna.data.cache import open_cache
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk
-from p2ch_luna.errors import DataError, UsageError
-from p2ch_luna.training.losses import BOOK_FN_LOSS_WEIGHT, dice_loss, segmentation_loss
 from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
 from p2ch_luna.data.masks import MASK_MODES, MASK_THRESHOLD_HU
-from p2ch_luna.metrics import segmentation_metrics
-from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
-from p2ch_luna.models.registry import build_model
 from p2ch_luna.data.sampling import ShardedSequentialSampler
 from p2ch_luna.data.segmentation import (
     CONTEXT_SLICES,
@@ -46,6 +40,12 @@ from p2ch_luna.data.segmentation import (
     SegmentationValDataset,
     validation_slices,
 )
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk
+from p2ch_luna.metrics.segmentation import segmentation_metrics
+from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
+from p2ch_luna.models.registry import build_model
+from p2ch_luna.training.losses import BOOK_FN_LOSS_WEIGHT, dice_loss, segmentation_loss
 from p2ch_luna.training.tasks.base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, uses_batch_ring
 
 log = logging.getLogger(__name__)

@@ -1,29 +1,20 @@
-"""Pure metric functions over NumPy arrays and pandas tables.
+"""LUNA16 detection scoring: matching marks to nodules, the FROC curve, CPM and its bootstrap interval.
 
-- classification: accuracy per class, precision/recall/F1, exact ROC AUC, curves;
-- segmentation: pixel dice/precision/recall from counts (rates as the book reports them);
-- LUNA16 detection scoring: FROC curve, CPM and a bootstrap confidence interval,
-  following the challenge's official ``noduleCADEvaluationLUNA16.py``;
-- the book's chapter-14 confusion table (non-nodule/benign/malignant against
-  miss/filtered/benign/malignant).
-
-Undefined ratios (0/0, a class absent) are ``nan``, never a warning or an error.
+Follows the challenge's official ``noduleCADEvaluationLUNA16.py``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
+
+from p2ch_luna.columns import DIAMETER_COLUMN, PROBABILITY_COLUMN, SERIES_COLUMN, XYZ_COLUMNS, require_columns
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CLASSIFICATION_THRESHOLD = 0.5
 
 # LUNA16 evaluation constants (noduleCADEvaluationLUNA16.py).
 OPERATING_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # average false positives per scan
@@ -32,174 +23,8 @@ LUNA16_MAX_DETECTIONS_PER_SCAN = 100  # the official script keeps the 100 most s
 DEFAULT_BOOTSTRAP_SAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_BOOTSTRAP_SEED = 0
-BOOTSTRAP_GRID_POINTS = 64  # FPs-per-scan points of the bootstrap band drawn by plot_froc
-PLOT_CURVE_POINTS = 512
-PLOT_MARGIN = 1.5  # x axis extends this factor beyond 1/8 and 8 FPs per scan
+BOOTSTRAP_GRID_POINTS = 64  # FPs-per-scan points of the bootstrap band
 BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000  # bootstrap rows x FROC entries held in memory at once
-
-# LUNA16 CSV columns.
-SERIES_COLUMN = "seriesuid"
-XYZ_COLUMNS = ("coordX", "coordY", "coordZ")
-DIAMETER_COLUMN = "diameter_mm"
-PROBABILITY_COLUMN = "probability"
-
-# Book's confusion table (p2ch14/diagnose.py: match_and_score).
-BOOK_MATCH_DIAMETER_FRACTION = 0.7
-CONFUSION_ROWS = ("Non-nodule", "Benign", "Malignant")
-CONFUSION_COLUMNS = ("Complete miss", "Filtered out", "Pred. benign", "Pred. malignant")
-CENTER_COLUMNS = ("center_x", "center_y", "center_z")
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    return float(numerator) / float(denominator) if denominator else float("nan")
-
-
-# --- classification ---------------------------------------------------------------
-
-
-def classification_metrics(
-    labels: np.ndarray,
-    probabilities: np.ndarray,
-    threshold: float = DEFAULT_CLASSIFICATION_THRESHOLD,
-) -> dict[str, float]:
-    """Confusion counts and the ratios the book logs, for binary predictions.
-
-    A sample is predicted positive when its probability is above ``threshold``
-    (the book's ``> threshold`` rule). ``positive_accuracy`` equals recall;
-    ``roc_auc`` is threshold-free.
-    """
-    labels = np.asarray(labels, dtype=bool).ravel()
-    probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
-    if labels.shape != probabilities.shape:
-        raise ValueError(f"labels {labels.shape} and probabilities {probabilities.shape} differ in shape")
-    predicted = probabilities > threshold
-    tp = int(np.count_nonzero(predicted & labels))
-    fp = int(np.count_nonzero(predicted & ~labels))
-    tn = int(np.count_nonzero(~predicted & ~labels))
-    fn = int(np.count_nonzero(~predicted & labels))
-    return {
-        "accuracy": _ratio(tp + tn, labels.size),
-        "negative_accuracy": _ratio(tn, tn + fp),
-        "positive_accuracy": _ratio(tp, tp + fn),
-        "precision": _ratio(tp, tp + fp),
-        "recall": _ratio(tp, tp + fn),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "roc_auc": roc_auc(labels, probabilities),
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
-    }
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact area under the ROC curve (Mann-Whitney U, ties get the average rank).
-
-    Equals the probability that a random positive scores above a random negative,
-    ties counting one half; ``nan`` when only one class is present.
-    """
-    labels = np.asarray(labels, dtype=bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    n_positive = int(np.count_nonzero(labels))
-    n_negative = labels.size - n_positive
-    if n_positive == 0 or n_negative == 0:
-        return float("nan")
-    ranks = rankdata(scores, method="average")
-    rank_sum = float(ranks[labels].sum())
-    return (rank_sum - n_positive * (n_positive + 1) / 2.0) / (n_positive * n_negative)
-
-
-def _cumulative_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True/false positive counts at each distinct score, highest score first."""
-    labels = np.asarray(labels, dtype=bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    sorted_labels = labels[order]
-    last_of_tie = np.r_[np.diff(sorted_scores) != 0, True] if sorted_scores.size else np.zeros(0, bool)
-    tps = np.cumsum(sorted_labels)[last_of_tie]
-    fps = np.cumsum(~sorted_labels)[last_of_tie]
-    return tps, fps, sorted_scores[last_of_tie]
-
-
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC points for every distinct score, predicting positive when ``score >= threshold``.
-
-    Returns ``(fpr, tpr, thresholds)`` starting at ``(0, 0, inf)``; thresholds
-    decrease. A rate is ``nan`` when its class is absent.
-    """
-    tps, fps, thresholds = _cumulative_counts(labels, scores)
-    tps = np.r_[0, tps].astype(np.float64)
-    fps = np.r_[0, fps].astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = tps / tps[-1] if tps[-1] else np.full_like(tps, np.nan)
-        fpr = fps / fps[-1] if fps[-1] else np.full_like(fps, np.nan)
-    return fpr, tpr, np.r_[np.inf, thresholds]
-
-
-def precision_recall_curve(
-    labels: np.ndarray, scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision and recall when predicting positive for ``score >= threshold``.
-
-    Returns ``(precision, recall, thresholds)`` with one entry per distinct score,
-    highest threshold first (recall increases along the arrays). Recall is ``nan``
-    when there are no positives.
-    """
-    tps, fps, thresholds = _cumulative_counts(labels, scores)
-    tps = tps.astype(np.float64)
-    n_positive = tps[-1] if tps.size else 0.0
-    precision = tps / (tps + fps)
-    recall = tps / n_positive if n_positive else np.full_like(tps, np.nan)
-    return precision, recall, thresholds
-
-
-# --- segmentation -----------------------------------------------------------------
-
-
-def segmentation_counts(pred_mask: np.ndarray, label_mask: np.ndarray) -> tuple[int, int, int]:
-    """Pixel ``(tp, fp, fn)`` of a predicted boolean mask against the label mask."""
-    pred_mask = np.asarray(pred_mask, dtype=bool)
-    label_mask = np.asarray(label_mask, dtype=bool)
-    if pred_mask.shape != label_mask.shape:
-        raise ValueError(f"mask shapes differ: {pred_mask.shape} vs {label_mask.shape}")
-    tp = int(np.count_nonzero(pred_mask & label_mask))
-    fp = int(np.count_nonzero(pred_mask & ~label_mask))
-    fn = int(np.count_nonzero(~pred_mask & label_mask))
-    return tp, fp, fn
-
-
-def dice_score(pred_mask: np.ndarray, label_mask: np.ndarray) -> float:
-    """Dice coefficient 2|P∩L| / (|P| + |L|); ``nan`` when both masks are empty."""
-    tp, fp, fn = segmentation_counts(pred_mask, label_mask)
-    return _ratio(2 * tp, 2 * tp + fp + fn)
-
-
-def segmentation_metrics(tp: float, fp: float, fn: float) -> dict[str, float]:
-    """Pixel metrics from summed counts, with rates relative to label positives.
-
-    As in the book's segmentation training, ``tp_rate``, ``fn_rate`` and
-    ``fp_rate`` are all divided by the number of label pixels (``tp + fn``), so
-    ``fp_rate`` can exceed 1.
-    """
-    label_positives = tp + fn
-    return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
-        "precision": _ratio(tp, tp + fp),
-        "recall": _ratio(tp, label_positives),
-        "tp_rate": _ratio(tp, label_positives),
-        "fn_rate": _ratio(fn, label_positives),
-        "fp_rate": _ratio(fp, label_positives),
-    }
-
-
-# --- LUNA16 FROC ------------------------------------------------------------------
-
-
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise ValueError(f"{what} lacks column(s) {', '.join(missing)}")
 
 
 def _cap_detections(detections: pd.DataFrame, max_per_scan: int | None) -> pd.DataFrame:
@@ -236,11 +61,11 @@ def _match(
     excluded: pd.DataFrame | None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Match detections to nodules scan by scan; returns (detection table, nodule table)."""
-    _require_columns(annotations, [SERIES_COLUMN, *XYZ_COLUMNS, DIAMETER_COLUMN], "annotations")
-    _require_columns(detections, [SERIES_COLUMN, *XYZ_COLUMNS, PROBABILITY_COLUMN], "detections")
+    require_columns(annotations, [SERIES_COLUMN, *XYZ_COLUMNS, DIAMETER_COLUMN], "annotations")
+    require_columns(detections, [SERIES_COLUMN, *XYZ_COLUMNS, PROBABILITY_COLUMN], "detections")
     if excluded is None:
         excluded = annotations.iloc[0:0]
-    _require_columns(excluded, [SERIES_COLUMN, *XYZ_COLUMNS, DIAMETER_COLUMN], "excluded annotations")
+    require_columns(excluded, [SERIES_COLUMN, *XYZ_COLUMNS, DIAMETER_COLUMN], "excluded annotations")
 
     detections = detections.reset_index(drop=True)
     probabilities = detections[PROBABILITY_COLUMN].to_numpy(np.float64)
@@ -515,12 +340,12 @@ def froc(
     n_scans = len(scan_ids)
     if n_scans == 0:
         raise ValueError("froc needs at least one scan")
-    _require_columns(detections, [SERIES_COLUMN, PROBABILITY_COLUMN], "detections")
-    _require_columns(annotations, [SERIES_COLUMN], "annotations")
+    require_columns(detections, [SERIES_COLUMN, PROBABILITY_COLUMN], "detections")
+    require_columns(annotations, [SERIES_COLUMN], "annotations")
     detections = detections.assign(**{SERIES_COLUMN: detections[SERIES_COLUMN].astype(str)})
     annotations = annotations.assign(**{SERIES_COLUMN: annotations[SERIES_COLUMN].astype(str)})
     if excluded is not None:
-        _require_columns(excluded, [SERIES_COLUMN], "excluded annotations")
+        require_columns(excluded, [SERIES_COLUMN], "excluded annotations")
         excluded = excluded.assign(**{SERIES_COLUMN: excluded[SERIES_COLUMN].astype(str)})
     in_scans = detections[SERIES_COLUMN].isin(scan_ids)
     if not in_scans.all():
@@ -593,113 +418,3 @@ def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, 
     low = finite[int(np.floor(tail * finite.size))]
     high = finite[min(int(np.floor((1.0 - tail) * finite.size)), finite.size - 1)]
     return float(low), float(high)
-
-
-def plot_froc(result: FrocResult, path: str | Path, title: str = "FROC") -> None:
-    """Draw the FROC curve (log-2 x axis, operating points marked, bootstrap band) to a PNG.
-
-    Renders with the Agg canvas of a bare ``Figure``, so it works headless and
-    leaves pyplot's backend alone; the file is written atomically.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
-    from p2ch_luna.io.atomic import atomic_path
-
-    figure = Figure(figsize=(6, 4.5))
-    axes = figure.subplots()
-    points = list(result.sensitivities_at_operating_points)
-    x_range = (points[0] / PLOT_MARGIN, points[-1] * PLOT_MARGIN)
-    fps = np.geomspace(*x_range, PLOT_CURVE_POINTS)
-    sensitivity = np.interp(fps, result.fps_per_scan, result.sensitivity)
-    axes.plot(fps, sensitivity, lw=2, label=f"CPM {result.cpm:.3f}")
-    axes.plot(points, list(result.sensitivities_at_operating_points.values()), "o", color="C0")
-    if result.n_bootstrap > 0:
-        axes.fill_between(
-            result.bootstrap_fps_grid,
-            result.bootstrap_sensitivity_low,
-            result.bootstrap_sensitivity_high,
-            alpha=0.2,
-            color="C0",
-            label=f"{result.confidence:.0%} bootstrap band",
-        )
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(points, [f"{p:g}" for p in points])
-    axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlim(*x_range)
-    axes.set_ylim(0.0, 1.0)
-    axes.set_xlabel("Average number of false positives per scan")
-    axes.set_ylabel("Sensitivity")
-    axes.set_title(f"{title} ({result.n_nodules} nodules, {result.n_scans} scans)")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp_path:
-        figure.savefig(tmp_path, format="png", dpi=120)
-
-
-# --- the book's confusion table ----------------------------------------------------
-
-
-def confusion_table(
-    truth: pd.DataFrame,
-    detections: pd.DataFrame,
-    nodule_threshold: float = DEFAULT_CLASSIFICATION_THRESHOLD,
-    malignancy_threshold: float = DEFAULT_CLASSIFICATION_THRESHOLD,
-) -> np.ndarray:
-    """The book's chapter-14 3x4 diagnosis table (``p2ch14/diagnose.py: match_and_score``).
-
-    Rows (truth): non-nodule, benign, malignant. Columns: complete miss, filtered
-    out (nodule probability below ``nodule_threshold``), predicted benign,
-    predicted malignant (malignancy probability at or above ``malignancy_threshold``).
-
-    ``truth`` holds one row per nodule annotation (``center_x/y/z``,
-    ``diameter_mm``, ``is_malignant``; rows with ``is_nodule`` False are dropped
-    when that column exists); ``detections`` holds ``center_x/y/z``,
-    ``nodule_probability``, ``malignancy_probability``. With a ``series_uid``
-    column in both, matching stays within a scan.
-
-    Matching uses the book's looser rule: a detection matches a nodule when
-    its centre is closer than 0.7 x the diameter (the LUNA16 FROC of
-    :func:`froc` uses the radius, 0.5 x diameter). A nodule goes to the column
-    of its most advanced matching detection (complete miss when none); a
-    detection matching several nodules counts for each; detections matching no
-    nodule fill the non-nodule row, whose complete-miss cell stays 0. Unlike
-    the book, the malignancy threshold really is ``malignancy_threshold`` (the
-    book compares against the nodule threshold).
-    """
-    _require_columns(truth, [*CENTER_COLUMNS, "diameter_mm", "is_malignant"], "truth")
-    _require_columns(detections, [*CENTER_COLUMNS, "nodule_probability", "malignancy_probability"], "detections")
-    if "is_nodule" in truth.columns:
-        truth = truth[truth["is_nodule"].astype(bool)]
-    detected_class = np.where(
-        detections["nodule_probability"].to_numpy(np.float64) < nodule_threshold,
-        1,
-        np.where(detections["malignancy_probability"].to_numpy(np.float64) < malignancy_threshold, 2, 3),
-    )
-    truth_row = np.where(truth["is_malignant"].fillna(False).to_numpy(bool), 2, 1)
-    truth_xyz = truth.loc[:, list(CENTER_COLUMNS)].to_numpy(np.float64)
-    detection_xyz = detections.loc[:, list(CENTER_COLUMNS)].to_numpy(np.float64)
-    distances = np.linalg.norm(truth_xyz[:, None, :] - detection_xyz[None, :, :], axis=-1)
-    matches = distances < BOOK_MATCH_DIAMETER_FRACTION * truth["diameter_mm"].to_numpy(np.float64)[:, None]
-    if "series_uid" in truth.columns and "series_uid" in detections.columns:
-        matches &= truth["series_uid"].to_numpy()[:, None] == detections["series_uid"].to_numpy()[None, :]
-
-    table = np.zeros((len(CONFUSION_ROWS), len(CONFUSION_COLUMNS)), dtype=np.int64)
-    nodule_class = np.where(matches, detected_class[None, :], 0).max(axis=1, initial=0)
-    np.add.at(table, (truth_row, nodule_class), 1)
-    unmatched = ~matches.any(axis=0)
-    np.add.at(table, (0, detected_class[unmatched]), 1)
-    return table
-
-
-def format_confusion_table(table: np.ndarray) -> str:
-    """The confusion table as aligned text (the non-nodule complete-miss cell is blank)."""
-    table = np.asarray(table)
-    width = max(len(name) for name in (*CONFUSION_ROWS, *CONFUSION_COLUMNS, str(table.max(initial=0))))
-    cell = f"{{:>{width}}}"
-    lines = [" | ".join(cell.format(text) for text in ("", *CONFUSION_COLUMNS))]
-    for i, (name, counts) in enumerate(zip(CONFUSION_ROWS, table)):
-        values = ["" if i == 0 and j == 0 else str(int(count)) for j, count in enumerate(counts)]
-        lines.append(" | ".join(cell.format(text) for text in (name, *values)))
-    return "\n".join(lines)

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from p2ch_luna.diagnose import report
-from p2ch_luna.io.ct import HU_MIN, Ct
+from p2ch_luna.diagnose import figures
 from p2ch_luna.geometry import Geometry
+from p2ch_luna.io.ct import HU_MIN, Ct
 
 
 def _ct(seed: int = 0) -> Ct:
@@ -40,11 +40,11 @@ def _findings(centers: list[tuple[int, int, int]], diameters: list[float]) -> pd
 
 def test_view_window_centres_and_pads() -> None:
     plane = np.arange(20).reshape(4, 5)
-    inside = report.view_window(plane, (2, 2), (1, 1), -1)
+    inside = figures.view_window(plane, (2, 2), (1, 1), -1)
     assert np.array_equal(inside, plane[1:4, 1:4])
-    corner = report.view_window(plane, (0, 4), (1, 2), -1)
+    corner = figures.view_window(plane, (0, 4), (1, 2), -1)
     assert np.array_equal(corner, [[-1, -1, -1, -1, -1], [2, 3, 4, -1, -1], [7, 8, 9, -1, -1]])
-    wider = report.view_window(plane, (1, 2), (3, 4), -1)
+    wider = figures.view_window(plane, (1, 2), (3, 4), -1)
     assert wider.shape == (7, 9)
     assert np.array_equal(wider[2:6, 2:7], plane) and np.count_nonzero(wider == -1) == 7 * 9 - 20
 
@@ -53,21 +53,21 @@ def test_a_redrawn_figure_equals_a_fresh_one() -> None:
     ct = _ct()
     lungs = ct.hu < -500
     found = _findings([(20, 40, 35), (12, 60, 80), (0, 0, 0)], [8.0, 4.0, 20.0])
-    drawn = report.render_findings(ct, found, lungs)  # one figure, redrawn for each finding
+    drawn = figures.render_findings(ct, found, lungs)  # one figure, redrawn for each finding
     assert list(drawn) == [f"1.2.3_finding{n:03d}.png" for n in (1, 2, 3)]
     for number, (_, row) in enumerate(found.iterrows(), start=1):
-        assert drawn[f"1.2.3_finding{number:03d}.png"] == report.render_finding(ct, row, number, lungs)
+        assert drawn[f"1.2.3_finding{number:03d}.png"] == figures.render_finding(ct, row, number, lungs)
     assert len(set(drawn.values())) == 3
     # Without lungs the contours are gone, not left over from the figure before.
-    assert report.render_findings(ct, found, None)["1.2.3_finding001.png"] != drawn["1.2.3_finding001.png"]
+    assert figures.render_findings(ct, found, None)["1.2.3_finding001.png"] != drawn["1.2.3_finding001.png"]
 
 
 def test_figure_marks_the_finding_in_each_view() -> None:
     ct = _ct()
     found = _findings([(20, 40, 35)], [8.0])
-    png = report.render_finding(ct, found.iloc[0], 1, ct.hu < -500)
+    png = figures.render_finding(ct, found.iloc[0], 1, ct.hu < -500)
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    assert image.shape == (round(4.4 * report.FIGURE_DPI), 12 * report.FIGURE_DPI, 3)
+    assert image.shape == (round(4.4 * figures.FIGURE_DPI), 12 * figures.FIGURE_DPI, 3)
     red = (image[:, :, 0] > 200) & (image[:, :, 1] < 80) & (image[:, :, 2] < 80)
     blue_lines = (image[:, :, 2] > image[:, :, 0] + 60)  # the lung contour
     for third in np.array_split(np.arange(image.shape[1]), 3):
@@ -83,7 +83,7 @@ def test_figure_marks_the_finding_in_each_view() -> None:
 @pytest.mark.parametrize("center", [(0, 48, 8), (39, 48, 100)])
 def test_views_beyond_the_ct_show_air(center: tuple[int, int, int]) -> None:
     ct = _ct()
-    figure = report.FindingFigure(ct.geometry.spacing_irc)
+    figure = figures.FindingFigure(ct.geometry.spacing_irc)
     figure.render(ct, _findings([center], [6.0]).iloc[0], 1)
     for image in figure.images:
         data = np.asarray(image.get_array())
@@ -101,7 +101,7 @@ def _red_width(png: bytes) -> int:
 def test_the_circle_grows_with_the_finding() -> None:
     ct = _ct()
     small, large = _findings([(20, 40, 35), (20, 40, 35)], [4.0, 24.0]).iterrows()
-    small_width = _red_width(report.render_finding(ct, small[1], 1))
-    large_width = _red_width(report.render_finding(ct, large[1], 1))
+    small_width = _red_width(figures.render_finding(ct, small[1], 1))
+    large_width = _red_width(figures.render_finding(ct, large[1], 1))
     # Radius: half the diameter (at least 3 mm) plus 2 mm: 3.5 mm against 14 mm.
     assert large_width / small_width == pytest.approx(14.0 / 3.5, rel=0.15)

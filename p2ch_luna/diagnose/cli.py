@@ -1,0 +1,187 @@
+"""Diagnose CTs end to end: lungs, segmentation, candidates, nodule and malignancy scores.
+
+    python -m p2ch_luna.diagnose --series-uid UID[,UID...]   # LUNA16 series under --data-root
+    python -m p2ch_luna.diagnose --ct PATH                    # .mhd, NIfTI or a DICOM folder
+    python -m p2ch_luna.diagnose --validation [--include-train] --output DIR
+
+Pipeline per CT (the book's chapter 14, kept inside the lungs; :mod:`p2ch_luna.diagnose.pipeline`):
+
+1. lung mask from HU (:mod:`p2ch_luna.diagnose.lungs`); every later step stays inside it;
+2. U-Net on every slice that holds lung (with the context slices it was trained with, clamped
+   at the ends),
+   cropped to the lungs' bounding box, batched, sigmoid > threshold;
+3. restrict to the lungs and group the mask into candidates: by default one
+   per distance-transform peak of the dense segmented tissue, with copies of
+   large ones at the lungs' edge moved towards it (``--grouping peaks``), or
+   the book's eroded connected components with their HU-weighted centre of
+   mass (``--grouping components``);
+4. nodule probability per candidate (softmax of the classifier on a chunk of
+   the size it was trained on, averaged over its in-plane mirror images unless
+   ``--no-flips``), then, with peaks, one detection per blob (a
+   candidate inside a more probable one is dropped); malignancy probability
+   for those above the nodule threshold.
+
+Truth, when annotations exist, scores the run: the book's confusion table per
+series and in total, and the LUNA16 FROC/CPM. Under ``torchrun`` the series are
+split across ranks and rank 0 merges the results and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from p2ch_luna.cli import add_device_argument, make_parser, non_negative_int, positive_int, probability, run_command
+from p2ch_luna.data.luna import split_by_series
+from p2ch_luna.diagnose import report
+from p2ch_luna.diagnose.grouping import GROUPINGS
+from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
+from p2ch_luna.diagnose.model_set import load_models
+from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_series
+from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION_BATCH
+from p2ch_luna.distributed import (
+    distributed_info_from_env,
+    gather_to_main,
+    merge_shards,
+    process_group,
+    resolve_device,
+    shard,
+)
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.evaluation.truth import read_truth
+from p2ch_luna.io.ct import find_series_path, list_series_on_disk
+from p2ch_luna.paths import Paths, paths_from_args
+from p2ch_luna.precision import warn_if_emulated
+
+log = logging.getLogger(__name__)
+
+
+def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Path]]:
+    """``(series_uid, path)`` to diagnose from exactly one of --series-uid/--ct/--validation."""
+    # With --ct, --series-uid picks one series of a DICOM folder that holds several.
+    given = [name for name in ("series_uid", "ct", "validation")
+             if getattr(args, name) and not (name == "series_uid" and args.ct is not None)]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --series-uid, --ct or --validation"
+                         + (f" (got {', '.join('--' + n.replace('_', '-') for n in given)})" if given else ""))
+    if args.include_train and not args.validation:
+        raise UsageError("--include-train only goes with --validation")
+    if args.ct is not None:
+        return [(args.series_uid or "", Path(args.ct))]
+    data_root = paths.require_data_root()
+    if args.series_uid:
+        uids = [uid.strip() for uid in args.series_uid.split(",") if uid.strip()]
+        if not uids:
+            raise UsageError("--series-uid names no series")
+        return [(uid, find_series_path(data_root, uid)) for uid in dict.fromkeys(uids)]
+    on_disk = list_series_on_disk(data_root)
+    if not on_disk:
+        raise DataError(f"no series (subset*/*.mhd) under {data_root}")
+    _, validation = split_by_series(on_disk)
+    uids = sorted(on_disk) if args.include_train else validation
+    return [(uid, on_disk[uid]) for uid in uids]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("python -m p2ch_luna.diagnose",
+                         "Find lung nodules in CTs and estimate their malignancy (book chapter 14).")
+    source = parser.add_argument_group("what to diagnose (exactly one)")
+    source.add_argument("--series-uid", metavar="UID[,UID...]", help="LUNA16 series under --data-root (with --ct: the series of a DICOM folder)")
+    source.add_argument("--ct", type=Path, metavar="PATH", help="a .mhd/.mha, a NIfTI file or a DICOM series folder")
+    source.add_argument("--validation", action="store_true", help="every validation series on disk")
+    source.add_argument("--include-train", action="store_true", help="with --validation: every series on disk")
+    models = parser.add_argument_group("models (default: newest best checkpoint per task in --models-dir)")
+    models.add_argument("--segmentation-path", type=Path, metavar="FILE")
+    models.add_argument("--classification-path", type=Path, metavar="FILE")
+    models.add_argument("--malignancy-path", type=Path, metavar="FILE", help="optional")
+    tuning = parser.add_argument_group("thresholds and post-processing")
+    tuning.add_argument("--segmentation-threshold", type=probability, default=0.5,
+                        help="U-Net probability above which a voxel is nodule tissue")
+    tuning.add_argument("--erosion-iterations", type=non_negative_int, default=1,
+                        help="binary erosions of the mask before --grouping components")
+    tuning.add_argument("--grouping", choices=GROUPINGS, default="peaks",
+                        help="candidates at distance-transform peaks of the dense segmented tissue (one per "
+                             "blob, also when it touches a vessel; faint ground glass taken at -750 HU; large "
+                             "ones at the lungs' edge also moved towards it), or the book's connected components")
+    tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
+                        help="average the classifiers over the chunk and its in-plane mirror images")
+    tuning.add_argument("--nodule-threshold", type=probability, default=0.5,
+                        help="nodule probability from which a candidate is reported as a finding")
+    tuning.add_argument("--malignancy-threshold", type=probability, default=0.5,
+                        help="malignancy probability from which a finding is called malignant")
+    tuning.add_argument("--lung-margin-mm", type=float, default=DEFAULT_MARGIN_MM,
+                        help="dilation of the lung mask that findings must lie in")
+    running = parser.add_argument_group("running")
+    running.add_argument("--batch-size", type=positive_int, default=None,
+                         help=f"slices per segmentation batch (default {CPU_SEGMENTATION_BATCH} on the CPU, "
+                              f"{CUDA_SEGMENTATION_BATCH} on CUDA)")
+    add_device_argument(running)
+    running.add_argument("--prefetch", type=non_negative_int, default=0, metavar="N",
+                         help="with several CTs: N worker processes load the next CTs and find their lungs "
+                              "while the models run on the current one (default 0: one CT at a time, all in "
+                              "this process: workers did not pay off in python -m bench.bench_diagnose)")
+    running.add_argument("--amp", action="store_true",
+                         help="mixed precision: bfloat16 on the CPU and on GPUs that support it, else float16. "
+                              "Faster on a CPU with AMX or AVX-512 BF16 with the same findings; a CPU without them "
+                              "emulates it, slowly (python -m bench.bench_diagnose --amp)")
+    output = parser.add_argument_group("outputs")
+    output.add_argument("--output", type=Path, metavar="DIR",
+                        help="write report.json, findings.csv, a PNG per finding (and froc.png) here")
+    output.add_argument("--save-mask", action="store_true", help="with --output: the segmentation mask per series")
+    output.add_argument("--annotations-excluded", type=Path, metavar="FILE",
+                        help="LUNA16 annotations_excluded.csv for the FROC (default: that file in the data "
+                             "root, when it is there)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = paths_from_args(args)
+    if args.save_mask and args.output is None:
+        raise UsageError("--save-mask needs --output DIR")
+    if args.output is not None and args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"--output {args.output} exists and is not a folder")
+    selection = select_series(args, paths)
+    info = distributed_info_from_env()
+    device = resolve_device(args.device, info)
+    warn_if_emulated(args.amp, device)
+    default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
+    config = DiagnoseConfig(
+        segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
+        grouping=args.grouping, flips=args.flips,
+        nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
+        batch_size=args.batch_size or default_batch, amp=args.amp,
+        lung_margin_mm=args.lung_margin_mm,
+    )
+    models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path, device)
+    truth = read_truth(paths.data_root, args.annotations_excluded)
+    started = time.perf_counter()
+    with process_group(info):
+        mine = shard(selection, info.rank, info.world_size)
+        results = diagnose_series(mine, models, config, device, figures=args.output is not None,
+                                  save_mask=args.save_mask, prefetch=args.prefetch, show_progress=info.is_main)
+        gathered = gather_to_main(results, info)
+    if gathered is None:
+        return 0
+    results = merge_shards(gathered, [uid for uid, _ in selection], key=lambda result: result.series_uid)
+    scored = [uid for uid, _ in selection if uid] or [
+        r.series_uid for r in results if truth is not None and truth.has_series(r.series_uid)]
+    scores = report.score(results, truth, scored, config)
+    summary = report.Summary(config=config, models=models.describe(), device=str(device),
+                             world_size=info.world_size, wall_s=time.perf_counter() - started)
+    print(report.format_report(results, scores, config, summary))
+    if args.output is not None:
+        report.write_outputs(args.output, results, scores, config, summary)
+        log.info("wrote the report to %s", args.output)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Mixed precision and backend settings shared by training and diagnosis.
+
+``--amp`` means bfloat16 autocast on CPUs and on GPUs that support it, float16 with a
+GradScaler on older GPUs. A CPU without bfloat16 instructions emulates it, slowly, so
+asking for it there logs a warning instead of silently running slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AmpSettings:
+    """Autocast dtype (None: full precision) and whether float16 needs a GradScaler."""
+
+    dtype: torch.dtype | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def tune_backends(device: torch.device) -> None:
+    """Let cuDNN time its convolution algorithms for each new input shape and keep the fastest.
+
+    Worth it for training, whose batches all have one shape (process-wide torch
+    setting; nothing to do off CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def cpu_computes_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX); without them bfloat16 is emulated, slowly."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def warn_if_emulated(enabled: bool, device: torch.device) -> None:
+    """Log a warning when mixed precision is asked for on a CPU that would emulate bfloat16."""
+    if enabled and device.type == "cpu" and not cpu_computes_bfloat16():
+        log.warning("--amp on a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated there and usually slower "
+                    "than float32")
+
+
+def amp_settings(enabled: bool, device: torch.device) -> AmpSettings:
+    """bfloat16 on the CPU and on GPUs that support it; float16 (with a GradScaler) otherwise."""
+    if not enabled:
+        return AmpSettings()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return AmpSettings(torch.float16)
+    return AmpSettings(torch.bfloat16)

@@ -1,0 +1,45 @@
+"""Every console script named in setup.cfg, and its ``python -m`` twin, resolves to a ``main`` that answers ``--help``."""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import runpy
+from pathlib import Path
+
+import pytest
+
+SETUP_CFG = Path(__file__).resolve().parents[1] / "setup.cfg"
+
+
+def console_scripts() -> dict[str, str]:
+    parser = configparser.ConfigParser()
+    parser.read(SETUP_CFG)
+    lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(tuple(part.strip() for part in line.split("=", 1)) for line in lines)
+
+
+def test_the_scripts_include_one_per_command() -> None:
+    assert set(console_scripts()) >= {"p2ch-luna-synth", "p2ch-luna-implant", "p2ch-luna-prepcache",
+                                      "p2ch-luna-train", "p2ch-luna-diagnose", "p2ch-luna-evaluate", "p2ch-luna-demo"}
+
+
+@pytest.mark.parametrize("script, target", sorted(console_scripts().items()))
+def test_a_script_answers_help(script: str, target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module_name, _, function = target.partition(":")
+    main = getattr(importlib.import_module(module_name), function)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")
+@pytest.mark.parametrize("module_name", sorted({target.partition(":")[0] for target in console_scripts().values()}))
+def test_python_dash_m_runs_the_same_command(module_name: str, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.argv", [module_name, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(module_name, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
