@@ -1,6 +1,6 @@
 """The classifier's on-device augmentation alone: torch's operators against ``resample``'s fused kernel.
 
-    python bench/bench_augment.py [--device cuda] [--batch 256] [--repeats 20] [--chunk-shape 32 48 48]
+    python -m bench.bench_augment [--device cuda] [--batch 256] [--repeats 20] [--chunk-shape 32 48 48]
 
 Times ``augment.augment_batch_3d`` on a batch of int16 HU chunks already on the device, with the book's
 augmentation (mirroring, offset, zoom, rotation, noise), as the training step runs it: first with torch's
@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_small_conv import median_ms  # noqa: E402
-from p2ch_luna.data import resample  # noqa: E402
-from p2ch_luna.data.augment import AugmentConfig, augment_batch_3d  # noqa: E402
-from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
+from bench.common import median_ms
+from p2ch_luna.data import resample
+from p2ch_luna.data.augment import AugmentConfig, augment_batch_3d
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
 
 TORCH = "torch's operators"
 FUSED = "fused kernel"

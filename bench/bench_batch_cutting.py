@@ -1,6 +1,6 @@
 """What a loader worker spends cutting one classifier batch: our batched fetch against per-item collation.
 
-    python bench/bench_batch_cutting.py [--batch-size 256] [--batches 30] [--series 4]
+    python -m bench.bench_batch_cutting [--batch-size 256] [--batches 30] [--series 4]
 
 Ours: ``CandidateDataset.__getitems__`` cuts each chunk from the cached CT
 straight into one int16 batch array. Baseline: what a DataLoader does for a
@@ -23,12 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_input import nodule_data  # noqa: E402
-from p2ch_luna.data.candidates import CandidateDataset  # noqa: E402
-from p2ch_luna.training.tasks import RunContext  # noqa: E402
-from p2ch_luna.training.tasks.classification import NoduleTask  # noqa: E402
+from bench.common import nodule_data
+from p2ch_luna.data.candidates import CandidateDataset
+from p2ch_luna.training.tasks import RunContext
+from p2ch_luna.training.tasks.classification import NoduleTask
 
 
 def per_item(dataset: CandidateDataset, indices: Sequence[int]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """What one batch costs the main process when a DataLoader worker makes it, against making it here.
 
-    python bench/bench_batch_transfer.py [--batch-size 256] [--chunk-shape 32 48 48] [--batches 4]
+    python -m bench.bench_batch_transfer [--batch-size 256] [--chunk-shape 32 48 48] [--batches 4]
 
 A worker hands its batch over in shared memory: the main process receives
 it (``next``), then touches its pages for the first time (here ``.float()``,

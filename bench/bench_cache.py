@@ -7,8 +7,8 @@ Both run in this process on the same synthetic dataset, pinned to one core:
 - warm random-access chunks/s of ``ChunkCache.chunk`` vs the memoised function;
 - bytes on disk of each cache vs the raw CT bytes they cover.
 
-    python bench/bench_cache.py                       # small: 6 series of 256 x 256
-    python bench/bench_cache.py --series 12 --shape 512 512
+    python -m bench.bench_cache                       # small: 6 series of 256 x 256
+    python -m bench.bench_cache --series 12 --shape 512 512
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import numpy as np
 from diskcache import FanoutCache
 
 from p2ch_luna.data.cache import ChunkCache
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, find_series_path, list_series_on_disk, load_ct
-from p2ch_luna.geometry import chunk_bounds
 from p2ch_luna.data.luna import read_candidate_table
+from p2ch_luna.geometry import chunk_bounds
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, find_series_path, list_series_on_disk, load_ct
 from p2ch_luna.prepcache import main as prepcache_main
 
 CHUNK_WIDTH = (32, 48, 48)

@@ -1,7 +1,7 @@
 """Where the classifier's training step spends its GPU time: layout, precision, batch, first-convolution
 and compile variants of the model step alone (random batch on the device), then profiles.
 
-    python bench/bench_classifier_step.py [--device cuda] [--seconds 3] [--profile-batch 256]
+    python -m bench.bench_classifier_step [--device cuda] [--seconds 3] [--profile-batch 256]
 
 Each variant times forward + backward + SGD step of ``LunaModel`` on a
 1x32x48x48 batch already on the device (no data path): the ceiling that
@@ -25,19 +25,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_training import route_convolutions, step_rate, synchronize  # noqa: E402
-from p2ch_luna.training.engine import amp_settings, tune_backends  # noqa: E402
-from p2ch_luna.kernels.support import relative_difference  # noqa: E402
-from p2ch_luna.models import LunaModel, small_conv  # noqa: E402
-from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC  # noqa: E402
+from bench.common import route_convolutions, step_rate, synchronize
+from p2ch_luna.kernels.support import relative_difference
+from p2ch_luna.models import LunaModel, small_conv
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
+from p2ch_luna.precision import amp_settings, tune_backends
 
 WARMUP_STEPS = 5
 DEFAULT_BENCHMARK_LIMIT = torch.backends.cudnn.benchmark_limit

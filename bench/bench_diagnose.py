@@ -1,6 +1,6 @@
 """Time diagnosis of one synthetic 512x512x~130 CT (or ``--ct``): ours against a book-style path.
 
-    python bench/bench_diagnose.py [--slices 130 | --ct CT] [--segmentation-path F --classification-path F]
+    python -m bench.bench_diagnose [--slices 130 | --ct CT] [--segmentation-path F --classification-path F]
                                    [--threads N] [--device cuda] [--amp] [--series N [--prefetch K ...]]
 
 Book-style path (p2ch14/diagnose.py): a DataLoader yields one 7-channel
@@ -21,101 +21,26 @@ and finding their lungs meanwhile (seconds per CT, ratio to one at a time).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
-from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_training import as_book_classifier  # noqa: E402
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.synth import generator as synth  # noqa: E402
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, extract_chunk, load_ct  # noqa: E402
-from p2ch_luna.models import build_model  # noqa: E402
-from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, LoadedCheckpoint, load_checkpoint  # noqa: E402
-
-BOOK_BATCH_SIZE = 4
-CHUNK_SHAPE = (32, 48, 48)
+from bench.book import BOOK_DIAGNOSE_BATCH_SIZE, book_copies, book_diagnose
+from bench.common import load_or_build
+from p2ch_luna.diagnose.model_set import DiagnosisModels
+from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_ct, diagnose_series
+from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION_BATCH
+from p2ch_luna.io.ct import load_ct
+from p2ch_luna.synth import generator as synth
 
 
-class BookSlices(Dataset):
-    """The book's Luna2dSegmentationDataset(fullCt_bool=True): a 7-slice float32 stack per item."""
-
-    def __init__(self, hu: np.ndarray) -> None:
-        self.hu = hu
-
-    def __len__(self) -> int:
-        return self.hu.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        stack = torch.zeros((2 * diagnose.CONTEXT_SLICES + 1, *self.hu.shape[1:]))
-        for channel, context in enumerate(range(index - diagnose.CONTEXT_SLICES, index + diagnose.CONTEXT_SLICES + 1)):
-            context = min(max(context, 0), self.hu.shape[0] - 1)
-            stack[channel] = torch.from_numpy(self.hu[context].astype(np.float32))
-        return stack, index
-
-
-class BookChunks(Dataset):
-    """The book's LunaDataset on candidate centres: one float32 (1, I, R, C) chunk per item."""
-
-    def __init__(self, hu: np.ndarray, centers: np.ndarray, shape: tuple[int, int, int] = CHUNK_SHAPE) -> None:
-        self.hu, self.centers, self.shape = hu, centers, shape
-
-    def __len__(self) -> int:
-        return len(self.centers)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(extract_chunk(self.hu, self.centers[index], self.shape).astype(np.float32))[None]
-
-
-def book_style(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.nn.Module,
-               device: torch.device = torch.device("cpu"), workers: int = 0) -> int:
-    """The book's diagnosis of one CT; returns the number of candidates classified."""
-    clipped = np.clip(hu, HU_MIN, HU_MAX)
-    output = np.zeros(hu.shape, dtype=np.float32)
-    shape = tuple(getattr(classifier, "input_shape", CHUNK_SHAPE))
-    pin = device.type == "cuda"
-    with torch.no_grad():
-        for inputs, indices in DataLoader(BookSlices(clipped), batch_size=BOOK_BATCH_SIZE, pin_memory=pin,
-                                          num_workers=workers):
-            prediction = torch.sigmoid(segmentation(inputs.to(device, non_blocking=True)))
-            output[indices.numpy()] = prediction[:, 0].cpu().numpy()
-        mask = ndimage.binary_erosion(output > 0.5, iterations=1)
-        labels, count = ndimage.label(mask)
-        centers = ndimage.center_of_mass(clipped + 1001, labels, np.arange(1, count + 1))
-        centers = np.rint(np.asarray(centers, dtype=np.float64).reshape(-1, 3)).astype(np.int64)
-        for chunks in DataLoader(BookChunks(clipped, centers, shape), batch_size=BOOK_BATCH_SIZE, pin_memory=pin,
-                                 num_workers=workers):
-            torch.softmax(classifier(chunks.to(device, non_blocking=True)), dim=1).cpu()
-    return count
-
-
-def book_copies(models: diagnose.DiagnosisModels, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Copies of the segmentation and nodule models for the book-style path: on ``device``, default layout, the
-    classifier computing as the book's."""
-    segmentation, nodule = (copy.deepcopy(loaded.model).to(device, memory_format=torch.contiguous_format).eval()
-                            for loaded in (models.segmentation, models.nodule))
-    return segmentation, as_book_classifier(nodule)
-
-
-def load_or_build(path: Path | None, task: str) -> LoadedCheckpoint:
-    """The checkpoint at ``path``, or without one a seeded untrained model of the book's architecture."""
-    if path is not None:
-        return load_checkpoint(path, task)
-    if task == "segmentation":
-        return _wrap(build_model("unet", **BOOK_SEGMENTATION_KWARGS).eval(), task)
-    return _wrap(build_model("luna").eval(), task)
-
-
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=130)
     parser.add_argument("--ct", type=Path, help="time this CT (DICOM folder, .mhd, NIfTI) instead of a synthetic one")
@@ -130,17 +55,17 @@ def main() -> int:
     parser.add_argument("--series", type=int, default=0,
                         help="time diagnose_series over this many CTs instead, without and with --prefetch")
     parser.add_argument("--prefetch", type=int, nargs="+", default=[1], help="worker counts to compare with 0")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    models = diagnose.DiagnosisModels(segmentation=load_or_build(args.segmentation_path, "segmentation"),
+    models = DiagnosisModels(segmentation=load_or_build(args.segmentation_path, "segmentation"),
                                       nodule=load_or_build(args.classification_path, "nodule"))
     device = torch.device(args.device)
     book_models = book_copies(models, device)
     models.place(device)
-    batch = diagnose.CUDA_SEGMENTATION_BATCH if device.type == "cuda" else diagnose.CPU_SEGMENTATION_BATCH
-    config = diagnose.DiagnoseConfig(batch_size=batch)
+    batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
+    config = DiagnoseConfig(batch_size=batch)
     if args.series:
         return time_series(args, models, config, device)
     if args.ct is not None:
@@ -153,28 +78,28 @@ def main() -> int:
     print(f"CT {ct.shape} spacing_irc {tuple(round(float(v), 3) for v in ct.geometry.spacing_irc)}, "
           f"{torch.get_num_threads()} torch thread(s)")
     started = time.perf_counter()
-    result, lungs, _ = diagnose.diagnose_ct(ct, models, config, device)
+    result, lungs, _ = diagnose_ct(ct, models, config, device)
     ours_s = time.perf_counter() - started
     lung_slices = int(lungs.any(axis=(1, 2)).sum())
     print(f"ours:       {ours_s:7.1f} s  ({len(result.candidates)} candidates, {lung_slices}/{ct.shape[0]} slices "
           f"hold lung; " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()) + ")")
     if args.amp:
         started = time.perf_counter()
-        mixed, _, _ = diagnose.diagnose_ct(ct, models, dataclasses.replace(config, amp=True), device)
+        mixed, _, _ = diagnose_ct(ct, models, dataclasses.replace(config, amp=True), device)
         mixed_s = time.perf_counter() - started
         print(f"ours, amp:  {mixed_s:7.1f} s  ({len(mixed.candidates)} candidates; "
               + ", ".join(f"{k} {v:.1f}" for k, v in mixed.timings.items()) + f"), {ours_s / mixed_s:.2f}x ours")
     if args.skip_book:
         return 0
     started = time.perf_counter()
-    count = book_style(ct.hu, *book_models, device)
+    count = book_diagnose(ct.hu, *book_models, device)
     book_s = time.perf_counter() - started
-    print(f"book-style: {book_s:7.1f} s  ({count} candidates, every slice, full 512x512, batch {BOOK_BATCH_SIZE})")
+    print(f"book-style: {book_s:7.1f} s  ({count} candidates, every slice, full 512x512, batch {BOOK_DIAGNOSE_BATCH_SIZE})")
     print(f"speed-up:   {book_s / ours_s:7.2f}x")
     return 0
 
 
-def time_series(args: argparse.Namespace, models: diagnose.DiagnosisModels, config: diagnose.DiagnoseConfig,
+def time_series(args: argparse.Namespace, models: DiagnosisModels, config: DiagnoseConfig,
                 device: torch.device) -> int:
     """Seconds per CT of ``diagnose_series`` over ``args.series`` CTs for each prefetch worker count."""
     with tempfile.TemporaryDirectory() as folder:
@@ -182,11 +107,11 @@ def time_series(args: argparse.Namespace, models: diagnose.DiagnosisModels, conf
                                        slices=(args.slices, args.slices), progress=False)
         selection = [(info.series_uid, Path(info.path)) for info in infos]
         print(f"{args.series} CTs of 512x512x{args.slices}, {torch.get_num_threads()} torch thread(s)")
-        diagnose.diagnose_series(selection[:1], models, config, device, figures=False, save_mask=False)  # warm-up
+        diagnose_series(selection[:1], models, config, device, figures=False, save_mask=False)  # warm-up
         baseline = None
         for prefetch in [0, *args.prefetch]:
             started = time.perf_counter()
-            results = diagnose.diagnose_series(selection, models, config, device, figures=False, save_mask=False,
+            results = diagnose_series(selection, models, config, device, figures=False, save_mask=False,
                                                prefetch=prefetch)
             per_ct = (time.perf_counter() - started) / len(selection)
             baseline = baseline or per_ct
@@ -194,12 +119,6 @@ def time_series(args: argparse.Namespace, models: diagnose.DiagnosisModels, conf
             print(f"prefetch {prefetch}: {per_ct:6.2f} s/CT  {baseline / per_ct:5.2f}x  (mean stage s: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()) + ")")
     return 0
-
-
-def _wrap(model: torch.nn.Module, task: str) -> LoadedCheckpoint:
-    return LoadedCheckpoint(path=Path("untrained"), model=model, task=task, model_name=type(model).__name__,
-                            model_kwargs={}, epoch=None, samples_seen=None, optimizer_name=None,
-                            optimizer_state=None, config={}, metrics={}, is_book=False, raw={})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Depth of the dense tissue inside the lungs: scipy's feature transform against the k-d tree.
 
-    python bench/bench_distance.py [--slices 130] [--seed 0] [--repeats 5] [--workers 1 2]
+    python -m bench.bench_distance [--slices 130] [--seed 0] [--repeats 5] [--workers 1 2]
 
 Diagnosis groups candidates at the peaks of the depth (mm) of dense (>= ``DENSE_HU``) segmented
 tissue, in the box of both lungs. This bench builds that mask from one synthetic 512x512 CT as a
@@ -14,7 +14,6 @@ the ratio to the feature transform, and the largest difference between the two d
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from p2ch_luna.diagnose import distance
-from p2ch_luna.diagnose import lungs
-from p2ch_luna.synth import generator as synth  # noqa: E402
-from p2ch_luna.io.ct import load_ct  # noqa: E402
-from p2ch_luna.diagnose.pipeline import DENSE_HU  # noqa: E402
+from p2ch_luna.diagnose import distance, lungs
+from p2ch_luna.diagnose.grouping import DENSE_HU
+from p2ch_luna.io.ct import load_ct
+from p2ch_luna.synth import generator as synth
 
 
 def median_seconds(function: Callable[[], object], repeats: int) -> float:

@@ -1,7 +1,7 @@
 """GPU speed in one run on one device: classifier and segmenter training samples/s and
 diagnosis seconds per CT, our path against a book-style path, with ratios and GPU utilisation.
 
-    python bench/bench_gpu.py [--device cuda] [--seconds 8] [--workers N] [--book-workers N]
+    python -m bench.bench_gpu [--device cuda] [--seconds 8] [--workers N] [--book-workers N]
                               [--models-dir DIR] [--json FILE] [--skip-compile]
 
 Every figure comes from this process, on the same synthetic data and device:
@@ -19,7 +19,7 @@ Every figure comes from this process, on the same synthetic data and device:
   torch's operators (not ``resample``'s fused kernel), with CUDA graphs
   and, with ``--worker-sweep``, with other worker counts, with and without the ring;
 - segmenter training (7x64x64 crops): the book-style loop of
-  ``bench_segmentation.py`` (pickled float32 chunks memoised in a diskcache
+  ``book.py`` (pickled float32 chunks memoised in a diskcache
   ``FanoutCache``, batch 16, one augmentation transform per batch, float32
   U-Net ending in a sigmoid, Adam) against our task and engine, likewise, and at ``--large-batch``
   also with the plain loader (``--no-batch-ring``);
@@ -57,31 +57,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-for folder in (REPO, REPO / "bench"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-import bench_diagnose  # noqa: E402
-import bench_segmentation  # noqa: E402
-import bench_training  # noqa: E402
-from bench_training import step_rate  # noqa: E402
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.synth import generator as synth  # noqa: E402
-from p2ch_luna.data.augment import AugmentConfig  # noqa: E402
-from p2ch_luna.training.config import TrainConfig  # noqa: E402
-from p2ch_luna.io.ct import list_series_on_disk, load_ct  # noqa: E402
-from p2ch_luna.training.engine import EpochResult, amp_settings, train_one_epoch, tune_backends  # noqa: E402
-from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series  # noqa: E402
-from p2ch_luna.models.checkpoint import load_checkpoint  # noqa: E402
-from p2ch_luna.paths import Paths, resolve_paths  # noqa: E402
-from p2ch_luna.data.sampling import BalancedSampler, make_generator  # noqa: E402
-from p2ch_luna.data.segmentation import TRAIN_CROP  # noqa: E402
-from p2ch_luna.training.tasks import RunContext  # noqa: E402
-from p2ch_luna.training.tasks.base import Task  # noqa: E402
-from p2ch_luna.training.tasks.classification import NoduleTask  # noqa: E402
-from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
-from p2ch_luna.training.cli import build_optimizer, place_model  # noqa: E402
+from bench import book
+from bench.common import Limited, load_or_build, route_convolutions, step_rate
+from p2ch_luna.data.augment import AugmentConfig
+from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
+from p2ch_luna.data.sampling import BalancedSampler, make_generator
+from p2ch_luna.data.segmentation import TRAIN_CROP
+from p2ch_luna.diagnose.model_set import DiagnosisModels
+from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_ct
+from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION_BATCH
+from p2ch_luna.io.ct import list_series_on_disk, load_ct
+from p2ch_luna.models import LunaModel
+from p2ch_luna.models.checkpoint import load_checkpoint
+from p2ch_luna.paths import Paths, resolve_paths
+from p2ch_luna.precision import amp_settings, tune_backends
+from p2ch_luna.synth import generator as synth
+from p2ch_luna.training.cli import build_optimizer, place_model
+from p2ch_luna.training.config import TrainConfig
+from p2ch_luna.training.engine import EpochResult, train_one_epoch
+from p2ch_luna.training.tasks import RunContext
+from p2ch_luna.training.tasks.base import Task
+from p2ch_luna.training.tasks.classification import NoduleTask
+from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask
 
 BOOK_DIAGNOSE_WORKERS = 4
 """p2ch14/diagnose.py's default ``--num-workers``."""
@@ -157,7 +154,7 @@ def engine_rate(task: Task, model: nn.Module, config: TrainConfig, device: torch
     generator = make_generator(config.seed, 1, device)
 
     def run(count: int) -> EpochResult:
-        return train_one_epoch(task, model, optimizer, bench_training._Limited(loader, count), epoch=1,
+        return train_one_epoch(task, model, optimizer, Limited(loader, count), epoch=1,
                                device=device, generator=generator, amp=amp, show_progress=False)
 
     run(WARMUP_BATCHES)
@@ -209,17 +206,17 @@ def model_step_rate(model: nn.Module, inputs: torch.Tensor, loss_of: Callable[[t
 
 def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.device) -> list[Figure]:
     section = "classifier training"
-    base = TrainConfig(task="nodule", paths=paths, batch_size=bench_training.BOOK_BATCH_SIZE, ratio=1,
-                       augment=AugmentConfig.book(), optimizer="sgd", lr=bench_training.BOOK_LR,
-                       momentum=bench_training.BOOK_MOMENTUM, num_workers=args.workers,
+    base = TrainConfig(task="nodule", paths=paths, batch_size=book.BOOK_CLASSIFIER_BATCH_SIZE, ratio=1,
+                       augment=AugmentConfig.book(), optimizer="sgd", lr=book.BOOK_LR,
+                       momentum=book.BOOK_MOMENTUM, num_workers=args.workers,
                        epoch_size=args.epoch_size, channels_last=True, seed=0)
     dataset = NoduleTask(RunContext(base, device)).datasets()[0]
     for series_uid in sorted(set(dataset.series_uids)):  # fill the volume cache before timing
         dataset.cache.ensure_volume(series_uid)
 
-    def book(monitor: UtilisationMonitor) -> float:
+    def book_loop(monitor: UtilisationMonitor) -> float:
         sampler = BalancedSampler(dataset.labels, ratio=1, epoch_size=args.epoch_size, seed=0)
-        step = bench_training.book_style_step(dataset, sampler, args.book_workers, device)
+        step = book.book_classifier_step(dataset, sampler, args.book_workers, device)
         return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor.watch)
 
     def ours(batch_size: int, amp: bool, compile_mode: str | None = None) -> Callable[[UtilisationMonitor], float]:
@@ -230,7 +227,7 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
         def run(monitor: UtilisationMonitor) -> float:
             tune_backends(device)
             torch.manual_seed(0)
-            model = bench_training.LunaModel(input_shape=dataset.chunk_shape_irc).to(device)
+            model = LunaModel(input_shape=dataset.chunk_shape_irc).to(device)
             inputs = torch.randn(batch_size, 1, *dataset.chunk_shape_irc, device=device) * 300 - 500
             if channels_last:
                 model = model.to(memory_format=torch.channels_last_3d)
@@ -243,7 +240,7 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
     large = args.large_batch
 
     def cudnn_convolutions(model: nn.Module) -> None:
-        bench_training.route_convolutions(model, 0)
+        route_convolutions(model, 0)
 
     def variant(workers: int, batch_ring: bool, compile_mode: str | None = None, cudnn: bool = False,
                 fused_augment: bool = True) -> Variant:
@@ -269,7 +266,7 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
     late = [] if args.skip_compile else [variant(args.workers, True, "reduce-overhead")]
     for workers in args.worker_sweep:  # is the main process starved of CPU by the workers?
         late += [variant(workers, False), variant(workers, True)]
-    return training_figures(section, book, ours, model_step, 32, "our defaults", args, device, early, late)
+    return training_figures(section, book_loop, ours, model_step, 32, "our defaults", args, device, early, late)
 
 
 # --- segmenter ------------------------------------------------------------------------------
@@ -277,7 +274,7 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
 
 def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device: torch.device) -> list[Figure]:
     section = "segmenter training"
-    base = TrainConfig(task="segmentation", paths=paths, batch_size=bench_segmentation.BOOK_BATCH_SIZE,
+    base = TrainConfig(task="segmentation", paths=paths, batch_size=book.BOOK_SEGMENTATION_BATCH_SIZE,
                        num_workers=args.workers, augment=AugmentConfig.book_segmentation(),
                        epoch_size=args.epoch_size, seed=0, channels_last=True, task_options=SegmentationOptions())
     data_root = paths.require_data_root()
@@ -285,22 +282,22 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
     train_uids, _ = split_by_series(sorted(list_series_on_disk(data_root)), base.val_stride)
     rows = annotations[annotations["series_uid"].isin(train_uids)]
     nodules = [(row.series_uid, (row.center_x, row.center_y, row.center_z)) for row in rows.itertuples()]
-    get_raw_candidate = bench_segmentation.book_raw_candidate(data_root, work / "book_cache", annotations)
+    get_raw_candidate = book.book_raw_candidate(data_root, work / "book_cache", annotations)
     for series_uid, center_xyz in nodules:  # the book's prepcache
-        get_raw_candidate(series_uid, center_xyz, bench_segmentation.BOOK_CHUNK_WIDTH)
+        get_raw_candidate(series_uid, center_xyz, book.BOOK_CHUNK_WIDTH)
 
-    def book(monitor: UtilisationMonitor) -> float:
+    def book_loop(monitor: UtilisationMonitor) -> float:
         torch.manual_seed(0)
-        dataset = bench_segmentation.BookTrainingDataset(nodules, get_raw_candidate, args.epoch_size)
-        loader = DataLoader(dataset, batch_size=bench_segmentation.BOOK_BATCH_SIZE, shuffle=True,
+        dataset = book.BookTrainingDataset(nodules, get_raw_candidate, args.epoch_size)
+        loader = DataLoader(dataset, batch_size=book.BOOK_SEGMENTATION_BATCH_SIZE, shuffle=True,
                             num_workers=args.book_workers, pin_memory=device.type == "cuda")
-        model = bench_segmentation.BookModel().to(device)
+        model = book.BookSegmentationModel().to(device)
         optimizer = torch.optim.Adam(model.parameters())
-        augmentation = bench_segmentation.BookSegmentationAugmentation(base.augment)
+        augmentation = book.BookSegmentationAugmentation(base.augment)
         iterator = iter(loader)
 
         def step() -> int:
-            return bench_segmentation.book_step(model, augmentation, optimizer, next(iterator), device)
+            return book.book_segmentation_step(model, augmentation, optimizer, next(iterator), device)
 
         return step_rate(step, args.seconds, device, max(WARMUP_BATCHES, args.book_workers), monitor.watch)
 
@@ -312,7 +309,7 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
         def run(monitor: UtilisationMonitor) -> float:
             tune_backends(device)
             torch.manual_seed(0)
-            model = bench_segmentation.BookModel().to(device)
+            model = book.BookSegmentationModel().to(device)
             inputs = torch.randn(batch_size, 7, TRAIN_CROP, TRAIN_CROP, device=device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
@@ -326,7 +323,7 @@ def segmenter_figures(paths: Paths, work: Path, args: argparse.Namespace, device
     early = [(f"ours, batch {large}, bf16, plain loader", our_training(SegmentationTask, plain_loader, None, device,
                                                                        args.seconds),
               f"--amp --batch-size {large} --no-batch-ring")]
-    return training_figures(section, book, ours, model_step, 16, "book batch", args, device, early)
+    return training_figures(section, book_loop, ours, model_step, 16, "book batch", args, device, early)
 
 
 def training_figures(section: str, book: Callable[[UtilisationMonitor], float],
@@ -364,33 +361,33 @@ def diagnosis_figures(work: Path, args: argparse.Namespace, device: torch.device
                                    slices=(args.diagnose_slices, args.diagnose_slices), progress=False)
     ct = load_ct(infos[0].path)
     models = _diagnosis_models(args.models_dir)
-    book_segmentation, book_classifier = bench_diagnose.book_copies(models, device)
+    book_segmentation, book_classifier = book.book_copies(models, device)
     models.place(device)
-    batch = diagnose.CUDA_SEGMENTATION_BATCH if device.type == "cuda" else diagnose.CPU_SEGMENTATION_BATCH
+    batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     note = f"CT {ct.shape}, models: {'trained' if args.models_dir else 'untrained'}"
     counts: dict[str, int] = {}
     stages: dict[str, float] = {}
 
-    def book(monitor: UtilisationMonitor) -> float:
+    def book_loop(monitor: UtilisationMonitor) -> float:
         with monitor.watch():
             started = time.perf_counter()
-            counts["book"] = bench_diagnose.book_style(ct.hu, book_segmentation, book_classifier,
+            counts["book"] = book.book_diagnose(ct.hu, book_segmentation, book_classifier,
                                                        device, workers=BOOK_DIAGNOSE_WORKERS)
             return time.perf_counter() - started
 
     def ours(amp: bool) -> Callable[[UtilisationMonitor], float]:
         def run(monitor: UtilisationMonitor) -> float:
-            config = diagnose.DiagnoseConfig(batch_size=batch, amp=amp)
+            config = DiagnoseConfig(batch_size=batch, amp=amp)
             with monitor.watch():
                 started = time.perf_counter()
-                result, _, _ = diagnose.diagnose_ct(ct, models, config, device)
+                result, _, _ = diagnose_ct(ct, models, config, device)
                 counts["ours"] = len(result.candidates)
                 stages.update(result.timings)
                 return time.perf_counter() - started
         return run
 
     figures = []
-    variants = [("book-style, fp32", book), ("ours, fp32", ours(False)), ("ours, bf16", ours(True))]
+    variants = [("book-style, fp32", book_loop), ("ours, fp32", ours(False)), ("ours, bf16", ours(True))]
     for name, run in variants:
         run(UtilisationMonitor(torch.device("cpu")))  # warm-up: cuDNN handles, first allocations
         figure = _measure(section, name, run, "s/CT", note, variants[0][0], device)
@@ -401,19 +398,19 @@ def diagnosis_figures(work: Path, args: argparse.Namespace, device: torch.device
     return figures
 
 
-def _diagnosis_models(models_dir: Path | None) -> diagnose.DiagnosisModels:
+def _diagnosis_models(models_dir: Path | None) -> DiagnosisModels:
     if models_dir is None:
         torch.manual_seed(0)
-        return diagnose.DiagnosisModels(
-            segmentation=bench_diagnose.load_or_build(None, "segmentation"),
-            nodule=bench_diagnose.load_or_build(None, "nodule"))
+        return DiagnosisModels(
+            segmentation=load_or_build(None, "segmentation"),
+            nodule=load_or_build(None, "nodule"))
     found = {}
     for task in ("segmentation", "nodule"):
         matches = sorted(models_dir.glob(f"{task}_*.best.state"))
         if not matches:
             raise SystemExit(f"--models-dir {models_dir}: no {task}_*.best.state checkpoint")
         found[task] = load_checkpoint(matches[-1], task)
-    return diagnose.DiagnosisModels(segmentation=found["segmentation"], nodule=found["nodule"])
+    return DiagnosisModels(segmentation=found["segmentation"], nodule=found["nodule"])
 
 
 # --- driver ---------------------------------------------------------------------------------

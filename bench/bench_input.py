@@ -3,7 +3,7 @@ without the on-device augmentation, for several DataLoader worker counts, throug
 DataLoader and through the batch ring (``--batch-ring``), with their ratio; the classifier's
 (``--task nodule``) or the segmenter's (``--task segmentation``).
 
-    python bench/bench_input.py [--task nodule] [--device cuda] [--workers 4 8 16] [--batch-size 256] [--seconds 5]
+    python -m bench.bench_input [--task nodule] [--device cuda] [--workers 4 8 16] [--batch-size 256] [--seconds 5]
 
 Both loaders first show that they give the same samples. Compare with
 ``bench_classifier_step.py`` (the model step alone): training runs at roughly
@@ -21,18 +21,14 @@ from typing import Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_training import step_rate  # noqa: E402
-from p2ch_luna.data.augment import AugmentConfig  # noqa: E402
-from p2ch_luna.training.config import TrainConfig  # noqa: E402
-from p2ch_luna.training.engine import move_to_device  # noqa: E402
-from p2ch_luna.paths import resolve_paths  # noqa: E402
-from p2ch_luna.data.sampling import make_generator  # noqa: E402
-from p2ch_luna.synth.generator import generate_dataset  # noqa: E402
-from p2ch_luna.training.tasks import RunContext  # noqa: E402
-from p2ch_luna.training.tasks.classification import NoduleTask  # noqa: E402
-from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask  # noqa: E402
+from bench.common import nodule_data, step_rate
+from p2ch_luna.data.augment import AugmentConfig
+from p2ch_luna.data.sampling import make_generator
+from p2ch_luna.training.config import TrainConfig
+from p2ch_luna.training.engine import move_to_device
+from p2ch_luna.training.tasks import RunContext
+from p2ch_luna.training.tasks.classification import NoduleTask
+from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask
 
 WARMUP_BATCHES = 8
 TASKS = {"nodule": NoduleTask, "segmentation": SegmentationTask}
@@ -74,19 +70,6 @@ def input_arguments(doc: str, workers: list[int]) -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--series", type=int, default=12)
     return parser
-
-
-def nodule_data(work: Path, series: int, batch_size: int, device: torch.device) -> TrainConfig:
-    """Synthetic series under ``work`` with their volumes cached; a balanced, augmented nodule config for them."""
-    generate_dataset(work / "luna", series=series, seed=0, shape=(192, 192), slices=(64, 96), progress=False)
-    paths = resolve_paths(work / "luna", work / "cache", work / "models", work / "runs")
-    base = TrainConfig(task="nodule", paths=paths, batch_size=batch_size, ratio=1,
-                       augment=AugmentConfig.book(), epoch_size=2_000_000, seed=0)
-    dataset = NoduleTask(RunContext(base, device)).datasets()[0]
-    for series_uid in sorted(set(dataset.series_uids)):
-        dataset.cache.ensure_volume(series_uid)
-    print(f"torch {torch.__version__} on {device}, batch {batch_size}", flush=True)
-    return base
 
 
 def task_data(task: str, work: Path, series: int, batch_size: int, device: torch.device) -> TrainConfig:

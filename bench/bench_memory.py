@@ -1,6 +1,6 @@
 """Peak memory and time of diagnosing one CT: the heap's free memory handed back (ours) or kept (the baseline).
 
-    python bench/bench_memory.py [--slices 300 | --ct CT] [--segmentation-path F --classification-path F]
+    python -m bench.bench_memory [--slices 300 | --ct CT] [--segmentation-path F --classification-path F]
                                  [--amp] [--rounds 2]
 
 Each run is a fresh process (peak RSS is per process) that loads the CT and
@@ -23,18 +23,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_diagnose import load_or_build  # noqa: E402
-from p2ch_luna.diagnose import pipeline as diagnose
-from p2ch_luna.synth import generator as synth  # noqa: E402
-from p2ch_luna.io.ct import load_ct  # noqa: E402
+from bench.common import load_or_build
+from p2ch_luna.diagnose import segment
+from p2ch_luna.diagnose.heap import HeapTrimmer
+from p2ch_luna.diagnose.model_set import DiagnosisModels
+from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_ct
+from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH
+from p2ch_luna.io.ct import load_ct
+from p2ch_luna.synth import generator as synth
 
 VARIANTS = ("kept", "every-batch", "released")
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: the child runs ``python -m bench.bench_memory`` from there."""
 
 
 def peak_rss_mb() -> float:
@@ -44,26 +50,26 @@ def peak_rss_mb() -> float:
 def child(args: argparse.Namespace) -> int:
     """One diagnosis in this process; prints a JSON line of its figures."""
     if args.child == "kept":
-        diagnose.HeapTrimmer.step = lambda self: False
+        HeapTrimmer.step = lambda self: False
     elif args.child == "every-batch":
-        diagnose.SEGMENTATION_HEAP_SLACK = -1
+        segment.SEGMENTATION_HEAP_SLACK = -1
     torch.manual_seed(args.seed)
-    models = diagnose.DiagnosisModels(segmentation=load_or_build(args.segmentation_path, "segmentation"),
+    models = DiagnosisModels(segmentation=load_or_build(args.segmentation_path, "segmentation"),
                                       nodule=load_or_build(args.classification_path, "nodule"))
     device = torch.device("cpu")
     models.place(device)
     ct = load_ct(args.ct)
     loaded_mb = peak_rss_mb()
-    config = diagnose.DiagnoseConfig(batch_size=diagnose.CPU_SEGMENTATION_BATCH, amp=args.amp)
+    config = DiagnoseConfig(batch_size=CPU_SEGMENTATION_BATCH, amp=args.amp)
     started = time.perf_counter()
-    result, _, nodule_mask = diagnose.diagnose_ct(ct, models, config, device)
+    result, _, nodule_mask = diagnose_ct(ct, models, config, device)
     print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": peak_rss_mb(), "loaded_mb": loaded_mb,
                       "candidates": len(result.candidates), "mask_voxels": int(nodule_mask.sum()),
                       "timings": result.timings}))
     return 0
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300, help="slices of the synthetic 512x512 CT")
     parser.add_argument("--ct", type=Path, help="diagnose this CT (DICOM folder, .mhd, NIfTI) instead")
@@ -73,7 +79,7 @@ def main() -> int:
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as diagnose --amp")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, alternating")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         return child(args)
     with tempfile.TemporaryDirectory() as folder:
@@ -103,14 +109,14 @@ def main() -> int:
 
 
 def _run_child(args: argparse.Namespace, variant: str) -> dict:
-    command = [sys.executable, __file__, "--child", variant, "--ct", str(args.ct), "--seed", str(args.seed)]
+    command = [sys.executable, "-m", "bench.bench_memory", "--child", variant, "--ct", str(args.ct), "--seed", str(args.seed)]
     for flag, value in (("--segmentation-path", args.segmentation_path),
                         ("--classification-path", args.classification_path)):
         if value is not None:
             command += [flag, str(value)]
     if args.amp:
         command.append("--amp")
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

@@ -16,166 +16,43 @@ both caches):
 Reported: training samples/s (data + augmentation + forward + backward + step)
 and data-only samples/s, with the ratios ours / book.
 
-    python bench/bench_segmentation.py                       # 6 series of 256 x 256, 256 samples/epoch
-    python bench/bench_segmentation.py --shape 512 512 --device cuda --num-workers 4
+    python -m bench.bench_segmentation                       # 6 series of 256 x 256, 256 samples/epoch
+    python -m bench.bench_segmentation --shape 512 512 --device cuda --num-workers 4
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import math
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
-from diskcache import FanoutCache
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from bench_training import synchronize
-from p2ch_luna.training import engine
+from bench.book import (
+    BOOK_SEGMENTATION_BATCH_SIZE,
+    BookSegmentationAugmentation,
+    BookSegmentationModel,
+    BookTrainingDataset,
+    book_raw_candidate,
+    book_segmentation_epoch,
+)
+from bench.common import synchronize
 from p2ch_luna.data.augment import AugmentConfig
-from p2ch_luna.training.config import TrainConfig
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, find_series_path, list_series_on_disk, load_ct
-from p2ch_luna.geometry import chunk_bounds
-from p2ch_luna.training.losses import segmentation_loss
 from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
-from p2ch_luna.data.masks import grown_box_mask
-from p2ch_luna.models.unet import UNetWrapper
-from p2ch_luna.paths import resolve_paths
 from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
-from p2ch_luna.data.segmentation import CONTEXT_SLICES, TRAIN_CROP, TRAIN_WINDOW
+from p2ch_luna.io.ct import list_series_on_disk
+from p2ch_luna.paths import resolve_paths
+from p2ch_luna.training import engine
+from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.tasks.base import RunContext
 from p2ch_luna.training.tasks.segmentation import SegmentationOptions, SegmentationTask
 
-BOOK_BATCH_SIZE = 16
-BOOK_SHARDS = 64
-BOOK_CHUNK_WIDTH = (2 * CONTEXT_SLICES + 1, TRAIN_WINDOW, TRAIN_WINDOW)
-
-
 # --- the book's way ---------------------------------------------------------------------
-
-
-def book_raw_candidate(data_root: Path, cache_dir: Path, annotations: pd.DataFrame) -> Callable:
-    """The book's memoised ``getCtRawCandidate(series_uid, center_xyz, width_irc)`` -> (ct, mask, irc)."""
-    cache = FanoutCache(str(cache_dir), shards=BOOK_SHARDS, timeout=1)
-
-    @functools.lru_cache(1, typed=True)
-    def get_ct(series_uid: str):
-        ct = load_ct(find_series_path(data_root, series_uid))
-        hu = ct.hu.astype(np.float32)
-        rows = annotations[annotations["series_uid"] == series_uid]
-        centers = ct.geometry.xyz_to_irc(rows[["center_x", "center_y", "center_z"]].to_numpy(float)).reshape(-1, 3)
-        return hu, grown_box_mask(hu, centers), ct.geometry
-
-    @cache.memoize(typed=True)
-    def get_raw_candidate(series_uid: str, center_xyz: tuple, width_irc: tuple):
-        hu, mask, geometry = get_ct(series_uid)
-        center_irc = geometry.xyz_to_irc(center_xyz)
-        window = tuple(slice(start, end) for start, end in chunk_bounds(center_irc, width_irc, hu.shape))
-        ct_chunk = np.array(hu[window])
-        ct_chunk.clip(HU_MIN, HU_MAX, ct_chunk)
-        return ct_chunk, np.array(mask[window]), center_irc
-
-    return get_raw_candidate
-
-
-class BookTrainingDataset(Dataset):
-    """The book's ``TrainingLuna2dSegmentationDataset``: a random 64×64 crop of each nodule's 7×96×96 chunk."""
-
-    def __init__(self, nodules: list[tuple[str, tuple[float, float, float]]], get_raw_candidate, size: int) -> None:
-        self.nodules = nodules
-        self.get_raw_candidate = get_raw_candidate
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int):
-        series_uid, center_xyz = self.nodules[index % len(self.nodules)]
-        ct_a, pos_a, center_irc = self.get_raw_candidate(series_uid, center_xyz, BOOK_CHUNK_WIDTH)
-        pos_a = pos_a[CONTEXT_SLICES:CONTEXT_SLICES + 1]
-        limit = TRAIN_WINDOW - TRAIN_CROP
-        row, col = random.randrange(0, limit), random.randrange(0, limit)
-        ct_t = torch.from_numpy(ct_a[:, row:row + TRAIN_CROP, col:col + TRAIN_CROP]).to(torch.float32)
-        pos_t = torch.from_numpy(pos_a[:, row:row + TRAIN_CROP, col:col + TRAIN_CROP]).to(torch.long)
-        return ct_t, pos_t, series_uid, int(center_irc[0])
-
-
-class BookSegmentationAugmentation(nn.Module):
-    """The book's ``SegmentationAugmentation``: one random transform for the whole batch."""
-
-    def __init__(self, config: AugmentConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def forward(self, input_g: torch.Tensor, label_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        transform = self._transform().expand(input_g.shape[0], -1, -1).to(input_g.device, torch.float32)
-        grid = F.affine_grid(transform[:, :2], input_g.size(), align_corners=False)
-        input_g = F.grid_sample(input_g, grid, padding_mode="border", align_corners=False)
-        label_g = F.grid_sample(label_g.to(torch.float32), grid, padding_mode="border", align_corners=False)
-        if self.config.noise:
-            input_g = input_g + torch.randn_like(input_g) * self.config.noise
-        return input_g, label_g > 0.5
-
-    def _transform(self) -> torch.Tensor:
-        transform = torch.eye(3)
-        for axis in range(2):
-            if self.config.flip and random.random() > 0.5:
-                transform[axis, axis] *= -1
-            if self.config.offset:
-                transform[2, axis] = self.config.offset * (random.random() * 2 - 1)
-            if self.config.scale:
-                transform[axis, axis] *= 1.0 + self.config.scale * (random.random() * 2 - 1)
-        if self.config.rotate:
-            angle = random.random() * math.pi * 2
-            cos, sin = math.cos(angle), math.sin(angle)
-            transform = transform @ torch.tensor([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
-        return transform
-
-
-def book_epoch(model: nn.Module, augmentation: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-               device: torch.device, train: bool = True) -> tuple[int, float]:
-    """One book-style epoch (``train=False``: only iterate the loader); (samples, seconds)."""
-    samples, started = 0, time.perf_counter()
-    for batch in loader:
-        samples += book_step(model, augmentation, optimizer, batch, device) if train else len(batch[0])
-    synchronize(device)
-    return samples, time.perf_counter() - started
-
-
-def book_step(model: nn.Module, augmentation: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple,
-              device: torch.device) -> int:
-    """The book's training step on one ``(input, label, series, slice)`` batch; returns its size."""
-    input_t, label_t, _series, _slices = batch
-    optimizer.zero_grad()
-    input_g = input_t.to(device, non_blocking=True)
-    label_g = label_t.to(device, non_blocking=True)
-    input_g, label_g = augmentation(input_g, label_g)
-    prediction_g = model(input_g)
-    loss = segmentation_loss(prediction_g, label_g).mean()
-    loss.backward()
-    optimizer.step()
-    return len(input_t)
-
-
-class BookModel(nn.Module):
-    """The book's ``UNetWrapper``: ends with a sigmoid."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.wrapper = UNetWrapper()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.wrapper(x))
 
 
 # --- ours -------------------------------------------------------------------------------
@@ -220,7 +97,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                                        len(loader.sampler))
     book_loader = DataLoader(book_dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                              pin_memory=device.type == "cuda")
-    book_model = BookModel().to(device)
+    book_model = BookSegmentationModel().to(device)
     book_optimizer = torch.optim.Adam(book_model.parameters())
     book_augmentation = BookSegmentationAugmentation(augment)
 
@@ -234,7 +111,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         return result.samples, result.seconds
 
     def book(epoch: int, train: bool = True) -> tuple[int, float]:
-        return book_epoch(book_model, book_augmentation, book_optimizer, book_loader, device, train)
+        return book_segmentation_epoch(book_model, book_augmentation, book_optimizer, book_loader, device, train)
 
     print(f"{len(nodules)} nodules, {len(loader.sampler)} samples/epoch, batch {args.batch_size}, "
           f"{args.num_workers} workers, device {device}, {torch.get_num_threads()} threads")
@@ -258,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=2, default=(256, 256), metavar=("ROWS", "COLS"))
     parser.add_argument("--slices", type=int, nargs=2, default=(48, 64), metavar=("MIN", "MAX"))
     parser.add_argument("--epoch-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=BOOK_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=BOOK_SEGMENTATION_BATCH_SIZE)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="epochs timed per loop; the best is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """Each of the classifier's convolutions, cuDNN against ``small_conv``'s Triton kernels.
 
-    python bench/bench_small_conv.py [--batch 256] [--repeats 20] [--device cuda] [--fp32]
+    python -m bench.bench_small_conv [--batch 256] [--repeats 20] [--device cuda] [--fp32]
 
 For every ``LunaModel`` layer at batch ``--batch``, bfloat16 autocast (float32
 with ``--fp32``), channels-last: the median time of the forward (convolution,
@@ -17,23 +17,15 @@ small ``--batch`` and ``--chunk-shape`` only.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_training import synchronize  # noqa: E402
-from p2ch_luna.kernels.support import relative_difference  # noqa: E402
-from p2ch_luna.models import small_conv  # noqa: E402
-from p2ch_luna.models import LunaModel  # noqa: E402
-from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, POOL_FACTOR, LunaConv3d  # noqa: E402
-
-WARMUP = 3
+from bench.common import median_ms
+from p2ch_luna.kernels.support import relative_difference
+from p2ch_luna.models import LunaModel, small_conv
+from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC, POOL_FACTOR, LunaConv3d
 
 
 def classifier_layers(chunk_shape: Sequence[int] = CHUNK_SHAPE_IRC) -> list[tuple[str, int, int, tuple[int, ...]]]:
@@ -49,27 +41,6 @@ def classifier_layers(chunk_shape: Sequence[int] = CHUNK_SHAPE_IRC) -> list[tupl
             layers.append((f"{name}.{conv_name}", conv.in_channels, conv.out_channels, shape))
         shape = tuple(size // POOL_FACTOR for size in shape)
     return layers
-
-
-def median_ms(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """The median of ``repeats`` timed calls of ``run`` (device events on CUDA), after a warm-up."""
-    for _ in range(WARMUP):
-        run()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Baseline, measured in the same run: writing the same int16 voxels as an
 uncompressed MetaImage with SimpleITK (what any generator must pay at least).
 
-    python bench/bench_synth.py [--repeats 3] [--shape 512 512] [--slices 130]
+    python -m bench.bench_synth [--repeats 3] [--shape 512 512] [--slices 130]
 """
 
 from __future__ import annotations

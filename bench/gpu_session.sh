@@ -45,51 +45,51 @@ if want tests; then
 fi
 if want sweep; then
     echo "== bench_classifier_step.py --triton-sweep (the model step with the Triton kernels on more or fewer layers)"
-    timeout "${SWEEP_TIMEOUT:-150}" python3 bench/bench_classifier_step.py --seconds 2 --triton-sweep \
+    timeout "${SWEEP_TIMEOUT:-150}" python3 -m bench.bench_classifier_step --seconds 2 --triton-sweep \
         --accuracy-batch 64 2>&1 \
         | tee "$out/bench_triton_sweep.log"
 fi
 if want augment; then
     echo "== bench_augment.py (the on-device augmentation alone: torch's operators against the fused kernel)"
-    timeout "${AUGMENT_TIMEOUT:-60}" python3 bench/bench_augment.py 2>&1 | tee "$out/bench_augment.log"
+    timeout "${AUGMENT_TIMEOUT:-60}" python3 -m bench.bench_augment 2>&1 | tee "$out/bench_augment.log"
 fi
 if want transfer; then
     echo "== bench_batch_transfer.py (host only: what a worker-made batch costs the main process)"
-    timeout 60 python3 bench/bench_batch_transfer.py 2>&1 | tee "$out/bench_batch_transfer.log"
+    timeout 60 python3 -m bench.bench_batch_transfer 2>&1 | tee "$out/bench_batch_transfer.log"
 fi
 if want cutting; then
     echo "== bench_batch_cutting.py (host only: a worker's time to cut one batch)"
-    timeout 90 python3 bench/bench_batch_cutting.py --rounds 2 2>&1 | tee "$out/bench_batch_cutting.log" \
+    timeout 90 python3 -m bench.bench_batch_cutting --rounds 2 2>&1 | tee "$out/bench_batch_cutting.log" \
         | grep -v "it/s\]"
 fi
 if want input; then
     echo "== bench_input.py (the input path alone: plain DataLoader against the batch ring)"
-    timeout "${INPUT_TIMEOUT:-150}" python3 bench/bench_input.py --workers 4 8 --seconds 3 2>&1 \
+    timeout "${INPUT_TIMEOUT:-150}" python3 -m bench.bench_input --workers 4 8 --seconds 3 2>&1 \
         | tee "$out/bench_input.log" | grep -v "it/s\]"
 fi
 if want distance; then
     echo "== bench_distance.py (host only: the grouping's depth by scipy's feature transform or the k-d tree)"
-    timeout 90 python3 bench/bench_distance.py --repeats 3 --workers 1 4 16 2>&1 | tee "$out/bench_distance.log"
+    timeout 90 python3 -m bench.bench_distance --repeats 3 --workers 1 4 16 2>&1 | tee "$out/bench_distance.log"
 fi
 if want step; then
     echo "== bench_classifier_step.py (the classifier's model step alone, and where its GPU time goes)"
-    timeout "${STEP_TIMEOUT:-120}" python3 bench/bench_classifier_step.py --seconds 2 --skip-compile 2>&1 \
+    timeout "${STEP_TIMEOUT:-120}" python3 -m bench.bench_classifier_step --seconds 2 --skip-compile 2>&1 \
         | tee "$out/bench_classifier_step.log"
 fi
 if want gpu; then
     echo "== bench_gpu.py"
-    timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
+    timeout "${BENCH_TIMEOUT:-420}" python3 -m bench.bench_gpu --json "$out/bench_gpu.json" "${models[@]}" "$@" 2>&1 \
         | tee "$out/bench_gpu.log" | grep -v "it/s\]\|series/s\]"
 fi
 if want layers; then
     echo "== bench_small_conv.py (each classifier convolution, cuDNN against small_conv's Triton kernels)"
-    timeout "${LAYER_TIMEOUT:-150}" python3 bench/bench_small_conv.py 2>&1 | tee "$out/bench_small_conv.log"
+    timeout "${LAYER_TIMEOUT:-150}" python3 -m bench.bench_small_conv 2>&1 | tee "$out/bench_small_conv.log"
 fi
 if want series && [ ${#models[@]} -gt 0 ]; then
     echo "== bench_diagnose.py --series"
     seg=$(ls "${models[1]}"/segmentation_*.best.state | head -n 1)
     cls=$(ls "${models[1]}"/nodule_*.best.state | head -n 1)
-    timeout "${SERIES_TIMEOUT:-150}" python3 bench/bench_diagnose.py --device cuda --series "${SERIES:-4}" \
+    timeout "${SERIES_TIMEOUT:-150}" python3 -m bench.bench_diagnose --device cuda --series "${SERIES:-4}" \
         --prefetch 1 2 --segmentation-path "$seg" --classification-path "$cls" 2>&1 \
         | tee "$out/bench_series.log" | grep -v "CT/s\]"
 fi
