@@ -19,9 +19,9 @@ POOL_FACTOR = 2
 CUDA_CHANNEL_MULTIPLE = 8
 """Input channels that cuDNN's tensor-core convolution kernels want a multiple of (bfloat16/float16)."""
 TRITON_MAX_CHANNELS = 16
-"""Layers of at most this many output channels use ``small_conv``'s Triton kernels on CUDA by default: on
-an H200 the training step ran at 14,535 samples/s so (blocks 1-2), 13,894 with block 1 alone, 9,252 on
-cuDNN alone; with blocks 3-4 too it was slower than with 1-2 (those layers ran faster on cuDNN)."""
+"""Layers of at most this many output channels use ``small_conv``'s Triton kernels on CUDA by default: the
+training step was fastest with blocks 1-2 on them and blocks 3-4 on cuDNN
+(``python -m bench.bench_classifier_step --triton-sweep``)."""
 
 
 def pad_channels(x: torch.Tensor, weight: torch.Tensor, multiple: int,
@@ -51,18 +51,18 @@ class LunaConv3d(nn.Conv3d):
       ``TRITON_MAX_CHANNELS`` output channels, True wherever those kernels run
       (the CPU too, under Triton's interpreter), False never. Same results as
       cuDNN within rounding (bfloat16 gradients as close to float32 ones as
-      cuDNN's, measured on an H200).
+      cuDNN's; ``python -m bench.bench_classifier_step --accuracy-batch N``).
     - Otherwise, on CUDA, the input channels are padded with zeros up to
       ``channel_multiple``: cuDNN ran the classifier's 1-channel first
       convolution with a generic kernel plus layout conversions
       (``implicit_convolveNd_sgemm``, ``nchwToNhwc``); padded to 8 channels
       (zero weights for the extra ones, channels-last) it runs on the
-      tensor-core kernels of the other layers, with the same result. On an
-      H200 that made the training step at batch 256, bfloat16, 3% faster
-      (7,669 -> 7,932 samples/s; ``bench/bench_classifier_step.py``).
+      tensor-core kernels of the other layers, with the same result and a
+      faster training step (``python -m bench.bench_classifier_step``).
 
     Parameters and state_dict keys are those of ``nn.Conv3d``; on the CPU (and
-    with ``channel_multiple = 1``, ``triton = False``) it is a plain ``nn.Conv3d``.
+    with ``channel_multiple = 1``, ``triton = False``) it is a plain ``nn.Conv3d``, left in float32 under
+    bfloat16 autocast where the volume is thinner than the kernel (``needs_float32_on_cpu``).
     """
 
     channel_multiple: int = CUDA_CHANNEL_MULTIPLE
@@ -81,12 +81,27 @@ class LunaConv3d(nn.Conv3d):
             return False
         return bool(self.triton) or (x.is_cuda and self.out_channels <= TRITON_MAX_CHANNELS)
 
+    def needs_float32_on_cpu(self, x: torch.Tensor) -> bool:
+        """Whether this layer must leave CPU bfloat16 autocast for ``x``: a volume thinner than the kernel
+        along some axis (the last block of a 16-slice chunk sees 2 slices).
+
+        Under bfloat16 autocast the CPU's (oneDNN's) weight gradient of such a convolution now and then
+        comes out NaN (seen with torch 2.13; docs/benchmarks.md, ``tests/test_models.py``), which stopped
+        ``--amp`` training runs on finite losses. Volumes that small cost nothing in float32.
+        """
+        if x.is_cuda or not torch.is_autocast_enabled("cpu") or x.dtype == torch.float64:
+            return False
+        return any(size < kernel for size, kernel in zip(x.shape[2:], self.kernel_size))
+
     def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  rectify: bool = False) -> torch.Tensor:
         """``relu?(conv(x, weight) + bias)`` with another ``weight`` of this layer's shape; ``bias`` is None, one
         value per output channel, or a (1, K, D, H, W) map added to every volume of the batch."""
         if self.uses_triton(x):
             return small_conv.convolution(x, weight, bias, rectify)
+        if self.needs_float32_on_cpu(x):
+            with torch.autocast("cpu", enabled=False):
+                return self.convolve(x.float(), weight.float(), None if bias is None else bias.float(), rectify)
         vector = bias if bias is None or bias.dim() == 1 else None
         if not x.is_cuda or self.channel_multiple <= 1 or x.shape[1] % self.channel_multiple == 0:
             y = self._conv_forward(x, weight, vector)
@@ -103,9 +118,8 @@ class InputBatchNorm3d(nn.BatchNorm3d):
 
     Same parameters, buffers, outputs and running-statistics updates (so the
     book's checkpoints load unchanged), but no cuDNN batch-norm kernels: for the
-    classifier's single input channel those took 51% of the training step's GPU
-    time on an H200 (``bench/bench_classifier_step.py``: 3,748 samples/s with
-    them, 9,233 without the layer at all, batch 256 bf16). Evaluation mode uses
+    classifier's single input channel those took half the training step's GPU
+    time (``python -m bench.bench_classifier_step``). Evaluation mode uses
     the running statistics through the parent class.
     """
 
@@ -153,9 +167,8 @@ def normalised_convolution(norm: InputBatchNorm3d, conv: LunaConv3d, x: torch.Te
     first convolution needs only its weight gradient; the plain order also
     computes that convolution's input gradient, to reach ``norm``'s
     parameters. Same value and gradients as the plain order (the running
-    statistics update once, as in ``norm.forward``). On an H200 the training
-    step at batch 256, bfloat16, went from 7,932 to 9,288 samples/s (+17%;
-    9,553 without any input batch norm; ``bench/bench_classifier_step.py``).
+    statistics update once, as in ``norm.forward``). It makes the GPU training
+    step faster (``python -m bench.bench_classifier_step``).
     """
     mean, scale = norm.batch_mean_and_scale(x)
     channel_shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -192,7 +205,8 @@ class LunaModel(nn.Module):
     In training, the input batch norm and the first convolution run as
     ``normalised_convolution`` (same result, no input gradient of that
     convolution) where ``fold_input_normalisation`` says: None (the default)
-    on CUDA only, as on the CPU it measured 6-11% slower; True or False always.
+    on CUDA only, as it is slower on the CPU (``python -m bench.bench_classifier_step``); True or False
+    always.
     """
 
     fold_input_normalisation: bool | None = None
