@@ -72,9 +72,9 @@ from p2ch_luna.models.checkpoint import load_checkpoint
 from p2ch_luna.paths import Paths, resolve_paths
 from p2ch_luna.precision import amp_settings, tune_backends
 from p2ch_luna.synth import generator as synth
-from p2ch_luna.training.cli import build_optimizer, place_model
 from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.engine import EpochResult, train_one_epoch
+from p2ch_luna.training.loop import build_optimizer, place_model
 from p2ch_luna.training.tasks import RunContext
 from p2ch_luna.training.tasks.base import Task
 from p2ch_luna.training.tasks.classification import NoduleTask

@@ -67,7 +67,7 @@ def our_data_epoch(loader) -> tuple[int, float]:
 
 def run(args: argparse.Namespace, work: Path) -> None:
     from p2ch_luna.synth.generator import generate_dataset
-    from p2ch_luna.training.cli import place_model
+    from p2ch_luna.training.loop import place_model
 
     data_root = work / "data"
     started = time.perf_counter()

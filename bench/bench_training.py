@@ -38,9 +38,9 @@ from p2ch_luna.data.augment import AugmentConfig
 from p2ch_luna.data.sampling import BalancedSampler, make_generator
 from p2ch_luna.paths import resolve_paths
 from p2ch_luna.precision import amp_settings, tune_backends
-from p2ch_luna.training.cli import place_model
 from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.engine import train_one_epoch
+from p2ch_luna.training.loop import place_model
 from p2ch_luna.training.tasks import RunContext
 from p2ch_luna.training.tasks.classification import NoduleTask
 

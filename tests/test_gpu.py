@@ -19,6 +19,7 @@ from p2ch_luna.diagnose import classify, segment
 from p2ch_luna.models import build_model, load_checkpoint
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
 from p2ch_luna.training import cli as training
+from p2ch_luna.training import loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -124,8 +125,8 @@ def test_a_classifier_training_step_never_waits_for_the_gpu(tiny_dataset: Path, 
                          epoch_size=64, channels_last=True, seed=0, num_workers=int(batch_ring),
                          batch_ring=batch_ring, task_options=ClassificationOptions(chunk_shape=(16, 24, 24)))
     task = NoduleTask(RunContext(config, CUDA))
-    model = training.place_model(task.build_model().model, config, CUDA)
-    optimizer = training.build_optimizer(model, config)
+    model = loop.place_model(task.build_model().model, config, CUDA)
+    optimizer = loop.build_optimizer(model, config)
     generator = make_generator(0, 1, CUDA)
     autocast = amp_settings(True, CUDA)
     batches = iter(task.train_loader())

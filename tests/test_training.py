@@ -17,7 +17,7 @@ from p2ch_luna.models import LunaModel, load_checkpoint, save_checkpoint
 from p2ch_luna.paths import resolve_paths
 from p2ch_luna.precision import AmpSettings, amp_settings
 from p2ch_luna.training import cli as training
-from p2ch_luna.training import engine
+from p2ch_luna.training import engine, loop
 from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.engine import split_batch, train_one_epoch
 from p2ch_luna.training.tasks import RunContext
@@ -108,7 +108,7 @@ def test_interrupt_keeps_the_last_completed_epoch(tiny_dataset: Path, tmp_path: 
             raise KeyboardInterrupt
         return real(*args, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", interrupted)
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
     out = tmp_path / "run"
     assert training.main(tiny_args(tiny_dataset, out, "--epochs", "3")) == 130
     assert load_checkpoint(only_file(out / "models", "*.last.state")).epoch == 1
@@ -173,7 +173,7 @@ def test_finetune_freezes_all_but_the_last_blocks_and_reinitialises_the_head(tin
     assert trainable == {"head_linear", "block2"}
     assert not torch.equal(spec.model.head_linear.weight, source.head_linear.weight)
     assert torch.equal(spec.model.block1.conv1.weight, source.block1.conv1.weight)
-    optimizer = training.build_optimizer(spec.model, dataclasses.replace(config, optimizer="sgd", lr=0.1))
+    optimizer = loop.build_optimizer(spec.model, dataclasses.replace(config, optimizer="sgd", lr=0.1))
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
         p.numel() for p in spec.model.parameters() if p.requires_grad)
 

@@ -1,6 +1,7 @@
 """Training: ``python -m p2ch_luna.training TASK`` (nodule, malignancy, segmentation).
 
-The parser and run wiring live in :mod:`p2ch_luna.training.cli`, the loop in
+The options and their checks live in :mod:`p2ch_luna.training.cli`, the run (set-up, resume, epochs,
+checkpoints) in :mod:`p2ch_luna.training.loop`, one epoch's training and validation in
 :mod:`p2ch_luna.training.engine`, the tasks in :mod:`p2ch_luna.training.tasks`.
 """
 
