@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from p2ch_luna.synth import generator as synth
+from p2ch_luna.synth.series import make_series
+from p2ch_luna.synth.writer import write_series
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
             start = time.perf_counter()
-            series = synth.make_series(np.random.default_rng(repeat), tuple(args.shape), args.slices)
+            series = make_series(np.random.default_rng(repeat), tuple(args.shape), args.slices)
             generate_s.append(time.perf_counter() - start)
             nodules += len(series.nodules)
             start = time.perf_counter()
-            synth.write_series(series, Path(folder) / f"series{repeat}.mhd")
+            write_series(series, Path(folder) / f"series{repeat}.mhd")
             write_s.append(time.perf_counter() - start)
     generate, write = statistics.median(generate_s), statistics.median(write_s)
     megabytes = args.slices * args.shape[0] * args.shape[1] * 2 / 1e6

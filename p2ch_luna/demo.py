@@ -33,6 +33,7 @@ from p2ch_luna.errors import LunaError
 from p2ch_luna.models.checkpoint import find_latest_checkpoint
 from p2ch_luna.paths import default_data_home
 from p2ch_luna.synth import generator as synth
+from p2ch_luna.synth.parameters import GENERATOR_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _stage(name: str, command: Callable[[Sequence[str]], int], argv: list[str], 
 
 def _prepare_dataset(config: DemoConfig, timings: dict[str, float]) -> None:
     wanted = {"series": config.series, "seed": config.seed, "shape": list(config.shape),
-              "slices": list(config.slices), "generator": synth.GENERATOR_VERSION}
+              "slices": list(config.slices), "generator": GENERATOR_VERSION}
     marker = config.data_root / DATASET_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         log.info("demo: reusing the synthetic dataset in %s", config.data_root)

@@ -12,8 +12,8 @@ from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.diagnose.lungs import find_lungs
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.io.ct import Ct, list_series_on_disk, load_ct, write_metaimage
-from p2ch_luna.synth import generator as synth
 from p2ch_luna.synth import implant
+from p2ch_luna.synth.series import make_series
 
 
 @pytest.mark.parametrize("radius, center, spacing", [
@@ -163,7 +163,7 @@ def test_no_room_is_a_data_error_that_says_what_fits() -> None:
 @pytest.fixture(scope="module")
 def small_ct() -> Ct:
     """A synthetic chest CT without nodules, stored with a flipped index axis."""
-    series = synth.make_series(np.random.default_rng(3), (128, 128), 48, flip=(1, 1, -1), n_nodules=0)
+    series = make_series(np.random.default_rng(3), (128, 128), 48, flip=(1, 1, -1), n_nodules=0)
     return Ct(hu=series.hu, geometry=series.geometry, series_uid="1.2.826.0.1.3680043.8.498.1")
 
 

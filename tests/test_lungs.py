@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from p2ch_luna.diagnose.lungs import fill_holes_in_slices, find_lungs, mask_bounding_box
-from p2ch_luna.synth.generator import make_series
+from p2ch_luna.synth.series import make_series
 
 LITRE_ML = 1000.0
 

@@ -14,6 +14,10 @@ from scipy import ndimage
 from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.io.ct import load_ct
 from p2ch_luna.synth import generator as synth
+from p2ch_luna.synth.nodules import nodule_draft
+from p2ch_luna.synth.parameters import FLIPPED_DIRECTIONS, MALIGNANCY_COLUMNS, OUTSIDE_FOV_HU, UID_PREFIX
+from p2ch_luna.synth.series import make_series
+from p2ch_luna.synth.writer import SeriesInfo, write_series
 
 SHAPE = (96, 96)
 SLICES = (40, 50)
@@ -23,7 +27,7 @@ VESSEL_THRESHOLD_HU = -400
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[synth.SeriesInfo]]:
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SeriesInfo]]:
     root = tmp_path_factory.mktemp("synth")
     infos = synth.generate_dataset(root, series=4, seed=0, subsets=2, shape=SHAPE, slices=SLICES,
                                    progress=False)
@@ -46,7 +50,7 @@ def test_layout_and_images_load_with_geometry(dataset) -> None:
     assert sorted(p.name for p in root.glob("subset*")) == ["subset0", "subset1"]
     assert [info.subset for info in infos] == [0, 1, 0, 1]
     for info in infos:
-        assert info.series_uid.startswith(synth.UID_PREFIX)
+        assert info.series_uid.startswith(UID_PREFIX)
         assert info.path == root / f"subset{info.subset}" / f"{info.series_uid}.mhd"
         header = info.path.read_text()
         assert "ElementType = MET_SHORT" in header and "CompressedData = False" in header
@@ -59,13 +63,13 @@ def test_layout_and_images_load_with_geometry(dataset) -> None:
         spacing = image.GetSpacing()
         assert 0.55 <= spacing[0] == spacing[1] <= 0.9 and 0.7 <= spacing[2] <= 2.5
         hu = sitk.GetArrayViewFromImage(image)
-        assert hu.min() in synth.OUTSIDE_FOV_HU and hu.max() >= 300  # scanner circle, bone
+        assert hu.min() in OUTSIDE_FOV_HU and hu.max() >= 300  # scanner circle, bone
 
 
 def test_every_fourth_series_is_flipped(dataset) -> None:
     _, infos = dataset
     signs = [tuple(np.diag(info.geometry.direction).astype(int)) for info in infos]
-    assert signs == [(1, 1, 1)] * 3 + [synth.FLIPPED_DIRECTIONS[0]]
+    assert signs == [(1, 1, 1)] * 3 + [FLIPPED_DIRECTIONS[0]]
 
 
 def test_csv_columns_match_luna16(dataset) -> None:
@@ -73,7 +77,7 @@ def test_csv_columns_match_luna16(dataset) -> None:
     assert (root / "annotations.csv").read_text().splitlines()[0] == "seriesuid,coordX,coordY,coordZ,diameter_mm"
     assert (root / "candidates.csv").read_text().splitlines()[0] == "seriesuid,coordX,coordY,coordZ,class"
     malignancy = pd.read_csv(root / "annotations_with_malignancy.csv")
-    assert list(malignancy.columns) == list(synth.MALIGNANCY_COLUMNS)
+    assert list(malignancy.columns) == list(MALIGNANCY_COLUMNS)
     assert malignancy["mal_bool"].dtype == bool
     for details, length, label in zip(malignancy["mal_details"], malignancy["len_mal_details"],
                                       malignancy["mal_bool"]):
@@ -130,12 +134,12 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
     assert (other / "candidates.csv").read_bytes() != (runs[0] / "candidates.csv").read_bytes()
 
 
-@pytest.mark.parametrize("flip", synth.FLIPPED_DIRECTIONS)
+@pytest.mark.parametrize("flip", FLIPPED_DIRECTIONS)
 def test_flipped_series_maps_annotations_onto_nodules(tmp_path: Path, flip: tuple[int, int, int]) -> None:
-    series = synth.make_series(np.random.default_rng(3), SHAPE, 44, flip=flip, n_nodules=3)
+    series = make_series(np.random.default_rng(3), SHAPE, 44, flip=flip, n_nodules=3)
     assert series.nodules
     path = tmp_path / "flipped.mhd"
-    synth.write_series(series, path)
+    write_series(series, path)
     image = sitk.ReadImage(str(path))
     assert np.allclose(np.diag(np.reshape(image.GetDirection(), (3, 3))), flip)
     for nodule in series.nodules:
@@ -148,7 +152,7 @@ def test_flipped_series_maps_annotations_onto_nodules(tmp_path: Path, flip: tupl
 
 
 def test_threshold_finds_vessels_as_well_as_nodules() -> None:
-    series = synth.make_series(np.random.default_rng(1), (128, 128), 48, n_nodules=2)
+    series = make_series(np.random.default_rng(1), (128, 128), 48, n_nodules=2)
     bright = (series.hu > VESSEL_THRESHOLD_HU) & series.lung_mask
     labels, count = ndimage.label(bright)
     nodule_labels = {labels[tuple(np.rint(n.center_irc).astype(int))] for n in series.nodules} - {0}
@@ -158,7 +162,7 @@ def test_threshold_finds_vessels_as_well_as_nodules() -> None:
 
 
 def test_lungs_are_walled_off_from_outside_air() -> None:
-    series = synth.make_series(np.random.default_rng(2), SHAPE, 40, n_nodules=0)
+    series = make_series(np.random.default_rng(2), SHAPE, 40, n_nodules=0)
     labels, _ = ndimage.label(series.hu < VESSEL_THRESHOLD_HU)
     outside = labels[0, 0, 0]
     assert outside != 0
@@ -169,7 +173,7 @@ def test_lungs_are_walled_off_from_outside_air() -> None:
 
 def test_malignancy_rises_with_size_and_margin() -> None:
     rng = np.random.default_rng(0)
-    drafts = [synth._nodule_draft(rng, np.zeros(3), d, "isolated") for d in rng.uniform(3, 25, 2000)]
+    drafts = [nodule_draft(rng, np.zeros(3), d, "isolated") for d in rng.uniform(3, 25, 2000)]
     diameters = np.array([d.diameter_mm for d in drafts])
     malignant = np.array([d.latent_malignant for d in drafts])
     lobulation = np.array([d.lobulation for d in drafts])

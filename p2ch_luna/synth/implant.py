@@ -59,15 +59,20 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from p2ch_luna.columns import XYZ_COLUMNS
-from p2ch_luna.diagnose import distance
-from p2ch_luna.io.atomic import atomic_write_text
 from p2ch_luna.cli import make_parser, run_command
-from p2ch_luna.io.ct import Ct, load_ct, write_metaimage
-from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.columns import XYZ_COLUMNS
+from p2ch_luna.data.luna import (
+    ANNOTATIONS_FILE,
+    CANDIDATES_FILES,
+    find_candidates_file,
+    read_annotations,
+    read_csv_checked,
+)
+from p2ch_luna.diagnose import distance
 from p2ch_luna.diagnose.lungs import find_lungs, mask_bounding_box
-from p2ch_luna.data.luna import (ANNOTATIONS_FILE, CANDIDATES_FILES, find_candidates_file, read_annotations,
-                   read_csv_checked)
+from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.io.atomic import atomic_write_text
+from p2ch_luna.io.ct import Ct, load_ct, write_metaimage
 
 log = logging.getLogger(__name__)
 
