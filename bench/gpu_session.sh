@@ -18,7 +18,7 @@
 # Diagnosis and the segmenter need a call of their own, e.g.
 #   STEPS=gpu,series bash bench/gpu_session.sh .device-models --sections diagnosis,segmenter
 # Not yet run on a GPU machine (added 2026-11-27 without one): the augment and distance steps,
-# tests/test_resample.py, the copy-stream test in tests/test_gpu.py and bench_gpu.py's
+# tests/kernels/test_resample.py, the copy-stream test in tests/test_gpu.py and bench_gpu.py's
 # unfused-augmentation and segmenter plain-loader variants.
 #
 # Wheels for what the machine lacks (SimpleITK, diskcache) are read from .whl/ in the repo root.
@@ -39,8 +39,8 @@ want() { [[ $steps == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 if want tests; then
     echo "== GPU tests"
-    timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_augment.py \
-        tests/test_small_conv.py tests/test_resample.py \
+    timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/data/test_augment.py \
+        tests/models/test_small_conv.py tests/kernels/test_resample.py \
         2>&1 | tee "$out/tests.log" | tail -n 15
 fi
 if want sweep; then

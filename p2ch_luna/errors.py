@@ -21,3 +21,9 @@ class UsageError(LunaError):
 
 class DataError(LunaError):
     """Input data (CT file, CSV, checkpoint) that cannot be read or is invalid."""
+
+
+def simpleitk_message(error: BaseException) -> str:
+    """The useful line of a SimpleITK exception: its messages start with a C++ location and end with the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

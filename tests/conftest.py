@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # small_conv's Triton kernels run in Triton's
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS, checkpoint_path, save_checkpoint
 from p2ch_luna.synth.generator import generate_dataset
+from tests.locations import SHARED_DATA
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,6 @@ def drop_command_log_handlers() -> Iterator[None]:
             root.removeHandler(handler)
 
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _existing(path: Path, what: str) -> Path:

@@ -6,14 +6,14 @@ import importlib
 import pkgutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import bench
+from tests.locations import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BENCHES = sorted(info.name for info in pkgutil.iter_modules(bench.__path__) if info.name.startswith("bench_"))
+
 
 
 def test_every_bench_script_is_in_the_package() -> None:

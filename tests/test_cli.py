@@ -14,6 +14,7 @@ import pytest
 from p2ch_luna.cli import EXIT_INTERRUPTED, make_parser, run_command
 from p2ch_luna.errors import DataError, LunaError, UsageError
 from p2ch_luna.io.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
+from tests.locations import REPO
 
 
 def raising(error: BaseException):
@@ -122,7 +123,7 @@ def test_script_prints_no_traceback(tmp_path: Path) -> None:
 
         sys.exit(run_command(body, make_parser("cmd", "d"), sys.argv[1:]))
     """))
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=repo,
                             env={"PYTHONPATH": str(repo)}, timeout=60)
     assert result.returncode == 1
@@ -197,7 +198,7 @@ def test_write_over_file_size_limit_raises_luna_error(tmp_path: Path) -> None:
             sys.exit(3)
         sys.exit(0)
     """)
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo,
                             env={"PYTHONPATH": str(repo)}, timeout=60)
     assert result.returncode == 3, result.stderr

@@ -5,11 +5,13 @@ from __future__ import annotations
 import configparser
 import importlib
 import runpy
-from pathlib import Path
 
 import pytest
 
-SETUP_CFG = Path(__file__).resolve().parents[1] / "setup.cfg"
+from tests.locations import REPO
+
+SETUP_CFG = REPO / "setup.cfg"
+
 
 
 def console_scripts() -> dict[str, str]:

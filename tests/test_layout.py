@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "p2ch_luna"
+from tests.locations import REPO
+
+PACKAGE = REPO / "p2ch_luna"
+
 
 
 def module_name(path: Path) -> str:

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.locations import REPO
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
 """Per cell; each notebook takes well under two minutes on 2 CPU cores."""
+
 
 
 def test_notebooks_exist() -> None:

@@ -50,7 +50,8 @@ from numpy.typing import ArrayLike
 from p2ch_luna.errors import DataError
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.io.atomic import atomic_open
-from p2ch_luna.io.ct import HU_MAX, HU_MIN, extract_chunk, find_series_path, load_ct, read_metaimage_header
+from p2ch_luna.io.ct import HU_MAX, HU_MIN, extract_chunk, find_series_path, load_ct
+from p2ch_luna.io.metaimage import read_metaimage_header
 from p2ch_luna.paths import Paths
 
 log = logging.getLogger(__name__)

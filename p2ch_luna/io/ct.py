@@ -4,30 +4,31 @@ Sources: a LUNA16 MetaImage (``.mhd`` + ``.raw``), a DICOM series folder, or a
 NIfTI file (``.nii`` / ``.nii.gz``). Every reader checks what SimpleITK would
 otherwise report as a C++ exception (or not at all: zero spacing, a short
 ``.raw``, a 1-slice volume) and raises :class:`~p2ch_luna.errors.DataError`
-with one line naming the file.
+with one line naming the file. The format checks live in :mod:`~p2ch_luna.io.metaimage`,
+:mod:`~p2ch_luna.io.nifti` and :mod:`~p2ch_luna.io.dicom`; this module turns what SimpleITK read into a
+:class:`Ct`, writes MetaImages and finds LUNA16 series on disk.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import logging
-import math
 import os
-import re
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import ArrayLike
 
-from p2ch_luna.errors import DataError, LunaError
+from p2ch_luna.errors import DataError, LunaError, simpleitk_message
 from p2ch_luna.geometry import Geometry, chunk_bounds
+from p2ch_luna.io.dicom import read_dicom_series
+from p2ch_luna.io.metaimage import check_metaimage_header
+from p2ch_luna.io.nifti import check_nifti_orientation
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,6 @@ _HU_PIXEL_TYPES = {
     sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32,
     sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64, sitk.sitkFloat32, sitk.sitkFloat64,
 }
-_METAIMAGE_ELEMENT_BYTES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
-    "MET_UINT": 4, "MET_LONG": 8, "MET_ULONG": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8,
-    "MET_FLOAT": 4, "MET_DOUBLE": 8,
-}
-_METAIMAGE_HU_TYPES = {"MET_SHORT", "MET_USHORT", "MET_INT", "MET_UINT", "MET_FLOAT", "MET_DOUBLE"}
-_DICOM_MODALITY_TAG = "0008|0060"
-_DICOM_SERIES_UID_TAG = "0020|000e"
-_DICOM_POSITION_TAG = "0020|0032"
-_DICOM_ORIENTATION_TAG = "0020|0037"
-_SLICE_GAP_TOLERANCE = 0.1
-"""Largest relative deviation of a DICOM slice step from the median before it is a gap."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,10 +117,6 @@ def extract_chunk(hu: np.ndarray, center_irc: Sequence[int], width_irc: Sequence
     return chunk
 
 
-# ---------------------------------------------------------------------------
-# Loading
-
-
 def load_ct(path: str | Path, series_uid: str | None = None) -> Ct:
     """Load a CT from a ``.mhd``/``.mha``, a NIfTI file or a DICOM series folder.
 
@@ -141,14 +126,15 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Ct:
     if not path.exists():
         raise DataError(f"CT {path} does not exist")
     if path.is_dir():
-        return _load_dicom_series(path, series_uid)
+        image, chosen = read_dicom_series(path, series_uid)
+        return _image_to_ct(image, path, chosen)
     name = path.name.lower()
     if name.endswith((".mhd", ".mha")):
         if name.endswith(".mhd"):
-            _check_metaimage_header(path)
+            check_metaimage_header(path)
         return _image_to_ct(_read_image(path), path, series_uid or path.stem)
     if name.endswith((".nii", ".nii.gz")):
-        _check_nifti_orientation(path)
+        check_nifti_orientation(path)
         stem = path.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
         return _image_to_ct(_read_image(path), path, series_uid or stem)
     raise DataError(f"CT {path}: unknown format (expected .mhd, .mha, .nii, .nii.gz or a DICOM folder)")
@@ -230,7 +216,7 @@ def _read_image(path: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise DataError(f"CT {path} could not be read: {_first_line(error)}") from error
+        raise DataError(f"CT {path} could not be read: {simpleitk_message(error)}") from error
 
 
 def _image_to_ct(image: sitk.Image, source: Path, series_uid: str) -> Ct:
@@ -253,13 +239,13 @@ def read_geometry(path: str | Path) -> Geometry:
     reads no voxels): milliseconds a file, for checks over a whole dataset."""
     path = Path(path)
     if path.name.lower().endswith(".mhd"):
-        _check_metaimage_header(path)
+        check_metaimage_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        raise DataError(f"CT {path} could not be read: {_first_line(error)}") from error
+        raise DataError(f"CT {path} could not be read: {simpleitk_message(error)}") from error
     if reader.GetDimension() != 3:
         raise DataError(f"CT {path} has {reader.GetDimension()} dimensions, expected 3")
     return _checked_geometry(path, reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection(), reader.GetSize())
@@ -294,194 +280,3 @@ def _to_int16(values: np.ndarray, source: Path) -> np.ndarray:
     if low < _INT16_INFO.min or high > _INT16_INFO.max:
         log.warning("CT %s: values %s..%s clipped to the int16 range", source, low, high)
     return np.clip(values, _INT16_INFO.min, _INT16_INFO.max).astype(np.int16)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # SimpleITK messages start with a C++ location; the useful text is last.
-    return lines[-1] if lines else type(error).__name__
-
-
-# ---------------------------------------------------------------------------
-# MetaImage header checks
-
-
-def read_metaimage_header(path: Path) -> dict[str, str]:
-    """The ``key = value`` pairs of a MetaImage header (up to ``ElementDataFile``)."""
-    try:
-        raw = path.read_bytes()[:65536]
-    except OSError as error:
-        raise DataError(f"CT {path} could not be read: {error.strerror}") from error
-    header: dict[str, str] = {}
-    for line_number, line in enumerate(raw.decode("latin-1").splitlines(), start=1):
-        if not line.strip():
-            continue
-        key, separator, value = line.partition("=")
-        if not separator:
-            raise DataError(f"CT header {path} line {line_number}: expected 'Key = Value', got {line.strip()[:60]!r}")
-        header[key.strip()] = value.strip()
-        if key.strip() == "ElementDataFile":
-            break
-    return header
-
-
-def _parse_numbers(path: Path, header: dict[str, str], key: str, count: int, kind: type) -> list:
-    text = header.get(key)
-    if text is None:
-        raise DataError(f"CT header {path} has no {key}")
-    try:
-        numbers = [kind(token) for token in text.split()]
-    except ValueError:
-        raise DataError(f"CT header {path}: {key} = {text!r} is not {count} numbers") from None
-    if len(numbers) != count:
-        raise DataError(f"CT header {path}: {key} = {text!r} is not {count} numbers")
-    return numbers
-
-
-def _check_metaimage_header(path: Path) -> None:
-    header = read_metaimage_header(path)
-    ndims = _parse_numbers(path, header, "NDims", 1, int)[0]
-    if ndims != 3:
-        raise DataError(f"CT header {path}: NDims = {ndims}, expected 3")
-    dims = _parse_numbers(path, header, "DimSize", 3, int)
-    if min(dims) <= 0:
-        raise DataError(f"CT header {path}: DimSize = {dims} must be positive")
-    spacing_key = "ElementSpacing" if "ElementSpacing" in header else "ElementSize"
-    if spacing_key in header:
-        spacing = _parse_numbers(path, header, spacing_key, 3, float)
-        if not all(np.isfinite(spacing)) or min(spacing) <= 0:
-            raise DataError(f"CT header {path}: {spacing_key} = {spacing} must be > 0")
-    element_type = header.get("ElementType")
-    if element_type not in _METAIMAGE_ELEMENT_BYTES:
-        raise DataError(f"CT header {path}: unknown ElementType {element_type!r}")
-    if element_type not in _METAIMAGE_HU_TYPES:
-        raise DataError(f"CT header {path}: ElementType {element_type} cannot hold Hounsfield units (expected MET_SHORT)")
-    if "ElementNumberOfChannels" in header and _parse_numbers(path, header, "ElementNumberOfChannels", 1, int) != [1]:
-        raise DataError(f"CT header {path}: more than one channel per voxel")
-    data_file = header.get("ElementDataFile")
-    if not data_file:
-        raise DataError(f"CT header {path} has no ElementDataFile")
-    compressed = header.get("CompressedData", "False").lower() == "true"
-    if data_file == "LOCAL" or compressed or data_file.startswith("LIST") or "%" in data_file:
-        return
-    raw_path = path.parent / data_file
-    if not raw_path.is_file():
-        raise DataError(f"CT {path}: its data file {raw_path} is missing")
-    expected = math.prod(dims) * _METAIMAGE_ELEMENT_BYTES[element_type]  # Python ints: no overflow
-    header_size = _parse_numbers(path, header, "HeaderSize", 1, int)[0] if "HeaderSize" in header else 0
-    actual = raw_path.stat().st_size - max(header_size, 0)
-    if actual < expected:
-        raise DataError(f"CT {path}: data file {raw_path} holds {actual} bytes, expected {expected} (truncated)")
-
-
-# ---------------------------------------------------------------------------
-# NIfTI
-
-
-_NIFTI_QFORM_OFFSET = 252
-
-
-def _check_nifti_orientation(path: Path) -> None:
-    """Refuse NIfTI files with neither a qform nor an sform: their orientation is unknown."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            header = handle.read(348)
-    except OSError as error:
-        raise DataError(f"CT {path} could not be read: {error}") from error
-    if len(header) < 348:
-        raise DataError(f"CT {path} is not a NIfTI file (header too short)")
-    for endian in ("<", ">"):
-        if struct.unpack(endian + "i", header[:4])[0] == 348:
-            qform, sform = struct.unpack(endian + "hh", header[_NIFTI_QFORM_OFFSET:_NIFTI_QFORM_OFFSET + 4])
-            if qform <= 0 and sform <= 0:
-                raise DataError(f"CT {path} has no orientation (qform_code and sform_code are 0)")
-            return
-    raise DataError(f"CT {path} is not a NIfTI-1 file")
-
-
-# ---------------------------------------------------------------------------
-# DICOM
-
-
-def _load_dicom_series(folder: Path, series_uid: str | None) -> Ct:
-    series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
-    if not series_ids:
-        raise DataError(f"DICOM folder {folder} holds no DICOM series")
-    if series_uid is not None:
-        if series_uid not in series_ids:
-            raise DataError(f"DICOM folder {folder} has no series {series_uid} (it has {', '.join(series_ids)})")
-        chosen = series_uid
-    else:
-        ct_series = [uid for uid in series_ids if _dicom_modality(folder, uid) == "CT"]
-        if not ct_series:
-            raise DataError(f"DICOM folder {folder} holds no CT series")
-        if len(ct_series) > 1:
-            raise DataError(
-                f"DICOM folder {folder} holds {len(ct_series)} CT series ({', '.join(ct_series)}); "
-                "choose one with --series-uid"
-            )
-        chosen = ct_series[0]
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen))
-    modality = _read_dicom_tag(files[0], _DICOM_MODALITY_TAG)
-    if modality != "CT":
-        raise DataError(f"DICOM series {chosen} in {folder} has modality {modality or 'unknown'}, not CT")
-    _check_dicom_slice_spacing(folder, files)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise DataError(f"DICOM series {chosen} in {folder} could not be read: {_first_line(error)}") from error
-    return _image_to_ct(image, folder, chosen)
-
-
-def _dicom_modality(folder: Path, series_uid: str) -> str:
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    return _read_dicom_tag(files[0], _DICOM_MODALITY_TAG) if files else ""
-
-
-def _read_dicom_info(file_name: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file_name)
-    reader.LoadPrivateTagsOff()
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise DataError(f"DICOM file {file_name} could not be read: {_first_line(error)}") from error
-    return reader
-
-
-def _read_dicom_tag(file_name: str, tag: str) -> str:
-    reader = _read_dicom_info(file_name)
-    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-
-
-def _check_dicom_slice_spacing(folder: Path, files: Iterable[str]) -> None:
-    """Refuse series with missing slices: their geometry would be silently wrong."""
-    positions = []
-    normal = None
-    for file_name in files:
-        reader = _read_dicom_info(file_name)
-        if not reader.HasMetaDataKey(_DICOM_POSITION_TAG):
-            return
-        position = np.array([float(v) for v in re.split(r"\\", reader.GetMetaData(_DICOM_POSITION_TAG))])
-        if normal is None:
-            if reader.HasMetaDataKey(_DICOM_ORIENTATION_TAG):
-                cosines = [float(v) for v in reader.GetMetaData(_DICOM_ORIENTATION_TAG).split("\\")]
-                normal = np.cross(cosines[:3], cosines[3:])
-            else:
-                normal = np.array([0.0, 0.0, 1.0])
-        positions.append(float(position @ normal))
-    if len(positions) < 3:
-        return
-    steps = np.diff(np.sort(positions))
-    median = float(np.median(steps))
-    if median <= 0:
-        raise DataError(f"DICOM folder {folder}: slices share the same position (duplicate slices)")
-    worst = int(np.argmax(np.abs(steps - median)))
-    if abs(steps[worst] - median) > _SLICE_GAP_TOLERANCE * median:
-        raise DataError(
-            f"DICOM folder {folder}: slice spacing jumps from {median:.2f} mm to {steps[worst]:.2f} mm "
-            f"after slice {worst + 1} of {len(positions)} (missing or duplicated slices)"
-        )

@@ -86,7 +86,7 @@ class LunaConv3d(nn.Conv3d):
         along some axis (the last block of a 16-slice chunk sees 2 slices).
 
         Under bfloat16 autocast the CPU's (oneDNN's) weight gradient of such a convolution now and then
-        comes out NaN (seen with torch 2.13; docs/benchmarks.md, ``tests/test_models.py``), which stopped
+        comes out NaN (seen with torch 2.13; docs/benchmarks.md, ``tests/models/test_models.py``), which stopped
         ``--amp`` training runs on finite losses. Volumes that small cost nothing in float32.
         """
         if x.is_cuda or not torch.is_autocast_enabled("cpu") or x.dtype == torch.float64:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from reliability_helpers import run, training_args
+
+from tests.reliability.reliability_helpers import run, training_args
 
 
 @pytest.fixture(autouse=True)

@@ -20,13 +20,14 @@ from typing import Callable, Sequence
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from tests.locations import REPO
+
 TEMP_FILE = re.compile(r"^\..+\.tmp(\.\w+)?$")
 """What :mod:`p2ch_luna.io.atomic` names its temporary files: ``.<name>.<random>.tmp[<suffix>]``."""
 COMMAND_TIMEOUT_S = 120
 CHUNK_SHAPE = ("16", "16", "16")
 """The smallest chunk the classifier takes (four 2x poolings): keeps training on the CPU quick."""
+
 
 
 def child_env() -> dict[str, str]:

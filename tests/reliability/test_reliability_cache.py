@@ -10,11 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import TEMP_FILE, Child, assert_one_line_error, file_size_limit, run, start, training_args
 
 from p2ch_luna.data.cache import ChunkCache
 from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk, load_ct
+from tests.reliability.reliability_helpers import (
+    TEMP_FILE,
+    Child,
+    assert_one_line_error,
+    file_size_limit,
+    run,
+    start,
+    training_args,
+)
 
 pytestmark = pytest.mark.reliability
 

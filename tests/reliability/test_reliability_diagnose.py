@@ -8,13 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import assert_one_line_error, diagnose_model_args, file_size_limit, run, start, training_args
 
 from p2ch_luna.diagnose import cli as diagnose_cli
 from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.models import build_model
 from p2ch_luna.models.checkpoint import save_checkpoint
 from p2ch_luna.training import cli as training
+from tests.reliability.reliability_helpers import (
+    assert_one_line_error,
+    diagnose_model_args,
+    file_size_limit,
+    run,
+    start,
+    training_args,
+)
 
 pytestmark = pytest.mark.reliability
 

@@ -1,6 +1,6 @@
 """Bad input through the real commands: CT files given to diagnose, CSVs given to prepcache and training.
 
-The readers' own unit tests (tests/test_ct.py, tests/test_luna.py, with hypothesis
+The readers' own unit tests (tests/io/test_ct.py, tests/data/test_luna.py, with hypothesis
 fuzzing of MetaImage headers and CSVs) check every message; here each bad input
 goes through a command: one error line naming the file, exit code 1, no
 traceback and no output written half-way.
@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from reliability_helpers import SHARED_DATA, assert_one_line_error, diagnose_model_args, training_args
 
 from p2ch_luna import prepcache
 from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.diagnose import cli as diagnose_cli
 from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.training import cli as training
+from tests.locations import SHARED_DATA
+from tests.reliability.reliability_helpers import assert_one_line_error, diagnose_model_args, training_args
 
 pytestmark = pytest.mark.reliability
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from reliability_helpers import (
+
+from p2ch_luna.models.checkpoint import load_checkpoint
+from tests.reliability.reliability_helpers import (
     Child,
     assert_no_partial_files,
     assert_one_line_error,
@@ -22,8 +24,6 @@ from reliability_helpers import (
     start,
     training_args,
 )
-
-from p2ch_luna.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.reliability
 

@@ -24,8 +24,8 @@ from p2ch_luna.io.ct import (
     list_series_on_disk,
     load_ct,
     read_geometry,
-    read_metaimage_header,
 )
+from p2ch_luna.io.metaimage import read_metaimage_header
 
 CPTAC_SHAPE = (99, 512, 512)
 CPTAC_SPACING = (0.564453125, 0.564453125, 3.0)

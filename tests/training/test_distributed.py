@@ -27,8 +27,8 @@ from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE
 from p2ch_luna.distributed import DistributedInfo, distributed_info_from_env, resolve_device
 from p2ch_luna.models import load_checkpoint
 from p2ch_luna.training import cli as training
+from tests.locations import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_TIMEOUT_S = 240
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from batch_checks import assert_same_batch
 
 from p2ch_luna.data.cache import ChunkCache
 from p2ch_luna.data.candidates import (
@@ -22,6 +21,7 @@ from p2ch_luna.data.candidates import (
 from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.training.tasks.base import collate_batch
+from tests.batch_checks import assert_same_batch
 
 CHUNK = (8, 16, 16)
 

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 import torch
-from batch_checks import assert_same_batch
 
 from p2ch_luna.data.batch_ring import RingDataset, RingLoader, _page_unlock, check_shared_memory, ring_bytes, ring_slots
 from p2ch_luna.data.cache import ChunkCache
@@ -20,6 +19,7 @@ from p2ch_luna.errors import LunaError
 from p2ch_luna.paths import resolve_paths
 from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.tasks import RunContext, build_loader
+from tests.batch_checks import assert_same_batch
 
 CHUNK = (8, 12, 12)
 CPU = torch.device("cpu")

@@ -22,8 +22,9 @@ from p2ch_luna.models import (
 )
 from p2ch_luna.models.checkpoint import checkpoint_path
 from p2ch_luna.models.classifier import LunaConv3d
+from tests.locations import SHARED_DATA
 
-BOOK_CHECKPOINTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "book-checkpoints"
+BOOK_CHECKPOINTS = SHARED_DATA / "book-checkpoints"
 TINY_CHUNK = (16, 16, 16)
 
 
