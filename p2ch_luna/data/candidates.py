@@ -45,6 +45,26 @@ def nodule_table(candidates: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+MINED_SOURCE = "mined"
+"""``source`` of the rows mined from our own segmenter (:mod:`p2ch_luna.mining`)."""
+
+
+def add_mined_rows(table: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (a nodule table) with the mined candidates appended: those on a nodule (radius rule) as
+    positives at the centre the grouping gave them, the others as hard negatives (``source == "mined"``)."""
+    rows = mined[["series_uid", *CENTER_COLUMNS, "diameter_mm", "is_nodule"]].copy()
+    rows["source"] = MINED_SOURCE
+    rows[LABEL_COLUMN] = rows["is_nodule"].astype(bool).to_numpy()
+    return pd.concat([table, rows], ignore_index=True)
+
+
+def mined_negatives(table: pd.DataFrame) -> np.ndarray:
+    """Which rows of ``table`` are mined negatives (the sampler's hard pool)."""
+    if "source" not in table:
+        return np.zeros(len(table), dtype=bool)
+    return ((table["source"] == MINED_SOURCE) & ~table[LABEL_COLUMN].astype(bool)).to_numpy()
+
+
 def malignancy_table(
     candidates: pd.DataFrame, non_nodules_per_benign: float = 0.0, seed: int = 0
 ) -> pd.DataFrame:

@@ -43,6 +43,10 @@ class BalancedSampler(Sampler[int]):
     random permutation of the dataset (repeated when ``epoch_size`` is larger).
     ``epoch_size`` counts samples over all ranks and is rounded down to a
     multiple of ``world_size`` so every rank runs the same number of batches.
+
+    ``hard`` marks some negatives as hard (mined from our own segmenter's candidates): with a ratio,
+    ``hard_fraction`` of the negative slots are drawn from them (cycled as above) and the rest from the
+    other negatives, whatever their numbers; without one, every item is drawn alike.
     """
 
     def __init__(
@@ -53,14 +57,26 @@ class BalancedSampler(Sampler[int]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        hard: np.ndarray | None = None,
+        hard_fraction: float = 0.0,
     ) -> None:
         self.labels = np.asarray(labels, dtype=bool)
+        hard = np.zeros(self.labels.size, dtype=bool) if hard is None else np.asarray(hard, dtype=bool)
+        if not 0.0 <= hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must lie in [0, 1], not {hard_fraction}")
         if ratio < 0:
             raise ValueError(f"ratio must be >= 0, not {ratio}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.positive_indices = np.flatnonzero(self.labels)
         self.negative_indices = np.flatnonzero(~self.labels)
+        self.hard_fraction = float(hard_fraction) if ratio else 0.0
+        self.hard_indices = np.flatnonzero(~self.labels & hard)
+        self.easy_indices = np.flatnonzero(~self.labels & ~hard)
+        if self.hard_fraction > 0 and self.hard_indices.size == 0:
+            raise ValueError("hard_fraction > 0 needs hard negatives; none are marked")
+        if self.hard_fraction < 1 and self.hard_indices.size and self.easy_indices.size == 0:
+            self.hard_fraction = 1.0
         if ratio and (self.positive_indices.size == 0 or self.negative_indices.size == 0):
             raise ValueError(
                 f"a balanced epoch needs positives and negatives; have {self.positive_indices.size} "
@@ -91,7 +107,14 @@ class BalancedSampler(Sampler[int]):
         n_positive = int(is_positive_slot.sum())
         sequence = np.empty(self.global_size, dtype=np.int64)
         sequence[is_positive_slot] = _cycled_permutation(self.positive_indices, n_positive, rng)
-        sequence[~is_positive_slot] = _cycled_permutation(self.negative_indices, self.global_size - n_positive, rng)
+        n_negative = self.global_size - n_positive
+        if self.hard_fraction > 0:
+            n_hard = int(round(self.hard_fraction * n_negative))
+            negatives = np.concatenate([_cycled_permutation(self.hard_indices, n_hard, rng),
+                                        _cycled_permutation(self.easy_indices, n_negative - n_hard, rng)])
+            sequence[~is_positive_slot] = negatives[rng.permutation(n_negative)]
+        else:
+            sequence[~is_positive_slot] = _cycled_permutation(self.negative_indices, n_negative, rng)
         return sequence[rng.permutation(self.global_size)]
 
     def __iter__(self) -> Iterator[int]:
@@ -137,6 +160,8 @@ def set_sampler_epoch(loader: Any, epoch: int) -> None:
 
 def _cycled_permutation(indices: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """``count`` items from ``indices``: shuffled, and reshuffled each time it wraps around."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
     repeats = -(-count // indices.size)
     return np.concatenate([rng.permutation(indices) for _ in range(repeats)])[:count]
 

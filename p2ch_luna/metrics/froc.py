@@ -44,8 +44,9 @@ def _cap_detections(detections: pd.DataFrame, max_per_scan: int | None) -> pd.Da
     return detections[keep]
 
 
-def _hits(nodules: pd.DataFrame, detections: pd.DataFrame, default_diameter: float | None) -> np.ndarray:
-    """Boolean (nodule, detection) matrix: detection centre strictly within the radius."""
+def radius_hits(nodules: pd.DataFrame, detections: pd.DataFrame, default_diameter: float | None = None) -> np.ndarray:
+    """Boolean (nodule, detection) matrix of LUNA16-format tables: detection centre strictly within the nodule's
+    radius (``default_diameter`` replaces negative diameters, as for excluded findings)."""
     nodule_xyz = nodules.loc[:, list(XYZ_COLUMNS)].to_numpy(np.float64)
     detection_xyz = detections.loc[:, list(XYZ_COLUMNS)].to_numpy(np.float64)
     diameters = nodules[DIAMETER_COLUMN].to_numpy(np.float64)
@@ -82,7 +83,7 @@ def _match(
         scan_detections = detections.iloc[rows]
         if series_uid in nodule_rows:
             nodule_ids = nodule_rows[series_uid]
-            hits = _hits(annotations.iloc[nodule_ids], scan_detections, default_diameter=None)
+            hits = radius_hits(annotations.iloc[nodule_ids], scan_detections, default_diameter=None)
             first_hit = np.where(hits.any(axis=0), hits.argmax(axis=0), -1)
             matched_nodule_id[rows] = np.where(first_hit >= 0, nodule_ids[np.maximum(first_hit, 0)], -1)
             for nodule_id, nodule_hits in zip(nodule_ids, hits):
@@ -93,7 +94,7 @@ def _match(
                     nodule_score[nodule_id] = probabilities[best]
                     nodule_detection[nodule_id] = best
         if series_uid in excluded_rows:
-            hits = _hits(excluded.iloc[excluded_rows[series_uid]], scan_detections, EXCLUDED_DEFAULT_DIAMETER_MM)
+            hits = radius_hits(excluded.iloc[excluded_rows[series_uid]], scan_detections, EXCLUDED_DEFAULT_DIAMETER_MM)
             on_excluded[rows] = hits.any(axis=0)
 
     matched = matched_nodule_id >= 0

@@ -22,7 +22,7 @@ from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.engine import split_batch, train_one_epoch
 from p2ch_luna.training.tasks import RunContext
 from p2ch_luna.training.tasks.base import ModelSpec, Task
-from p2ch_luna.training.tasks.classification import ClassificationOptions, MalignancyTask
+from p2ch_luna.training.tasks.classification import ClassificationOptions, MalignancyTask, NoduleTask
 
 TINY_MODEL = '{"conv_channels": 2, "depth": 2}'
 TINY_CHUNK = ["--chunk-shape", "8", "16", "16"]
@@ -296,3 +296,15 @@ def test_split_batch_strides_like_ddp_ranks() -> None:
     assert first["image"].tolist() == [0, 2, 4] and second["series_uid"] == ["b", "d", "f"]
     assert first["meta"] == 1
     assert AmpSettings().enabled is False
+
+
+def test_a_run_with_few_validation_positives_says_so(tiny_dataset: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    paths = resolve_paths(tiny_dataset, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
+    config = TrainConfig(task="nodule", paths=paths, batch_size=8, ratio=1, epoch_size=64, val_stride=5,
+                         task_options=ClassificationOptions(chunk_shape=(16, 16, 16)))
+    with caplog.at_level("WARNING"):
+        _, validation = NoduleTask(RunContext(config, torch.device("cpu"))).datasets()
+    positives = int(validation.labels.sum())
+    assert positives < 10
+    assert f"validation has only {positives} positive sample(s)" in caplog.text

@@ -7,6 +7,11 @@ is the one with the highest **validation ROC AUC**: threshold-free, so it is not
 moved by the training ratio's effect on calibration (the book used F1 for
 nodules, AUC for malignancy).
 
+Nodule training can add the candidates our own segmenter makes on the training series
+(``--hard-negatives-from SEGMENTATION``, :mod:`p2ch_luna.mining`): those on a nodule as positives at the
+grouping's centres, the rest as hard negatives, of which the balanced sampler draws
+``--hard-negative-fraction`` of its negatives (``python -m bench.bench_generalisation`` measures the effect).
+
 Malignancy can fine-tune a nodule classifier (ours or the book's ``cls_*.state``),
 as the book's chapter 14: ``--finetune PATH --finetune-depth N`` loads it,
 re-initialises the head and trains only the last N parameterised blocks
@@ -30,14 +35,17 @@ from p2ch_luna.data.augment import augment_batch_3d
 from p2ch_luna.data.cache import open_cache
 from p2ch_luna.data.candidates import (
     CandidateDataset,
+    add_mined_rows,
     drop_centres_outside,
     malignancy_table,
+    mined_negatives,
     nodule_table,
     positive_count,
     split_table,
 )
 from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler
+from p2ch_luna.distributed import barrier
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.io.ct import list_series_on_disk, read_geometry
 from p2ch_luna.metrics.classification import classification_metrics
@@ -59,6 +67,10 @@ from p2ch_luna.training.tensorboard import add_classification_curves
 log = logging.getLogger(__name__)
 
 HEAD_NAME = "head_linear"
+FEW_VALIDATION_POSITIVES = 10
+"""Below this many validation positives a run warns that its model selection is a small-sample guess."""
+DEFAULT_HARD_NEGATIVE_FRACTION = 0.5
+"""Share of the negatives drawn from the mined candidates when ``--hard-negatives-from`` is given."""
 BOOK_NON_NODULES_PER_BENIGN = 1.0
 """The book's malignancy mix: as many non-nodule candidates as benign nodules in the benign class."""
 
@@ -71,6 +83,8 @@ class ClassificationOptions:
     finetune: Path | None = None
     finetune_depth: int = 1
     non_nodules_per_benign: float = 0.0
+    hard_negatives_from: Path | None = None
+    hard_negative_fraction: float = DEFAULT_HARD_NEGATIVE_FRACTION
 
 
 class ClassificationTask(Task):
@@ -127,6 +141,7 @@ class ClassificationTask(Task):
             if table.empty:
                 raise DataError(f"no {self.task_name} samples under {paths.data_root}")
             train_table, val_table = split_table(table, self.config.val_stride)
+            train_table = self.with_mined_rows(train_table)
             cache = open_cache(paths)
             shape = self.options.chunk_shape
             self._datasets = (CandidateDataset(train_table, cache, shape), CandidateDataset(val_table, cache, shape))
@@ -134,13 +149,25 @@ class ClassificationTask(Task):
                 positives, negatives = positive_count(dataset)
                 log.info("%s %s: %d samples (%d positive, %d negative) from %d series", self.task_name, mode,
                          len(dataset), positives, negatives, dataset.table["series_uid"].nunique())
+            validation_positives = positive_count(self._datasets[1])[0]
+            if validation_positives < FEW_VALIDATION_POSITIVES:
+                log.warning("%s validation has only %d positive sample(s): its ROC AUC, and the best checkpoint "
+                            "chosen by it, rest on them (more series, or a smaller --val-stride, give more)",
+                            self.task_name, validation_positives)
         return self._datasets
+
+    def with_mined_rows(self, train_table: pd.DataFrame) -> pd.DataFrame:
+        """The training table, with the candidates mined from ``--hard-negatives-from`` (nodule task only)."""
+        return train_table
 
     def train_loader(self) -> Iterable[Batch]:
         dataset = self.datasets()[0]
         config, context = self.config, self.context
+        hard = mined_negatives(dataset.table)
+        fraction = self.options.hard_negative_fraction if hard.any() else 0.0
         sampler = BalancedSampler(dataset.labels, ratio=config.ratio, epoch_size=config.epoch_size,
-                                  seed=config.seed, rank=context.rank, world_size=context.world_size)
+                                  seed=config.seed, rank=context.rank, world_size=context.world_size,
+                                  hard=hard, hard_fraction=fraction)
         return build_loader(dataset, sampler, context,
                             ring=uses_batch_ring(config, context.device))
 
@@ -197,8 +224,45 @@ class NoduleTask(ClassificationTask):
 
     task_name: ClassVar[str] = "nodule"
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--hard-negatives-from", type=Path, default=None, metavar="SEGMENTATION",
+                            help="mine the training series' candidates with this segmentation checkpoint (as "
+                                 "diagnosis makes them; `python -m p2ch_luna.mining`, reused while unchanged) and "
+                                 "train on them too: those on a nodule as positives, the others as hard negatives")
+        parser.add_argument("--hard-negative-fraction", type=float, default=DEFAULT_HARD_NEGATIVE_FRACTION,
+                            metavar="F", help="with --hard-negatives-from and --balanced/--ratio: the share of "
+                                              "negatives drawn from the mined ones (the rest from candidates.csv)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> ClassificationOptions:
+        if not 0.0 <= args.hard_negative_fraction <= 1.0:
+            raise UsageError(f"--hard-negative-fraction {args.hard_negative_fraction} must lie in [0, 1]")
+        mined_from = args.hard_negatives_from.expanduser().resolve() if args.hard_negatives_from else None
+        if mined_from is not None and not mined_from.is_file():
+            raise UsageError(f"--hard-negatives-from {mined_from}: no such segmentation checkpoint")
+        return dataclasses.replace(super().options_from_args(args), hard_negatives_from=mined_from,
+                                   hard_negative_fraction=args.hard_negative_fraction)
+
     def candidate_table(self, candidates: pd.DataFrame) -> pd.DataFrame:
         return nodule_table(candidates)
+
+    def with_mined_rows(self, train_table: pd.DataFrame) -> pd.DataFrame:
+        if self.options.hard_negatives_from is None:
+            return train_table
+        from p2ch_luna.mining.run import mine
+
+        series = sorted(train_table["series_uid"].unique())
+        source = self.options.hard_negatives_from
+        mined = mine(self.config.paths, source, series, self.context.device) if self.context.rank == 0 else None
+        barrier()  # one process mines; the others read its table
+        if mined is None:
+            mined = mine(self.config.paths, source, series, self.context.device, progress=False)
+        log.info("nodule training: %d mined candidates from %d series (%d on a nodule), %.0f%% of negatives "
+                 "drawn from them", len(mined.table), mined.series_count, int(mined.table["is_nodule"].sum()),
+                 100 * self.options.hard_negative_fraction)
+        return add_mined_rows(train_table, mined.table)
 
 
 class MalignancyTask(ClassificationTask):
