@@ -303,7 +303,7 @@ def test_a_run_with_few_validation_positives_says_so(tiny_dataset: Path, tmp_pat
     paths = resolve_paths(tiny_dataset, tmp_path / "cache", tmp_path / "models", tmp_path / "runs")
     config = TrainConfig(task="nodule", paths=paths, batch_size=8, ratio=1, epoch_size=64, val_stride=5,
                          task_options=ClassificationOptions(chunk_shape=(16, 16, 16)))
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         _, validation = NoduleTask(RunContext(config, torch.device("cpu"))).datasets()
     positives = int(validation.labels.sum())
     assert positives < 10

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 HEAD_NAME = "head_linear"
 FEW_VALIDATION_POSITIVES = 10
-"""Below this many validation positives a run warns that its model selection is a small-sample guess."""
+"""Below this many validation positives a run says that its model selection is a small-sample guess."""
 DEFAULT_HARD_NEGATIVE_FRACTION = 0.5
 """Share of the negatives drawn from the mined candidates when ``--hard-negatives-from`` is given."""
 BOOK_NON_NODULES_PER_BENIGN = 1.0
@@ -151,7 +151,7 @@ class ClassificationTask(Task):
                          len(dataset), positives, negatives, dataset.table["series_uid"].nunique())
             validation_positives = positive_count(self._datasets[1])[0]
             if validation_positives < FEW_VALIDATION_POSITIVES:
-                log.warning("%s validation has only %d positive sample(s): its ROC AUC, and the best checkpoint "
+                log.info("%s validation has only %d positive sample(s): its ROC AUC, and the best checkpoint "
                             "chosen by it, rest on them (more series, or a smaller --val-stride, give more)",
                             self.task_name, validation_positives)
         return self._datasets
