@@ -6,3 +6,6 @@ diagnosis pipeline with LUNA16 scoring. See README.md for the commands.
 """
 
 __version__ = "0.1.0"
+
+RESEARCH_NOTICE = "Research software, not a medical device: do not use its findings for clinical decisions."
+"""Said by the README, ``diagnose --help``, every printed report and every report.json."""

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from p2ch_luna import RESEARCH_NOTICE
 from p2ch_luna.cli import add_device_argument, make_parser, non_negative_int, positive_int, probability, run_command
 from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.diagnose import report
@@ -88,7 +89,8 @@ def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Pat
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("python -m p2ch_luna.diagnose",
-                         "Find lung nodules in CTs and estimate their malignancy (book chapter 14).")
+                         "Find lung nodules in CTs and estimate their malignancy (book chapter 14). "
+                         + RESEARCH_NOTICE)
     source = parser.add_argument_group("what to diagnose (exactly one)")
     source.add_argument("--series-uid", metavar="UID[,UID...]", help="LUNA16 series under --data-root (with --ct: the series of a DICOM folder)")
     source.add_argument("--ct", type=Path, metavar="PATH", help="a .mhd/.mha, a NIfTI file or a DICOM series folder")

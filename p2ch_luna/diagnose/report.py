@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from p2ch_luna import RESEARCH_NOTICE
 from p2ch_luna.diagnose.pipeline import DiagnoseConfig, SeriesDiagnosis, findings
 from p2ch_luna.errors import LunaError
 from p2ch_luna.evaluation.figures import plot_froc
@@ -135,6 +136,7 @@ def format_report(results: Sequence[SeriesDiagnosis], scores: Scores, config: Di
     lines.append(f"Summary: {len(results)} CT(s), {n_candidates} candidate(s), {n_findings} finding(s) with "
                  f"nodule probability >= {config.nodule_threshold:g}{malignancy_text}; {summary.wall_s:.1f} s "
                  f"on {summary.device}" + (f" x {summary.world_size}" if summary.world_size > 1 else ""))
+    lines.append(RESEARCH_NOTICE)
     return "\n".join(lines)
 
 
@@ -162,6 +164,7 @@ def report_dict(results: Sequence[SeriesDiagnosis], scores: Scores, summary: Sum
             "nodules": _records(scores.nodules_of(result.series_uid)),
         })
     return {
+        "notice": RESEARCH_NOTICE,
         "config": dataclasses.asdict(summary.config),
         "models": summary.models,
         "device": summary.device,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from p2ch_luna import distributed
+from p2ch_luna import RESEARCH_NOTICE, distributed
 from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.diagnose import classify, grouping, heap, inference, model_set, pipeline, segment
 from p2ch_luna.diagnose import cli as diagnose_cli
@@ -368,7 +368,9 @@ def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untraine
     printed = capsys.readouterr().out
     validation = split_by_series(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))[1]
     assert f"Summary: {len(validation)} CT(s)" in printed and "Confusion table" in printed
+    assert printed.rstrip().endswith(RESEARCH_NOTICE)
     report = json.loads((out / REPORT_FILE).read_text())
+    assert report["notice"] == RESEARCH_NOTICE
     assert [s["series_uid"] for s in report["series"]] == validation
     assert report["models"]["malignancy"]["task"] == "malignancy"
     assert report["config"]["amp"] is True  # --amp is honoured on the CPU (bfloat16)
