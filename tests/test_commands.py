@@ -46,3 +46,21 @@ def test_python_dash_m_runs_the_same_command(module_name: str, monkeypatch: pyte
         runpy.run_module(module_name, run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_one_command_runs_every_other(capsys: pytest.CaptureFixture[str]) -> None:
+    from p2ch_luna import __version__
+    from p2ch_luna.commands import COMMANDS, main
+
+    scripts = {target.partition(":")[0] for name, target in console_scripts().items() if name != "p2ch-luna"}
+    assert scripts <= {module for module, _ in COMMANDS.values()}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and __version__ in capsys.readouterr().out
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out, name
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no-such-command"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
