@@ -125,9 +125,6 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
     best_score = float(resumed.get("best_score", -math.inf)) if resumed else -math.inf
     best_epoch = int(resumed.get("best_epoch", 0)) if resumed else 0
 
-    # The data first: a bad data folder or series stops the run before it writes a config or event files.
-    train_loader = task.train_loader()
-    val_loader = task.val_loader()
     paths = config.paths
     run_dirs = tblog.run_dirs(paths.runs_dir, names.tb_prefix, names.time, names.task, names.comment)
     last_path = checkpoint_path(paths.models_dir, names.task, names.time, names.comment, best=False)
@@ -144,6 +141,8 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                  names.task, names.time, config.epochs, start_epoch, device, info.world_size,
                  spec.model_name, spec.model_kwargs)
 
+    train_loader = task.train_loader()
+    val_loader = task.val_loader()
     val_metrics: dict[str, float] = {}
     epoch = start_epoch - 1
     try:

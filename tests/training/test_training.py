@@ -308,13 +308,3 @@ def test_a_run_with_few_validation_positives_says_so(tiny_dataset: Path, tmp_pat
     positives = int(validation.labels.sum())
     assert positives < 10
     assert f"validation has only {positives} positive sample(s)" in caplog.text
-
-
-def test_a_run_on_a_missing_data_folder_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    models, runs = tmp_path / "models", tmp_path / "runs"
-    code = training.main(["nodule", "--data-root", str(tmp_path / "missing"), "--cache-dir", str(tmp_path / "cache"),
-                          "--models-dir", str(models), "--runs-dir", str(runs), "--device", "cpu",
-                          "--log-level", "WARNING"])
-    error = capsys.readouterr().err.strip()
-    assert code == 1 and "missing" in error and len(error.splitlines()) == 1
-    assert not any(models.rglob("*")) and not any(runs.rglob("*"))
