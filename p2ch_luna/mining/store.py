@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from p2ch_luna.diagnose.pipeline import DiagnoseConfig
 from p2ch_luna.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,13 @@ DIGEST_BLOCK = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class MiningParams:
-    """The grouping that mining runs: the diagnosis' defaults, so the table holds what diagnosis would."""
+    """The grouping that mining runs: the diagnosis' defaults (read from ``DiagnoseConfig``), so the table holds
+    what diagnosis would."""
 
-    segmentation_threshold: float = 0.5
-    erosion_iterations: int = 1
-    grouping: str = "peaks"
-    lung_margin_mm: float = 3.0
+    segmentation_threshold: float = DiagnoseConfig.segmentation_threshold
+    erosion_iterations: int = DiagnoseConfig.erosion_iterations
+    grouping: str = DiagnoseConfig.grouping
+    lung_margin_mm: float = DiagnoseConfig.lung_margin_mm
 
 
 def file_digest(path: Path) -> str:
@@ -60,8 +62,7 @@ def series_stamp(path: Path) -> list[Any]:
     for part in (path, path.with_suffix(".raw")):
         if part.is_file():
             stat = part.stat()
-            stat_fields = [part.name, stat.st_size, stat.st_mtime_ns]
-            stamp.extend(stat_fields)
+            stamp.extend([part.name, stat.st_size, stat.st_mtime_ns])
     return stamp
 
 
@@ -90,9 +91,11 @@ def read_checked(path: Path) -> pd.DataFrame | None:
         log.warning("mined table %s is unreadable (%s); mining it again", path, error)
         return None
     missing = [column for column in MINED_COLUMNS if column not in frame.columns]
-    numeric = frame[[c for c in MINED_COLUMNS if c not in ("series_uid", "is_nodule")]] if not missing else None
-    if missing or numeric.isna().any().any():
-        log.warning("mined table %s lacks columns or numbers (%s); mining it again", path, ", ".join(missing) or "NaN")
+    if missing:
+        log.warning("mined table %s lacks column(s) %s; mining it again", path, ", ".join(missing))
+        return None
+    if frame[list(MINED_COLUMNS)].isna().any().any():
+        log.warning("mined table %s has empty values; mining it again", path)
         return None
     frame["is_nodule"] = frame["is_nodule"].astype(str).str.lower().isin(("true", "1"))
     return frame[list(MINED_COLUMNS)]
