@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ from p2ch_luna.training.config import (
     config_to_dict,
 )
 from p2ch_luna.training.engine import EpochResult, evaluate, train_one_epoch
+from p2ch_luna.training.selection import Scores, is_better
 from p2ch_luna.training.tasks import RunContext, Task, get_task_class
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
 
     start_epoch = int(resumed["epoch"]) + 1 if resumed else 1
     samples_seen = int(resumed["samples_seen"]) if resumed else 0
-    best_score = float(resumed.get("best_score", -math.inf)) if resumed else -math.inf
+    best_scores = resumed_best_scores(resumed, task.selection()) if resumed else None
+    best_score = best_scores.ranked()[0] if best_scores is not None else -math.inf
     best_epoch = int(resumed.get("best_epoch", 0)) if resumed else 0
 
     paths = config.paths
@@ -162,17 +164,20 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                 broadcast_buffers(model)
                 val = evaluate(task, eval_model, val_loader, epoch=epoch, device=device, generator=generator,
                                amp=amp, show_progress=show_progress and info.is_main)
+                val.metrics.update(task.validation_metrics(val.outputs))
                 val_metrics = val.metrics
                 _report(task, writers, "val", epoch, val, samples_seen)
-                score = task.score(val.metrics)
-                is_best = score > best_score or best_epoch == 0
+                scores = Scores.from_metrics(val.metrics, task.selection())
+                is_best = is_better(scores, best_scores) or best_epoch == 0
                 if is_best:
-                    best_score, best_epoch = score, epoch
+                    best_scores, best_score, best_epoch = scores, scores.ranked()[0], epoch
             if info.is_main:
                 extra = {
                     "run": dataclasses.asdict(names),
-                    "score_name": task.score_name,
+                    "score_name": task.selection()[0],
                     "best_score": best_score,
+                    "selection": list(best_scores.names) if best_scores is not None else None,
+                    "best_scores": list(best_scores.values) if best_scores is not None else None,
                     "best_epoch": best_epoch,
                     "scaler_state": scaler.state_dict() if scaler is not None else None,
                 }
@@ -183,7 +188,7 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                 # best_epoch has no .best.state (a resumed run would not write it again).
                 if is_best:
                     save_checkpoint(best_path, **saved)
-                    log.info("E%d new best %s %.4f", epoch, task.score_name, best_score)
+                    log.info("E%d new best: %s", epoch, best_scores.describe())
                 save_checkpoint(last_path, **saved)
             barrier()
     finally:
@@ -254,6 +259,18 @@ def _restore_value(current: Any, saved: Any) -> Any:
     if isinstance(current, Path):
         return Path(saved)
     return saved
+
+
+def resumed_best_scores(raw: Mapping[str, Any], selection: Sequence[str]) -> Scores | None:
+    """The best checkpoint's scores that a resumed run must beat; None (the next validation is the best) when
+    the checkpoint ranked by other metrics than ``selection`` (written by a version with another rule)."""
+    names = raw.get("selection") or [raw.get("score_name")]
+    values = raw.get("best_scores") or [raw.get("best_score", -math.inf)]
+    if tuple(names) != tuple(selection) or len(values) != len(names):
+        log.info("--resume: the checkpoint's best was ranked by %s, this run ranks by %s: the next validation "
+                 "epoch becomes the best", ", ".join(map(str, names)), ", ".join(selection))
+        return None
+    return Scores(tuple(selection), tuple(float(value) for value in values))
 
 
 def _load_resume(config: TrainConfig) -> dict[str, Any]:

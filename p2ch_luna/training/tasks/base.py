@@ -16,7 +16,8 @@ Life of a run, as the engine drives it::
             loss_per_sample, outputs = task.compute_loss(model, batch, augment=True, generator=g)
         metrics = task.epoch_metrics(concatenated outputs)      # pure
         task.log_extra(writer, "trn", epoch, outputs, samples_seen)   # rank 0 only
-        ... same for validation with augment=False; task.score(val_metrics) picks the best checkpoint
+        ... same for validation with augment=False, plus task.validation_metrics(outputs);
+        the metrics named by task.selection() pick the best checkpoint
 
 Batches are dicts, never positional tuples: tensors (``image``, ``label``,
 ``center_irc``, masks...) are moved to the device by the engine; other values
@@ -168,6 +169,16 @@ class Task(abc.ABC):
         """The value that picks the best checkpoint (higher is better); NaN counts as worst."""
         value = float(metrics.get(self.score_name, math.nan))
         return -math.inf if math.isnan(value) else value
+
+    def selection(self) -> tuple[str, ...]:
+        """The validation metrics that rank checkpoints, most important first
+        (:func:`p2ch_luna.training.selection.is_better`); by default ``score_name`` alone."""
+        return (self.score_name,)
+
+    def validation_metrics(self, outputs: Outputs) -> dict[str, float]:
+        """Metrics only a validation epoch has, from its concatenated outputs (every rank's), added to
+        :meth:`epoch_metrics`'s before they are reported (the nodule task's FROC); none by default."""
+        return {}
 
     def tensorboard_scalars(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Scalar tags (``"loss/all"``, ``"pr/f1"``...) for TensorBoard; default ``metrics/<key>``."""

@@ -2,10 +2,20 @@
 
 Both tasks read 1×32×48×48 int16 chunks from the chunk cache, convert them to
 float and augment them batched on the training device, and train the book's
-:class:`~p2ch_luna.models.LunaModel` with cross-entropy. The best checkpoint
+:class:`~p2ch_luna.models.LunaModel` with cross-entropy. The best malignancy checkpoint
 is the one with the highest **validation ROC AUC**: threshold-free, so it is not
 moved by the training ratio's effect on calibration (the book used F1 for
-nodules, AUC for malignancy).
+nodules, AUC for malignancy). The best nodule checkpoint is the one with the highest
+**validation CPM** (LUNA16 FROC, what detection is judged on), ties broken by ROC AUC.
+
+The nodule FROC scores every validation row that was evaluated, grouped by series, against the
+annotations of the validation series (``annotations.csv``, and ``annotations_excluded.csv`` when present)
+with the LUNA16 radius rule; false positives per scan divide by the number of validation series. The rows
+are those the validation loader reads, unbalanced: every annotated nodule at its annotated centre (so each
+nodule has a mark at its centre, which makes the sensitivity an upper bound of what diagnosis finds) and
+every non-nodule ``candidates.csv`` row of those series; ``--val-size`` evaluates an evenly spread subset of
+them, and then the FROC scores that subset. Mined candidates never enter validation (validation series are
+never mined), so with ``--hard-negatives-from`` the FROC still scores the ``candidates.csv`` rows.
 
 Nodule training can add the candidates our own segmenter makes on the training series
 (``--hard-negatives-from SEGMENTATION``, :mod:`p2ch_luna.mining`): those on a nodule as positives at the
@@ -31,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p2ch_luna.columns import CENTER_COLUMNS
 from p2ch_luna.data.augment import augment_batch_3d
 from p2ch_luna.data.cache import open_cache
 from p2ch_luna.data.candidates import (
@@ -47,11 +58,13 @@ from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler
 from p2ch_luna.distributed import barrier
 from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.evaluation.truth import Truth, read_truth
 from p2ch_luna.io.ct import list_series_on_disk, read_geometry
 from p2ch_luna.metrics.classification import classification_metrics
 from p2ch_luna.models import build_model, load_checkpoint
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
 from p2ch_luna.models.weights import init_book_weights
+from p2ch_luna.training.selection import CPM_KEY, FROC_KEYS, froc_metrics
 from p2ch_luna.training.tasks.base import (
     Batch,
     ModelSpec,
@@ -151,8 +164,8 @@ class ClassificationTask(Task):
                          len(dataset), positives, negatives, dataset.table["series_uid"].nunique())
             validation_positives = positive_count(self._datasets[1])[0]
             if validation_positives < FEW_VALIDATION_POSITIVES:
-                log.info("%s validation has only %d positive sample(s): its ROC AUC, and the best checkpoint "
-                            "chosen by it, rest on them (more series, or a smaller --val-stride, give more)",
+                log.info("%s validation has only %d positive sample(s): its ROC AUC (and CPM), and the best "
+                            "checkpoint chosen by them, rest on them (more series, or a smaller --val-stride, give more)",
                             self.task_name, validation_positives)
         return self._datasets
 
@@ -193,7 +206,7 @@ class ClassificationTask(Task):
         logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
         probabilities = torch.softmax(logits.detach().float(), dim=1)[:, 1]
-        return loss, {"label": labels.detach(), "probability": probabilities}
+        return loss, {"label": labels.detach(), "probability": probabilities, "index": batch["index"].detach()}
 
     def epoch_metrics(self, outputs: Outputs) -> dict[str, float]:
         labels = outputs["label"].numpy().astype(bool)
@@ -223,6 +236,11 @@ class NoduleTask(ClassificationTask):
     """Nodule (annotation) vs non-nodule candidate."""
 
     task_name: ClassVar[str] = "nodule"
+    summary_keys: ClassVar[tuple[str, ...]] = (*ClassificationTask.summary_keys, *FROC_KEYS)
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        self._truth: Truth | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -247,6 +265,25 @@ class NoduleTask(ClassificationTask):
 
     def candidate_table(self, candidates: pd.DataFrame) -> pd.DataFrame:
         return nodule_table(candidates)
+
+    def selection(self) -> tuple[str, ...]:
+        return (CPM_KEY, self.score_name)
+
+    def validation_metrics(self, outputs: Outputs) -> dict[str, float]:
+        """CPM and FROC sensitivities of the evaluated validation rows (see the module's docstring)."""
+        table = self.datasets()[1].table
+        if self._truth is None:
+            self._truth = read_truth(self.config.paths.require_data_root())
+            if self._truth is None:
+                raise DataError(f"no annotations under {self.config.paths.data_root}: nodule validation needs them")
+        rows = outputs["index"].numpy()
+        marks = table.iloc[rows][["series_uid", *CENTER_COLUMNS]].assign(
+            nodule_probability=outputs["probability"].numpy().astype("float64"))
+        return froc_metrics(marks, self._truth, sorted(table["series_uid"].astype(str).unique()))
+
+    def tensorboard_scalars(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        froc = {f"froc/{key}": float(metrics[key]) for key in FROC_KEYS if key in metrics}
+        return {**super().tensorboard_scalars(metrics), **froc}
 
     def with_mined_rows(self, train_table: pd.DataFrame) -> pd.DataFrame:
         if self.options.hard_negatives_from is None:
