@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 from p2ch_luna import diagnose, prepcache, training
 from p2ch_luna.cli import add_device_argument, make_parser, run_command
 from p2ch_luna.errors import LunaError
-from p2ch_luna.models.checkpoint import find_latest_checkpoint
+from p2ch_luna.models.catalog import find_latest_checkpoint
 from p2ch_luna.paths import default_data_home
 from p2ch_luna.synth import generator as synth
 from p2ch_luna.synth.parameters import GENERATOR_VERSION

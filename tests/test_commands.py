@@ -24,7 +24,7 @@ def console_scripts() -> dict[str, str]:
 def test_the_scripts_include_one_per_command() -> None:
     assert set(console_scripts()) >= {"p2ch-luna-synth", "p2ch-luna-implant", "p2ch-luna-prepcache",
                                       "p2ch-luna-train", "p2ch-luna-diagnose", "p2ch-luna-evaluate", "p2ch-luna-demo",
-                                      "p2ch-luna-mine"}
+                                      "p2ch-luna-mine", "p2ch-luna-models"}
 
 
 @pytest.mark.parametrize("script, target", sorted(console_scripts().items()))

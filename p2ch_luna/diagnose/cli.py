@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ct", type=Path, metavar="PATH", help="a .mhd/.mha, a NIfTI file or a DICOM series folder")
     source.add_argument("--validation", action="store_true", help="every validation series on disk")
     source.add_argument("--include-train", action="store_true", help="with --validation: every series on disk")
-    models = parser.add_argument_group("models (default: newest best checkpoint per task in --models-dir)")
+    models = parser.add_argument_group("models (default: the newest of each task in --models-dir, by contents)")
     models.add_argument("--segmentation-path", type=Path, metavar="FILE")
     models.add_argument("--classification-path", type=Path, metavar="FILE")
     models.add_argument("--malignancy-path", type=Path, metavar="FILE", help="optional")

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from p2ch_luna.errors import DataError
-from p2ch_luna.models.checkpoint import LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
+from p2ch_luna.models.catalog import CheckpointSummary, newest_checkpoints
+from p2ch_luna.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from p2ch_luna.models.layout import channels_last
 from p2ch_luna.paths import Paths
 
@@ -47,18 +48,27 @@ class DiagnosisModels:
 
 def load_models(paths: Paths, segmentation_path: Path | None, classification_path: Path | None,
                 malignancy_path: Path | None, device: torch.device) -> DiagnosisModels:
-    """Load the three models: given files, else the newest best checkpoint of each task."""
+    """Load the three models: given files, else the newest checkpoint of each task in the models folder,
+    recognised by its contents whatever the file is called (:mod:`p2ch_luna.models.catalog`)."""
+    found: dict[str, CheckpointSummary] | None = None
 
     def resolve(path: Path | None, task: str, flag: str, required: bool) -> Path | None:
+        nonlocal found
         if path is not None:
             return path
-        found = find_latest_checkpoint(paths.models_dir, task)
-        if found is None and required:
-            raise DataError(f"no {task} checkpoint ({task}_*.best.state) under {paths.models_dir}; "
-                            f"pass {flag} FILE or --models-dir DIR")
-        if found is not None:
-            log.info("using the newest %s checkpoint %s", task, found)
-        return found
+        if found is None:  # one look at the folder for all three tasks
+            found = newest_checkpoints(paths.models_dir)
+        if task not in found:
+            if required:
+                where = "" if paths.models_dir.is_dir() else " (no such folder)"
+                raise DataError(f"no {task} checkpoint among the files under {paths.models_dir}{where}; "
+                                f"pass {flag} FILE or --models-dir DIR")
+            return None
+        chosen = found[task]
+        log.info("using %s as the %s model (the newest %s checkpoint under %s: %s%s, epoch %s)", chosen.path,
+                 task, task, paths.models_dir, chosen.model_name, ", the book's" if chosen.is_book else "",
+                 chosen.epoch)
+        return chosen.path
 
     segmentation_file = resolve(segmentation_path, "segmentation", "--segmentation-path", True)
     nodule_file = resolve(classification_path, "nodule", "--classification-path", True)

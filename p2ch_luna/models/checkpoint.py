@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import io
 import logging
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 TASKS = ("nodule", "malignancy", "segmentation")
 BEST_SUFFIX = ".best.state"
 LAST_SUFFIX = ".last.state"
+PICKLED_OBJECTS = "it contains pickled objects (weights_only)"
 
 BOOK_SEGMENTATION_KWARGS: dict[str, Any] = {
     "in_channels": 7,
@@ -132,64 +135,117 @@ def save_checkpoint(
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointKind:
+    """What a checkpoint holds, read from its contents: the task and the model that rebuilds it."""
+
+    task: str
+    model_name: str
+    model_kwargs: dict[str, Any]
+    is_book: bool
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     expected_task: str | tuple[str, ...] | None = None,
     map_location: str | torch.device = "cpu",
+    label: str | None = None,
 ) -> LoadedCheckpoint:
     """Load one of our checkpoints or one of the book's, rebuilding its model.
 
     ``expected_task`` (one task or a tuple of accepted ones) guards against
     passing, say, a segmentation file where a classifier is wanted. Every
-    failure is a one-line :class:`DataError` naming the file.
+    failure is a one-line :class:`DataError` naming the file (or ``label``).
     """
     path = Path(path)
-    raw = _torch_load(path, map_location)
-    if not isinstance(raw, dict) or not isinstance(raw.get("model_state"), Mapping):
-        raise DataError(f"{path} is not a p2ch_luna or book checkpoint")
-    is_book = raw.get("format") != CHECKPOINT_FORMAT
-    if is_book:
-        if raw.get("model_name") not in BOOK_MODELS:
-            raise DataError(f"{path} is not a p2ch_luna or book checkpoint (model_name {raw.get('model_name')!r})")
-        task, model_name, model_kwargs = BOOK_MODELS[raw["model_name"]]
-        model_kwargs = dict(model_kwargs)
-    else:
-        if raw.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-            raise DataError(f"{path} has checkpoint format version {raw.get('format_version')!r}, "
-                            f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
-        task, model_name, model_kwargs = raw.get("task"), raw.get("model_name"), dict(raw.get("model_kwargs") or {})
+    name = label or str(path)
+    raw = read_checkpoint_dict(path, map_location, label=name)
+    kind = identify_checkpoint(raw, name)
     accepted = (expected_task,) if isinstance(expected_task, str) else expected_task
-    if accepted is not None and task not in accepted:
-        raise DataError(f"{path} is a {task} checkpoint, expected {' or '.join(accepted)}")
-    model = _build_and_load(path, model_name, model_kwargs, raw["model_state"])
-    samples_seen = raw.get("samples_seen", raw.get("totalTrainingSamples_count"))
+    if accepted is not None and kind.task not in accepted:
+        raise DataError(f"{name} is a {kind.task} checkpoint, expected {' or '.join(accepted)}")
+    model = _build_and_load(name, kind.model_name, dict(kind.model_kwargs), raw["model_state"])
     return LoadedCheckpoint(
         path=path,
         model=model.to(map_location).eval(),
-        task=task,
-        model_name=model_name,
-        model_kwargs=model_kwargs,
+        task=kind.task,
+        model_name=kind.model_name,
+        model_kwargs=dict(kind.model_kwargs),
         epoch=raw.get("epoch"),
-        samples_seen=samples_seen,
+        samples_seen=samples_seen_of(raw),
         optimizer_name=raw.get("optimizer_name"),
         optimizer_state=raw.get("optimizer_state"),
         config=dict(raw.get("config") or {}),
         metrics=dict(raw.get("metrics") or {}),
-        is_book=is_book,
+        is_book=kind.is_book,
         raw=raw,
     )
 
 
-def find_latest_checkpoint(models_dir: str | os.PathLike, task: str) -> Path | None:
-    """The newest (by modification time) ``{task}_*.best.state`` under ``models_dir``, or None."""
-    _check_task(task)
-    models_dir = Path(models_dir)
-    if not models_dir.is_dir():
-        return None
-    candidates = [path for path in models_dir.rglob(f"{task}_*{BEST_SUFFIX}") if path.is_file()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda path: (path.stat().st_mtime, path.name))
+def read_checkpoint_dict(path: Path, map_location: str | torch.device = "cpu", *, mmap: bool = False,
+                         label: str | None = None) -> dict[str, Any]:
+    """The dict a checkpoint file holds (``torch.load(weights_only=True)``), or a one-line :class:`DataError`.
+
+    ``mmap`` maps the tensors of a zip-format file instead of reading them (a catalogue reads only the
+    fields); the book's files are in torch's older format, which is always read whole.
+    """
+    name = label or str(path)
+    raw = _torch_load(path, map_location, mmap and zipfile.is_zipfile(path), name)
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_state"), Mapping):
+        raise DataError(f"{name} is not a p2ch_luna or book checkpoint")
+    return raw
+
+
+def identify_checkpoint(raw: Mapping[str, Any], label: str) -> CheckpointKind:
+    """The task and model of a checkpoint dict, from what it holds, never from its file name.
+
+    Ours carry ``task``, ``model_name`` and ``model_kwargs``. The book's carry ``model_name``
+    (``LunaModel``, ``UNetWrapper``) or, without it, are recognised by their state dict's keys and
+    shapes (:data:`BOOK_MODELS`). The book's nodule and malignancy classifiers are the same
+    ``LunaModel`` and their files record nothing else (no command line, no labels), so a book
+    ``LunaModel`` file is a nodule classifier; a malignancy one must be passed by path.
+    """
+    if raw.get("format") == CHECKPOINT_FORMAT:
+        if raw.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+            raise DataError(f"{label} has checkpoint format version {raw.get('format_version')!r}, "
+                            f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
+        if raw.get("task") not in TASKS:
+            raise DataError(f"{label} names an unknown task {raw.get('task')!r}")
+        return CheckpointKind(raw["task"], raw.get("model_name"), dict(raw.get("model_kwargs") or {}), False)
+    book_name = raw.get("model_name")
+    if book_name is None:
+        book_name = _book_model_with_shapes(state_shapes(raw["model_state"]))
+    if book_name not in BOOK_MODELS:
+        raise DataError(f"{label} is not a p2ch_luna or book checkpoint (model_name {raw.get('model_name')!r})")
+    task, model_name, model_kwargs = BOOK_MODELS[book_name]
+    return CheckpointKind(task, model_name, dict(model_kwargs), True)
+
+
+def state_shapes(model_state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Each state-dict entry's shape (reading shapes does not read a mapped tensor's data)."""
+    return {key: tuple(value.shape) for key, value in model_state.items() if isinstance(value, torch.Tensor)}
+
+
+def architecture_shapes(model_name: str, model_kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of the registered model, built on the meta device (no memory, milliseconds)."""
+    with torch.device("meta"):
+        model = build_model(model_name, **model_kwargs)
+    return state_shapes(model.state_dict())
+
+
+def samples_seen_of(raw: Mapping[str, Any]) -> int | None:
+    """Training samples seen: ours record ``samples_seen``, the book's ``totalTrainingSamples_count``."""
+    return raw.get("samples_seen", raw.get("totalTrainingSamples_count"))
+
+
+@functools.cache
+def _book_shapes(book_name: str) -> dict[str, tuple[int, ...]]:
+    _, model_name, model_kwargs = BOOK_MODELS[book_name]
+    return architecture_shapes(model_name, model_kwargs)
+
+
+def _book_model_with_shapes(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    return next((name for name in BOOK_MODELS if _book_shapes(name) == shapes), None)
 
 
 def code_version() -> str:
@@ -198,21 +254,21 @@ def code_version() -> str:
     return f"{__version__}+g{commit[:12]}" if commit else __version__
 
 
-def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+def _torch_load(path: Path, map_location: str | torch.device, mmap: bool, label: str) -> Any:
     if not path.is_file():
-        raise DataError(f"checkpoint {path} does not exist or is not a file")
+        raise DataError(f"checkpoint {label} does not exist or is not a file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if "unsupported global" in str(error).lower():
-            raise DataError(f"{path} was refused: it contains pickled objects (weights_only)") from error
-        raise DataError(f"{path} is not a p2ch_luna or book checkpoint") from error
+            raise DataError(f"{label} was refused: {PICKLED_OBJECTS}") from error
+        raise DataError(f"{label} is not a p2ch_luna or book checkpoint") from error
     except Exception as error:  # torch.load raises many types on foreign files (KeyError, EOFError, ...)
         reason = f"{type(error).__name__}: {_first_line(error)}"
-        raise DataError(f"{path} is not a p2ch_luna or book checkpoint ({reason})") from error
+        raise DataError(f"{label} is not a p2ch_luna or book checkpoint ({reason})") from error
 
 
-def _build_and_load(path: Path, model_name: Any, model_kwargs: dict[str, Any], model_state: Mapping) -> nn.Module:
+def _build_and_load(path: str, model_name: Any, model_kwargs: dict[str, Any], model_state: Mapping) -> nn.Module:
     try:
         model = build_model(model_name, **model_kwargs)
     except (ValueError, TypeError) as error:

@@ -157,7 +157,8 @@ def test_overlay_colours() -> None:
 
 def test_training_end_to_end(tiny_dataset: Path, tmp_path: Path) -> None:
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    from p2ch_luna.models.checkpoint import find_latest_checkpoint, load_checkpoint
+    from p2ch_luna.models.catalog import find_latest_checkpoint
+    from p2ch_luna.models.checkpoint import load_checkpoint
     from p2ch_luna.models.unet import UNetWrapper
     from p2ch_luna.training import cli as training
 
@@ -216,7 +217,8 @@ def test_batched_crops_are_the_single_crops(tiny_series: SegmentationSeries) -> 
 
 
 def test_batch_ring_trains_the_segmenter_to_the_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
-    from p2ch_luna.models.checkpoint import find_latest_checkpoint, load_checkpoint
+    from p2ch_luna.models.catalog import find_latest_checkpoint
+    from p2ch_luna.models.checkpoint import load_checkpoint
     from p2ch_luna.training import cli as training
 
     def run(out: Path, *extra: str) -> Any:

@@ -20,7 +20,6 @@ from p2ch_luna.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from p2ch_luna.models.checkpoint import checkpoint_path
 from p2ch_luna.models.classifier import LunaConv3d
 from tests.locations import SHARED_DATA
 
@@ -183,16 +182,23 @@ def test_wrong_architecture_gives_data_error(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-def test_find_latest_checkpoint(tmp_path: Path) -> None:
+def test_find_latest_checkpoint_goes_by_contents_not_names(tmp_path: Path) -> None:
     assert find_latest_checkpoint(tmp_path, "nodule") is None
-    older = checkpoint_path(tmp_path, "nodule", "2026-01-01_10.00.00", "a", best=True)
-    newer = checkpoint_path(tmp_path / "sub", "nodule", "2026-01-02_10.00.00", "b", best=True)
-    last = checkpoint_path(tmp_path, "nodule", "2026-01-03_10.00.00", "c", best=False)
-    other_task = checkpoint_path(tmp_path, "malignancy", "2026-01-03_10.00.00", "d", best=True)
-    for mtime, path in enumerate([older, newer, last, other_task]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
+    model = LunaModel(input_shape=TINY_CHUNK)
+    kwargs = {"input_shape": list(TINY_CHUNK)}
+
+    def save(path: Path, task: str, epoch: int, best_epoch: int, mtime: int) -> Path:
+        save_checkpoint(path, model, model_name="luna", model_kwargs=kwargs, task=task, epoch=epoch,
+                        samples_seen=epoch, config={}, metrics={}, extra={"best_epoch": best_epoch})
         os.utime(path, (1_000_000 + mtime, 1_000_000 + mtime))
+        return path
+
+    older = save(tmp_path / "a.state", "nodule", 1, 1, 0)
+    newer = save(tmp_path / "sub" / "b", "nodule", 2, 2, 1)
+    save(tmp_path / "nodule_x.last.state", "nodule", 3, 2, 2)  # not its run's best epoch
+    other_task = save(tmp_path / "nodule_y.best.state", "malignancy", 1, 1, 3)
+    (tmp_path / "notes.best.state").write_text("not a checkpoint\n")
+    assert older.exists()
     assert find_latest_checkpoint(tmp_path, "nodule") == newer
     assert find_latest_checkpoint(tmp_path, "malignancy") == other_task
 
