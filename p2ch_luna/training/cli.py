@@ -14,7 +14,8 @@ epoch. Multi-node runs use torchrun's own ``--nnodes``/``--rdzv-*`` flags.
 Outputs (rank 0 only), named by the run's start time and ``--comment``:
 
 - ``<models-dir>/<task>_<time>_<comment>.best.state``: highest validation score
-  (the task's ``score_name``: ROC AUC for the classifiers), and ``.last.state``
+  (the task's ``score_name``: ROC AUC for the classifiers; theirs also holds the
+  temperature fitted on the validation set after training unless ``--no-calibrate``), and ``.last.state``
   (every epoch); ``.config.json``: the resolved configuration;
 - ``<runs-dir>/<tb-prefix>/<time>-<trn|val>-<task>-<comment>``: TensorBoard.
 
