@@ -18,8 +18,10 @@ CUDA_CLASSIFICATION_BATCH = 64
 
 def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Module, batch_size: int,
                     device: torch.device, amp: bool = False, flips: bool = False,
-                    progress: bool = False, description: str = "classification") -> np.ndarray:
-    """Probability of class 1 (softmax of the logits) for a chunk around each voxel centre.
+                    progress: bool = False, description: str = "classification",
+                    temperature: float = 1.0) -> np.ndarray:
+    """Probability of class 1 (softmax of the logits divided by ``temperature``, the checkpoint's
+    calibration) for a chunk around each voxel centre.
 
     With ``flips`` the probability is the mean over the chunk and its three
     in-plane mirror images (test-time augmentation with the training flips).
@@ -38,7 +40,7 @@ def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Mod
             inputs = host_to_device(chunks, device).unsqueeze(1).float()
             views = [inputs, inputs.flip(3), inputs.flip(4), inputs.flip((3, 4))] if flips else [inputs]
             logits = model(to_memory_format(torch.cat(views), channels_last=True)).float()
-            scores.append(torch.softmax(logits, dim=1)[:, 1].reshape(len(views), len(batch)).mean(dim=0))
+            scores.append(torch.softmax(logits / temperature, dim=1)[:, 1].reshape(len(views), len(batch)).mean(dim=0))
     if not scores:
         return np.zeros(0, dtype=np.float64)
     return torch.cat(scores).cpu().numpy().astype(np.float64)  # the one wait for the device

@@ -100,7 +100,8 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
     batch = CUDA_CLASSIFICATION_BATCH if device.type == "cuda" else CPU_CLASSIFICATION_BATCH
     candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device,
-                                                       config.amp, config.flips, progress, "nodule classification")
+                                                       config.amp, config.flips, progress, "nodule classification",
+                                                       models.nodule.temperature)
     order = np.argsort(-candidates["nodule_probability"].to_numpy(), kind="mergesort")
     candidates, centers = candidates.iloc[order], centers[order]
     if config.grouping == "peaks":
@@ -110,7 +111,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
         suspicious = candidates["nodule_probability"].to_numpy() >= config.nodule_threshold
         candidates.loc[suspicious, "malignancy_probability"] = classify_chunks(
             ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp, config.flips, progress,
-            "malignancy")
+            "malignancy", models.malignancy.temperature)
     lap("classification_s")
     diagnosis = SeriesDiagnosis(
         series_uid=ct.series_uid, source=source or str(ct.source or ""), shape_irc=ct.shape,

@@ -4,6 +4,7 @@
 - :mod:`~p2ch_luna.metrics.segmentation`: pixel dice/precision/recall from counts (rates as the book reports them);
 - :mod:`~p2ch_luna.metrics.froc`: LUNA16 detection scoring: FROC curve, CPM and a bootstrap confidence
   interval, following the challenge's official ``noduleCADEvaluationLUNA16.py``;
+- :mod:`~p2ch_luna.metrics.calibration`: expected calibration error and temperature scaling of binary logits;
 - :mod:`~p2ch_luna.metrics.confusion`: the book's chapter-14 confusion table (non-nodule/benign/malignant
   against miss/filtered/benign/malignant).
 

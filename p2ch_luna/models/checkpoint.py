@@ -3,7 +3,9 @@
 A checkpoint is a dict saved with ``torch.save`` holding the weights, the model's
 registry name and constructor arguments, optimizer state, progress counters,
 config, metrics and code version, so inference rebuilds the model with no
-architecture literals. Loading always uses ``torch.load(weights_only=True)``:
+architecture literals. A classifier's checkpoint may also hold its calibration
+(``calibration``: the temperature its logits are divided by before the softmax,
+:mod:`p2ch_luna.training.calibrate`); files without one, the book's among them, load with temperature 1. Loading always uses ``torch.load(weights_only=True)``:
 files that need arbitrary pickled objects are refused, never executed.
 """
 
@@ -14,6 +16,7 @@ import datetime
 import functools
 import io
 import logging
+import math
 import os
 import pickle
 import zipfile
@@ -55,6 +58,10 @@ BOOK_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "UNetWrapper": ("segmentation", "unet", BOOK_SEGMENTATION_KWARGS),
 }
 """Book ``model_name`` -> (task, our registry name, constructor arguments)."""
+CALIBRATION_FIELD = "calibration"
+"""Checkpoint field of a classifier's calibration: ``{"temperature": T, "method": ..., "ece_before": ..., ...}``."""
+IDENTITY_FIELDS = ("format", "format_version", "model_state", "model_name", "model_kwargs", "task")
+"""Fields :func:`update_checkpoint` never replaces: what the file is and which model it holds."""
 
 
 @dataclasses.dataclass
@@ -74,6 +81,8 @@ class LoadedCheckpoint:
     metrics: dict[str, Any]
     is_book: bool
     raw: dict[str, Any]
+    temperature: float = 1.0
+    """What the logits are divided by before the softmax: the stored calibration, 1 without one."""
 
 
 def checkpoint_path(models_dir: str | os.PathLike, task: str, timestamp: str, comment: str, best: bool) -> Path:
@@ -126,11 +135,7 @@ def save_checkpoint(
             raise ValueError(f"extra checkpoint fields would overwrite {clashes}")
         state.update(_plain(dict(extra)))
     path = Path(path)
-    # Serialise in memory first: torch.save reports a failed write (disk full, file-size
-    # limit) as a RuntimeError, a plain write gives the OSError atomic writes turn into LunaError.
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    _write_state(path, state)
     log.info("saved %s checkpoint %s (epoch %d, %d samples)", task, path, epoch, samples_seen)
     return path
 
@@ -143,6 +148,21 @@ class CheckpointKind:
     model_name: str
     model_kwargs: dict[str, Any]
     is_book: bool
+
+
+def update_checkpoint(path: str | os.PathLike, fields: Mapping[str, Any]) -> Path:
+    """Rewrite one of our checkpoints atomically with ``fields`` added or replaced, all else kept as it is
+    (weights, optimizer state, counters). ``fields`` hold plain values, as ``save_checkpoint``'s ``extra``."""
+    path = Path(path)
+    raw = _torch_load(path, "cpu", False, str(path))
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path} is not a p2ch_luna checkpoint, so it is not rewritten")
+    clashes = sorted(set(fields) & set(IDENTITY_FIELDS))
+    if clashes:
+        raise ValueError(f"update_checkpoint does not replace {clashes}")
+    raw.update(_plain(dict(fields)))
+    _write_state(path, raw)
+    return path
 
 
 def load_checkpoint(
@@ -165,6 +185,7 @@ def load_checkpoint(
     if accepted is not None and kind.task not in accepted:
         raise DataError(f"{name} is a {kind.task} checkpoint, expected {' or '.join(accepted)}")
     model = _build_and_load(name, kind.model_name, dict(kind.model_kwargs), raw["model_state"])
+    temperature = _stored_temperature(name, raw)
     return LoadedCheckpoint(
         path=path,
         model=model.to(map_location).eval(),
@@ -179,6 +200,7 @@ def load_checkpoint(
         metrics=dict(raw.get("metrics") or {}),
         is_book=kind.is_book,
         raw=raw,
+        temperature=temperature,
     )
 
 
@@ -266,6 +288,26 @@ def _torch_load(path: Path, map_location: str | torch.device, mmap: bool, label:
     except Exception as error:  # torch.load raises many types on foreign files (KeyError, EOFError, ...)
         reason = f"{type(error).__name__}: {_first_line(error)}"
         raise DataError(f"{label} is not a p2ch_luna or book checkpoint ({reason})") from error
+
+
+def _write_state(path: Path, state: Mapping[str, Any]) -> None:
+    # Serialise in memory first: torch.save reports a failed write (disk full, file-size
+    # limit) as a RuntimeError, a plain write gives the OSError atomic writes turn into LunaError.
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _stored_temperature(path: str, raw: Mapping[str, Any]) -> float:
+    """The calibration temperature ``raw`` holds; 1.0 when it holds none."""
+    calibration = raw.get(CALIBRATION_FIELD)
+    if calibration is None:
+        return 1.0
+    temperature = calibration.get("temperature") if isinstance(calibration, Mapping) else None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise DataError(f"{path} has calibration temperature {temperature!r}, expected a positive number")
+    return float(temperature)
 
 
 def _build_and_load(path: str, model_name: Any, model_kwargs: dict[str, Any], model_state: Mapping) -> nn.Module:

@@ -15,7 +15,8 @@ Outputs (rank 0 only), named by the run's start time and ``--comment``:
 
 - ``<models-dir>/<task>_<time>_<comment>.best.state``: highest validation score
   (nodules: LUNA16 CPM of the validation candidates, ties by ROC AUC; malignancy: ROC AUC;
-  segmentation: ``--score-metric``), and ``.last.state``
+  segmentation: ``--score-metric``; the classifiers' also holds the temperature fitted on the
+  validation set after training unless ``--no-calibrate``), and ``.last.state``
   (every epoch); ``.config.json``: the resolved configuration;
 - ``<runs-dir>/<tb-prefix>/<time>-<trn|val>-<task>-<comment>``: TensorBoard.
 

@@ -1,6 +1,7 @@
 """The training run behind ``python -m p2ch_luna.training``: set up (or resume) a task, its model and optimizer
 on this process's device and rank, train and validate epoch by epoch, write checkpoints, the resolved config
-and TensorBoard events (rank 0), and stop on a non-finite loss without saving that epoch.
+and TensorBoard events (rank 0), and stop on a non-finite loss without saving that epoch. A classifier's run
+ends by storing a calibration temperature in its best checkpoint (:mod:`p2ch_luna.training.calibrate`).
 
 The command line that builds its :class:`~p2ch_luna.training.config.TrainConfig` is :mod:`p2ch_luna.training.cli`.
 """
@@ -35,6 +36,7 @@ from p2ch_luna.models.checkpoint import checkpoint_path, load_checkpoint, save_c
 from p2ch_luna.models.layout import channels_last
 from p2ch_luna.precision import amp_settings, tune_backends, warn_if_emulated
 from p2ch_luna.training import tensorboard as tblog
+from p2ch_luna.training.calibrate import calibrate_best_checkpoint
 from p2ch_luna.training.config import (
     OPTIMIZERS,
     TrainConfig,
@@ -191,6 +193,8 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                     log.info("E%d new best: %s", epoch, best_scores.describe())
                 save_checkpoint(last_path, **saved)
             barrier()
+        calibrate_best_checkpoint(task, best_path, val_loader, device=device, amp=amp, writer=writers.get("val"),
+                                  samples_seen=samples_seen)
     finally:
         if writers:
             if val_metrics:

@@ -15,7 +15,7 @@ from p2ch_luna import RESEARCH_NOTICE, distributed
 from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.diagnose import classify, grouping, heap, inference, model_set, pipeline, segment
 from p2ch_luna.diagnose import cli as diagnose_cli
-from p2ch_luna.diagnose.lungs import find_lungs
+from p2ch_luna.diagnose.lungs import Lungs, find_lungs
 from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE, format_truth, score
 from p2ch_luna.errors import DataError
 from p2ch_luna.evaluation.truth import read_truth
@@ -493,6 +493,60 @@ def test_classify_chunks_with_flips_averages_the_mirror_images() -> None:
     assert not np.allclose(plain, averaged)
 
 
+class SteepLeftHeavyLogits(LeftHeavyLogits):
+    """:class:`LeftHeavyLogits` twenty times as sure: logits of a few units on random HU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 20.0 * super().forward(x)
+
+
+def _logit(probability: np.ndarray) -> np.ndarray:
+    return np.log(probability) - np.log1p(-probability)
+
+
+def test_classify_chunks_at_temperature_two_gives_less_extreme_probabilities() -> None:
+    rng = np.random.default_rng(2)
+    hu = rng.integers(-300, 300, size=(10, 12, 12)).astype(np.int16)
+    centers = rng.integers([3, 3, 3], [7, 9, 9], size=(6, 3))
+    model, cpu = SteepLeftHeavyLogits(), torch.device("cpu")
+    plain = classify.classify_chunks(hu, centers, model, 4, cpu)
+    assert np.abs(_logit(plain)).min() > 0.1  # no probability of 0.5, which a temperature leaves as it is
+    softened = classify.classify_chunks(hu, centers, model, 4, cpu, temperature=2.0)
+    np.testing.assert_allclose(_logit(softened), _logit(plain) / 2.0, rtol=1e-4)
+    assert np.all(np.abs(softened - 0.5) < np.abs(plain - 0.5))
+    with_flips = classify.classify_chunks(hu, centers, model, 4, cpu, flips=True)
+    softened_with_flips = classify.classify_chunks(hu, centers, model, 4, cpu, flips=True, temperature=2.0)
+    assert np.all(np.abs(softened_with_flips - 0.5) < np.abs(with_flips - 0.5))
+
+
+def test_diagnosis_divides_each_classifiers_logits_by_its_checkpoints_temperature() -> None:
+    shape = (24, 40, 40)
+    rng = np.random.default_rng(5)
+    hu = rng.integers(-900, -700, size=shape).astype(np.int16)
+    for center in [(12, 12, 12), (12, 28, 27), (8, 26, 10)]:
+        hu[_ball(shape, center, 4.0)] = rng.integers(0, 300)
+    ct = _ct(hu)
+    lungs = Lungs(labels=np.ones(shape, dtype=np.int32), mask=np.ones(shape, dtype=bool), spacing_irc=(1.0, 1.0, 1.0))
+    config = pipeline.DiagnoseConfig(flips=False, nodule_threshold=0.0)
+    cpu = torch.device("cpu")
+
+    def run(nodule_temperature: float, malignancy_temperature: float) -> pd.DataFrame:
+        models = model_set.DiagnosisModels(
+            segmentation=_loaded(CentreSliceLogits(), "segmentation"),
+            nodule=_loaded(SteepLeftHeavyLogits(), "nodule", nodule_temperature),
+            malignancy=_loaded(LeftHeavyLogits(), "malignancy", malignancy_temperature))
+        assert models.describe()["nodule"]["temperature"] == nodule_temperature
+        return pipeline.diagnose_ct(ct, models, config, cpu, lungs=lungs)[0].candidates
+
+    plain, calibrated = run(1.0, 1.0), run(2.0, 3.0)
+    assert len(plain) >= 2 and np.array_equal(plain[["index", "row", "col"]], calibrated[["index", "row", "col"]])
+    np.testing.assert_allclose(_logit(calibrated["nodule_probability"].to_numpy()),
+                               _logit(plain["nodule_probability"].to_numpy()) / 2.0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_logit(calibrated["malignancy_probability"].to_numpy(np.float64)),
+                               _logit(plain["malignancy_probability"].to_numpy(np.float64)) / 3.0, rtol=1e-4,
+                               atol=1e-6)
+
+
 def test_placed_models_give_the_same_results_in_channels_last() -> None:
     """``DiagnosisModels.place`` (eval, channels-last) changes the memory layout, not the results."""
     torch.manual_seed(3)
@@ -542,7 +596,8 @@ def test_amp_on_the_cpu_runs_the_models_in_bfloat16_close_to_float32() -> None:
     np.testing.assert_allclose(probabilities_bf16, probabilities, atol=3e-2)
 
 
-def _loaded(model: torch.nn.Module, task: str) -> LoadedCheckpoint:
+def _loaded(model: torch.nn.Module, task: str, temperature: float = 1.0) -> LoadedCheckpoint:
     return LoadedCheckpoint(path=Path("untrained"), model=model, task=task, model_name=type(model).__name__,
                             model_kwargs={}, epoch=None, samples_seen=None, optimizer_name=None,
-                            optimizer_state=None, config={}, metrics={}, is_book=False, raw={})
+                            optimizer_state=None, config={}, metrics={}, is_book=False, raw={},
+                            temperature=temperature)

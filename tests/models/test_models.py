@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from p2ch_luna.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from p2ch_luna.models.checkpoint import CALIBRATION_FIELD, update_checkpoint
 from p2ch_luna.models.classifier import LunaConv3d
 from tests.locations import SHARED_DATA
 
@@ -72,6 +75,7 @@ def test_book_classifier_checkpoint_loads_strict() -> None:
     loaded = load_checkpoint(path, expected_task="nodule")
     assert loaded.is_book and loaded.task == "nodule" and isinstance(loaded.model, LunaModel)
     assert loaded.samples_seen == 4_500_000
+    assert loaded.temperature == 1.0  # the book's files hold no calibration: the plain softmax
     assert loaded.model(torch.zeros(1, 1, 32, 48, 48)).shape == (1, 2)
 
 
@@ -133,6 +137,59 @@ def test_checkpoint_round_trip(tmp_path: Path, model_name: str, model_kwargs: di
     fresh_optimizer = torch.optim.SGD(loaded.model.parameters(), lr=0.01, momentum=0.9)
     fresh_optimizer.load_state_dict(loaded.optimizer_state)
     assert list(tmp_path.joinpath("models").iterdir()) == [path]  # no temporary files left
+
+
+def _tiny_classifier_checkpoint(path: Path, **extra: object) -> tuple[Path, LunaModel, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = LunaModel(input_shape=TINY_CHUNK, conv_channels=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(2, 1, *TINY_CHUNK)).sum().backward()
+    optimizer.step()
+    kwargs = {"input_shape": list(TINY_CHUNK), "conv_channels": 2}
+    save_checkpoint(path, model.eval(), model_name="luna", model_kwargs=kwargs, task="nodule", optimizer=optimizer,
+                    epoch=2, samples_seen=64, config={"lr": 0.01}, metrics={"roc_auc": 0.75}, extra=extra or None)
+    return path, model, optimizer
+
+
+def test_a_checkpoint_without_calibration_loads_with_temperature_one(tmp_path: Path) -> None:
+    path, _, _ = _tiny_classifier_checkpoint(tmp_path / "old.best.state")
+    assert CALIBRATION_FIELD not in torch.load(path, weights_only=True)
+    assert load_checkpoint(path).temperature == 1.0
+
+
+def test_update_checkpoint_stores_the_calibration_and_keeps_everything_else(tmp_path: Path) -> None:
+    path, model, optimizer = _tiny_classifier_checkpoint(tmp_path / "models" / "run.best.state")
+    before = torch.load(path, weights_only=True)
+    update_checkpoint(path, {CALIBRATION_FIELD: {"method": "temperature", "temperature": 2.5, "ece_before": 0.2,
+                                                 "ece_after": np.float64(0.05), "reason": None}})
+    loaded = load_checkpoint(path, expected_task="nodule")
+    assert loaded.temperature == 2.5 and loaded.raw[CALIBRATION_FIELD]["ece_after"] == 0.05
+    assert (loaded.epoch, loaded.samples_seen, loaded.metrics, loaded.config) == (2, 64, {"roc_auc": 0.75},
+                                                                                   {"lr": 0.01})
+    assert loaded.raw["time"] == before["time"] and loaded.raw["code_version"] == before["code_version"]
+    batch = torch.randn(2, 1, *TINY_CHUNK)
+    torch.testing.assert_close(loaded.model(batch), model(batch), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.optimizer_state, optimizer.state_dict())
+    assert list(path.parent.iterdir()) == [path]  # atomic: no temporary file left
+    with pytest.raises(ValueError, match="does not replace"):
+        update_checkpoint(path, {"model_state": {}})
+
+
+def test_update_checkpoint_leaves_a_book_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "cls_book.state"
+    torch.save({"model_state": LunaModel().state_dict(), "model_name": "LunaModel"}, path)
+    with pytest.raises(DataError, match="not a p2ch_luna checkpoint"):
+        update_checkpoint(path, {CALIBRATION_FIELD: {"temperature": 2.0}})
+    assert load_checkpoint(path).temperature == 1.0
+
+
+@pytest.mark.parametrize("calibration", [{"temperature": 0.0}, {"temperature": -1.0}, {"temperature": math.nan},
+                                         {"temperature": math.inf}, {"temperature": "2"}, {"temperature": True},
+                                         {"method": "temperature"}, [2.0]])
+def test_a_bad_stored_temperature_is_a_data_error(tmp_path: Path, calibration: object) -> None:
+    path, _, _ = _tiny_classifier_checkpoint(tmp_path / "bad.best.state", **{CALIBRATION_FIELD: calibration})
+    with pytest.raises(DataError, match="bad.best.state has calibration temperature .*expected a positive number"):
+        load_checkpoint(path)
 
 
 def test_non_checkpoint_files_give_data_error(tmp_path: Path) -> None:

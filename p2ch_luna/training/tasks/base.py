@@ -191,6 +191,12 @@ class Task(abc.ABC):
         """Task-specific hyperparameters for TensorBoard's HParams view."""
         return {}
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether the run ends by fitting a temperature to the best checkpoint
+        (:mod:`p2ch_luna.training.calibrate`)."""
+        return False
+
 
 def build_loader(
     dataset: Dataset,

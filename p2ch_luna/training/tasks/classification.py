@@ -98,6 +98,7 @@ class ClassificationOptions:
     non_nodules_per_benign: float = 0.0
     hard_negatives_from: Path | None = None
     hard_negative_fraction: float = DEFAULT_HARD_NEGATIVE_FRACTION
+    calibrate: bool = True
 
 
 class ClassificationTask(Task):
@@ -120,12 +121,16 @@ class ClassificationTask(Task):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--chunk-shape", type=int, nargs=3, default=list(CHUNK_SHAPE_IRC),
                             metavar=("I", "R", "C"), help="candidate chunk size in voxels (index, row, col)")
+        parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                            help="after training, fit a temperature to the best checkpoint's validation logits "
+                                 "(minimum negative log-likelihood), store it in that checkpoint and log the "
+                                 "expected calibration error before and after; diagnosis divides the logits by it")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> ClassificationOptions:
         if min(args.chunk_shape) < 1:
             raise UsageError(f"--chunk-shape {args.chunk_shape}: every size must be >= 1")
-        return ClassificationOptions(chunk_shape=tuple(args.chunk_shape))
+        return ClassificationOptions(chunk_shape=tuple(args.chunk_shape), calibrate=args.calibrate)
 
     # --- model and data ---------------------------------------------------------------
 
@@ -230,6 +235,10 @@ class ClassificationTask(Task):
 
     def hparams(self) -> dict[str, Any]:
         return {"chunk_shape": "x".join(str(n) for n in self.options.chunk_shape)}
+
+    @property
+    def calibrates(self) -> bool:
+        return self.options.calibrate
 
 
 class NoduleTask(ClassificationTask):
