@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "emulates it, slowly (python -m bench.bench_diagnose --amp)")
     output = parser.add_argument_group("outputs")
     output.add_argument("--output", type=Path, metavar="DIR",
-                        help="write report.json, findings.csv, a PNG per finding (and froc.png) here")
-    output.add_argument("--save-mask", action="store_true", help="with --output: the segmentation mask per series")
+                        help="write report.json, findings.csv (every scored candidate, LUNA16 submission format), "
+                             "nodules.csv (the findings only), a PNG per finding (and froc.png) here")
+    output.add_argument("--save-mask", action="store_true", help="with --output: the nodule segmentation mask per series, "
+                        "SERIES_mask.nii.gz (gzip NIfTI with the CT's geometry)")
     output.add_argument("--annotations-excluded", type=Path, metavar="FILE",
                         help="LUNA16 annotations_excluded.csv for the FROC (default: that file in the data "
                              "root, when it is there)")

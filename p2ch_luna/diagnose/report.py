@@ -1,4 +1,9 @@
-"""Outputs of ``p2ch_luna.diagnose``: the scores, the console report, report.json, findings.csv, the mask.
+"""Outputs of ``p2ch_luna.diagnose``: the scores, the console report, report.json, findings.csv, nodules.csv, the mask.
+
+findings.csv is the LUNA16 submission file: every scored candidate with its
+nodule probability. nodules.csv holds only the findings (candidates at or above
+the nodule threshold) with their malignancy, diameter and world and voxel centre.
+The mask is gzip NIfTI with the CT's geometry.
 
 Files are staged in a temporary folder next to the output folder and then moved
 in one by one with ``os.replace``: an error before the move leaves the output
@@ -26,13 +31,23 @@ from p2ch_luna.evaluation.figures import plot_froc
 from p2ch_luna.evaluation.scoring import luna_froc, series_confusion, truth_matches
 from p2ch_luna.evaluation.text import format_confusion_table, format_froc
 from p2ch_luna.evaluation.truth import Truth, luna_detections
-from p2ch_luna.io.ct import to_image, write_image
+from p2ch_luna.io.mask import NIFTI_SUFFIX, write_nifti_mask
 from p2ch_luna.metrics.froc import FrocResult
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 FINDINGS_FILE = "findings.csv"
+NODULES_FILE = "nodules.csv"
+MASK_SUFFIX = "_mask" + NIFTI_SUFFIX
+NODULE_COLUMNS = ["seriesuid", "finding", "nodule_probability", "malignancy_probability", "diameter_mm",
+                  "center_x", "center_y", "center_z", "index", "row", "col"]
+OUTPUT_FILES = {
+    FINDINGS_FILE: "every scored candidate, LUNA16 submission format (seriesuid, coordX/Y/Z mm, probability)",
+    NODULES_FILE: "the findings only (nodule probability at or above the threshold): probabilities, diameter, "
+                  "world centre (mm) and voxel centre (index, row, col)",
+    "SERIES" + MASK_SUFFIX: "with --save-mask: the nodule segmentation mask, gzip NIfTI with the CT's geometry",
+}
 FROC_FILE = "froc.png"
 
 
@@ -173,6 +188,7 @@ def report_dict(results: Sequence[SeriesDiagnosis], scores: Scores, summary: Sum
         "series": series,
         "confusion_table": _table(scores.total),
         "froc": None if scores.froc is None else scores.froc.summary(),
+        "files": OUTPUT_FILES,
     }
 
 
@@ -192,6 +208,16 @@ def findings_csv(results: Sequence[SeriesDiagnosis]) -> str:
     return frame.to_csv(index=False, float_format="%.6g")
 
 
+def nodules_csv(results: Sequence[SeriesDiagnosis], config: DiagnoseConfig) -> str:
+    """The findings of every series (numbered as in the report), one row each, in ``NODULE_COLUMNS``."""
+    frames = []
+    for result in results:
+        found = findings(result, config)
+        frames.append(found.assign(seriesuid=result.series_uid, finding=np.arange(1, len(found) + 1)))
+    frame = pd.concat(frames) if frames else pd.DataFrame(columns=NODULE_COLUMNS)
+    return frame.reindex(columns=NODULE_COLUMNS).to_csv(index=False, float_format="%.6g")
+
+
 def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: Scores, config: DiagnoseConfig,
                   summary: Summary) -> None:
     """Write every output into a staging folder, then move each file into ``output_dir``."""
@@ -206,14 +232,15 @@ def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: 
             for name, data in result.figures.items():
                 (staging / name).write_bytes(data)
             if result.mask_bits is not None:
-                _write_mask(staging / f"{result.series_uid}_mask.mhd", result)
+                _write_mask(staging / f"{result.series_uid}{MASK_SUFFIX}", result)
         if scores.froc is not None:
             plot_froc(scores.froc, staging / FROC_FILE)
         (staging / FINDINGS_FILE).write_text(findings_csv(results))
+        (staging / NODULES_FILE).write_text(nodules_csv(results, config))
         (staging / REPORT_FILE).write_text(json.dumps(report_dict(results, scores, summary), indent=2) + "\n")
         output_dir.mkdir(exist_ok=True)
-        # Data files before the headers that name them; the report last.
-        names = sorted(os.listdir(staging), key=lambda n: (n == REPORT_FILE, n.endswith(".mhd"), n))
+        # The report, which names the other files, last.
+        names = sorted(os.listdir(staging), key=lambda n: (n == REPORT_FILE, n))
         for name in names:
             os.replace(staging / name, output_dir / name)
     except OSError as error:
@@ -225,4 +252,4 @@ def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: 
 def _write_mask(path: Path, result: SeriesDiagnosis) -> None:
     count = int(np.prod(result.shape_irc))
     mask = np.unpackbits(result.mask_bits, count=count).reshape(result.shape_irc)
-    write_image(to_image(mask, result.geometry), path)
+    write_nifti_mask(mask, result.geometry, path)

@@ -16,7 +16,7 @@ from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.diagnose import classify, grouping, heap, inference, model_set, pipeline, segment
 from p2ch_luna.diagnose import cli as diagnose_cli
 from p2ch_luna.diagnose.lungs import Lungs, find_lungs
-from p2ch_luna.diagnose.report import FINDINGS_FILE, REPORT_FILE, format_truth, score
+from p2ch_luna.diagnose.report import FINDINGS_FILE, NODULES_FILE, REPORT_FILE, format_truth, score
 from p2ch_luna.errors import DataError
 from p2ch_luna.evaluation.truth import read_truth
 from p2ch_luna.geometry import Geometry
@@ -363,7 +363,8 @@ def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untraine
                                                     tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     code = diagnose_cli.main(["--validation", "--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
-                          "--output", str(out), "--save-mask", "--segmentation-threshold", "0.9", "--amp"])
+                          "--output", str(out), "--save-mask", "--segmentation-threshold", "0.9", "--amp",
+                              "--nodule-threshold", "0.2"])
     assert code == 0
     printed = capsys.readouterr().out
     validation = split_by_series(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))[1]
@@ -378,8 +379,15 @@ def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untraine
     findings = pd.read_csv(out / FINDINGS_FILE)
     assert list(findings.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
     assert len(findings) == sum(len(s["candidates"]) for s in report["series"])
-    masks = sorted(out.glob("*_mask.mhd"))
-    assert len(masks) == len(validation) and all(m.with_suffix(".raw").is_file() for m in masks)
+    threshold = report["config"]["nodule_threshold"]
+    above = [(s["series_uid"], c) for s in report["series"] for c in s["candidates"]
+             if c["nodule_probability"] >= threshold]
+    nodules = pd.read_csv(out / NODULES_FILE)
+    assert 0 < len(nodules) == len(above) and (nodules["nodule_probability"] >= threshold).all()
+    assert list(nodules["seriesuid"]) == [uid for uid, _ in above]
+    assert FINDINGS_FILE in report["files"] and NODULES_FILE in report["files"]
+    masks = sorted(out.glob("*_mask.nii.gz"))
+    assert len(masks) == len(validation) and not list(out.glob("*.mhd"))
     assert not list(tmp_path.glob(".out.*"))  # the staging folder is gone
     annotations = pd.read_csv(tiny_dataset / "annotations.csv")
     annotated = annotations[annotations["seriesuid"].isin(validation)]

@@ -1,0 +1,34 @@
+"""Size of the diagnose nodule-mask file for one CT: uncompressed MetaImage against gzip NIfTI.
+
+Usage: python -m bench.bench_mask_file CT (a DICOM folder, .mhd or .nii.gz)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from p2ch_luna.io.ct import load_ct, write_metaimage
+from p2ch_luna.io.mask import write_nifti_mask
+from tests.io.test_mask import _nodule_mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ct", type=Path, help="the CT whose shape and geometry the mask takes")
+    args = parser.parse_args()
+    ct = load_ct(args.ct)
+    mask = _nodule_mask(ct.hu.shape)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        write_metaimage(mask, ct.geometry, folder / "mask.mhd")
+        write_nifti_mask(mask, ct.geometry, folder / "mask.nii.gz")
+        metaimage = (folder / "mask.mhd").stat().st_size + (folder / "mask.raw").stat().st_size
+        nifti = (folder / "mask.nii.gz").stat().st_size
+    print(f"shape {ct.hu.shape}, {int(mask.sum())} mask voxels: .mhd+.raw {metaimage:,} bytes, "
+          f".nii.gz {nifti:,} bytes")
+
+
+if __name__ == "__main__":
+    main()
