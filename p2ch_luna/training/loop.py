@@ -31,7 +31,9 @@ from p2ch_luna.distributed import (
 )
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.io.atomic import atomic_write_text
+from p2ch_luna.kernels.choice import check_kernels
 from p2ch_luna.models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from p2ch_luna.models.classifier import select_kernels
 from p2ch_luna.models.layout import channels_last
 from p2ch_luna.precision import amp_settings, tune_backends, warn_if_emulated
 from p2ch_luna.training import tensorboard as tblog
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 
 RUN_TIME_FORMAT = "%Y-%m-%d_%H.%M.%S"
 
-RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "paths", "resume")
+RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "kernels", "paths", "resume")
 """Config fields that ``--resume`` takes from the command line instead of the checkpoint."""
 
 CONFIG_SUFFIX = ".config.json"
@@ -95,12 +97,13 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         config = resumed_config(config, resumed["config"])
     names = _run_names(config, resumed)
 
+    check_kernels(config.kernels, device)
     torch.manual_seed(config.seed)
     tune_backends(device)
     context = RunContext(config=config, device=device, rank=info.rank, world_size=info.world_size)
     task = task_class(context)
     spec = task.build_model()
-    model = spec.model
+    model = select_kernels(spec.model, config.kernels)
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])
     place_model(model, config, device)
@@ -232,7 +235,8 @@ def resumed_config(current: TrainConfig, saved: Mapping[str, Any]) -> TrainConfi
         raise UsageError(f"--resume: the checkpoint is a {saved.get('task')} run, not {current.task}")
     restored = _restore_dataclass(current, {key: value for key, value in saved.items()
                                             if key not in RESUME_OVERRIDES})
-    return restored
+    # The fused augmentation is part of the kernel choice, which this command line makes.
+    return dataclasses.replace(restored, augment=dataclasses.replace(restored.augment, fused=current.augment.fused))
 
 
 def _restore_dataclass(current: Any, saved: Mapping[str, Any]) -> Any:
