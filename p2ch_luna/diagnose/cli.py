@@ -29,6 +29,7 @@ split across ranks and rank 0 merges the results and writes the outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -55,6 +56,7 @@ from p2ch_luna.distributed import (
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.evaluation.truth import read_truth
 from p2ch_luna.io.ct import find_series_path, list_series_on_disk
+from p2ch_luna.io.lock import folder_lock
 from p2ch_luna.kernels.choice import add_kernels_argument, check_kernels
 from p2ch_luna.paths import Paths, paths_from_args
 from p2ch_luna.precision import warn_if_emulated
@@ -143,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Diagnose, holding the lock on ``--output`` (a second run into the same folder is refused)."""
+    with contextlib.nullcontext() if args.output is None else folder_lock(args.output, "--output"):
+        return _diagnose(args)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
     paths = paths_from_args(args)
     if args.save_mask and args.output is None:
         raise UsageError("--save-mask needs --output DIR")
