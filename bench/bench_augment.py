@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunks = torch.randint(-1000, 600, (args.batch, 1, *args.chunk_shape), generator=generator,
                            dtype=torch.int16).to(device)
     book = AugmentConfig.book()
-    configs = {TORCH: dataclasses.replace(book, fused=False), FUSED: book}
+    configs = {TORCH: dataclasses.replace(book, fused=False), FUSED: dataclasses.replace(book, fused=True)}
     if not (device.type == "cuda" and resample.runs_on(chunks)):
         print(f"fused kernel: does not run on {device} here; timing torch's operators only")
         del configs[FUSED]

@@ -69,6 +69,7 @@ from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION
 from p2ch_luna.io.ct import list_series_on_disk, load_ct
 from p2ch_luna.models import LunaModel
 from p2ch_luna.models.checkpoint import load_checkpoint
+from p2ch_luna.models.classifier import select_kernels
 from p2ch_luna.paths import Paths, resolve_paths
 from p2ch_luna.precision import amp_settings, tune_backends
 from p2ch_luna.synth import generator as synth
@@ -175,7 +176,7 @@ def our_training(task_class: type[Task], config: TrainConfig, compile_mode: str 
         tune_backends(device)
         task = task_class(RunContext(config, device))
         torch.manual_seed(0)
-        model = task.build_model().model
+        model = select_kernels(task.build_model().model, config.kernels)
         if adjust is not None:
             adjust(model)
         model = place_model(model, config, device)
@@ -246,19 +247,20 @@ def classifier_figures(paths: Paths, args: argparse.Namespace, device: torch.dev
                 fused_augment: bool = True) -> Variant:
         """Our loop at the large batch in bf16 with these workers, with or without the batch ring."""
         config = dataclasses.replace(base, batch_size=large, amp=True, num_workers=workers, batch_ring=batch_ring,
-                                     augment=dataclasses.replace(base.augment, fused=fused_augment))
+                                     kernels="triton", augment=dataclasses.replace(base.augment, fused=fused_augment))
         loader = ", batch ring" if batch_ring else ", plain loader"
         name = (f"ours, batch {large}, bf16{loader}, {workers} workers"
                 + (", CUDA graphs" if compile_mode else "") + (", cuDNN convolutions" if cudnn else "")
                 + ("" if fused_augment else ", unfused augmentation"))
-        note = (f"--amp --batch-size {large} --num-workers {workers} --" + ("" if batch_ring else "no-") + "batch-ring"
+        note = (f"--amp --kernels triton --batch-size {large} --num-workers {workers} --" + ("" if batch_ring else "no-") + "batch-ring"
                 + (" (compile mode reduce-overhead)" if compile_mode else "")
                 + (" (every convolution on cuDNN, none on the Triton kernels)" if cudnn else "")
                 + ("" if fused_augment else " (augmentation by torch's operators, not resample's kernel)"))
         return name, our_training(NoduleTask, config, compile_mode, device, args.seconds,
                                   cudnn_convolutions if cudnn else None), note
 
-    # Our defaults use the batch ring, small_conv's Triton kernels and resample's fused augmentation on CUDA. The
+    # These variants use the batch ring, small_conv's Triton kernels and resample's fused augmentation on CUDA
+    # (--kernels triton; the default is torch's). The
     # plain loader, every convolution on cuDNN and the augmentation by torch's operators right after our
     # large-batch loop, so a cut-short run still compares them.
     early = [variant(args.workers, False), variant(args.workers, True, cudnn=True),

@@ -3,13 +3,15 @@
 # time the classifier's model step with its layers on cuDNN or on the Triton kernels, its augmentation
 # by torch's operators against the fused kernel, the hand-over of a batch from a DataLoader worker and the input path with and without the batch ring, then
 # bench_gpu.py, each classifier convolution both ways, then (with MODELS_DIR) diagnosis of several
-# CTs without and with --prefetch.
+# CTs without and with --prefetch; the curve step trains the nodule classifier on a small synthetic set with
+# --kernels torch and with --kernels triton (same seed, data and batches) and prints both loss curves.
 # Logs and the JSON figures go to $OUT (default /tmp/gpu_session).
 #
 #   bash bench/gpu_session.sh [MODELS_DIR] [bench_gpu.py options...]
 #
-# STEPS picks the steps (default all, in this order): tests, sweep, augment, transfer, cutting, input, distance,
-# step, gpu, layers, series.
+# STEPS picks the steps (default all, in this order): tests, curve, sweep, augment, transfer, cutting, input,
+# distance, step, gpu, layers, series. CURVE_EPOCHS, CURVE_EPOCH_SIZE, CURVE_BATCH (default 5, 4096, 256) and
+# CURVE_DEVICE (cuda) size the curve step.
 # Everything does not fit one 10-minute device call; split it. On an H200 on 2026-11-27,
 #   TEST_TIMEOUT=130 SWEEP_TIMEOUT=100 BENCH_TIMEOUT=240 LAYER_TIMEOUT=60 STEPS=tests,sweep,gpu,layers \
 #       bash bench/gpu_session.sh --seconds 3 --sections classifier --skip-compile --worker-sweep 8
@@ -34,7 +36,7 @@ fi
 export PYTHONUNBUFFERED=1
 models=()
 if [ $# -gt 0 ] && [ -d "$1" ]; then models=(--models-dir "$1"); shift; fi
-steps=",${STEPS:-tests,sweep,augment,transfer,cutting,input,distance,step,gpu,layers,series},"
+steps=",${STEPS:-tests,curve,sweep,augment,transfer,cutting,input,distance,step,gpu,layers,series},"
 want() { [[ $steps == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 if want tests; then
@@ -42,6 +44,23 @@ if want tests; then
     timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/data/test_augment.py \
         tests/models/test_small_conv.py tests/kernels/test_resample.py \
         2>&1 | tee "$out/tests.log" | tail -n 15
+fi
+if want curve; then
+    echo "== loss curves: nodule training with --kernels torch and with --kernels triton (bf16, same seed and data)"
+    curve=/tmp/p2ch_curve
+    if [ ! -d "$curve/luna" ]; then
+        python3 -m p2ch_luna.synth "$curve/luna" --series 6 --subsets 2 --shape 192 192 --slices 48 64 --seed 0 \
+            --log-level WARNING >"$out/curve_synth.log" 2>&1 || { echo "synth failed (see $out/curve_synth.log)"; }
+    fi
+    for kernels in torch triton; do
+        echo "-- --kernels $kernels"
+        timeout "${CURVE_TIMEOUT:-150}" python3 -m p2ch_luna.training nodule --kernels "$kernels" \
+            --data-root "$curve/luna" --cache-dir "$curve/cache" --models-dir "$curve/models" --runs-dir "$curve/runs" \
+            --device "${CURVE_DEVICE:-cuda}" --amp --balanced --augmented --val-stride 3 --seed 0 \
+            --epochs "${CURVE_EPOCHS:-5}" --epoch-size "${CURVE_EPOCH_SIZE:-4096}" --batch-size "${CURVE_BATCH:-256}" \
+            --comment "curve-$kernels" 2>&1 | tee "$out/curve_$kernels.log" \
+            | sed -nE 's/.*(E[0-9]+ (trn|val)) .*: loss ([0-9.naif]+).*/\1 loss \3/p; /error|NaN|non-finite/Ip'
+    done
 fi
 if want sweep; then
     echo "== bench_classifier_step.py --triton-sweep (the model step with the Triton kernels on more or fewer layers)"

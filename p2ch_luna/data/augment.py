@@ -42,7 +42,8 @@ class AugmentConfig:
     rotate: rotate by a uniform angle about the index axis (3D) or in-plane (2D).
     noise: add Gaussian noise with this standard deviation, in the input's units (HU).
     fused: on CUDA, resample and add the noise to 3-D batches in one Triton kernel (``resample``) where it
-    runs; otherwise, and with False, torch's operators do (other noise values, the same distribution).
+    runs (``--kernels triton``); otherwise, and with False (the default), torch's operators do (other noise
+    values, the same distribution).
     """
 
     flip: bool = False
@@ -50,7 +51,7 @@ class AugmentConfig:
     scale: float = 0.0
     rotate: bool = False
     noise: float = 0.0
-    fused: bool = True
+    fused: bool = False
 
     @classmethod
     def book(cls) -> AugmentConfig:

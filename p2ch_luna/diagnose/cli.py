@@ -30,6 +30,7 @@ split across ranks and rank 0 merges the results and writes the outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -56,6 +57,8 @@ from p2ch_luna.distributed import (
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.evaluation.truth import read_truth
 from p2ch_luna.io.ct import find_series_path, list_series_on_disk
+from p2ch_luna.io.lock import folder_lock
+from p2ch_luna.kernels.choice import add_kernels_argument, check_kernels
 from p2ch_luna.paths import Paths, paths_from_args
 from p2ch_luna.precision import warn_if_emulated
 
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"slices per segmentation batch (default {CPU_SEGMENTATION_BATCH} on the CPU, "
                               f"{CUDA_SEGMENTATION_BATCH} on CUDA)")
     add_device_argument(running)
+    add_kernels_argument(running)
     running.add_argument("--prefetch", type=non_negative_int, default=0, metavar="N",
                          help="with several CTs: N worker processes load the next CTs and find their lungs "
                               "while the models run on the current one (default 0: one CT at a time, all in "
@@ -146,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Diagnose, holding the lock on ``--output`` (a second run into the same folder is refused)."""
+    with contextlib.nullcontext() if args.output is None else folder_lock(args.output, "--output"):
+        return _diagnose(args)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
     paths = paths_from_args(args)
     if args.save_mask and args.output is None:
         raise UsageError("--save-mask needs --output DIR")
@@ -155,15 +165,17 @@ def run(args: argparse.Namespace) -> int:
     info = distributed_info_from_env()
     device = resolve_device(args.device, info)
     warn_if_emulated(args.amp, device)
+    check_kernels(args.kernels, device)
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
         grouping=args.grouping, flips=args.flips,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=args.amp,
-        lung_margin_mm=args.lung_margin_mm,
+        lung_margin_mm=args.lung_margin_mm, kernels=args.kernels,
     )
-    models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path, device)
+    models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path,
+                         device).select_kernels(config.kernels)
     truth = read_truth(paths.data_root, args.annotations_excluded)
     started = time.perf_counter()
     with process_group(info):

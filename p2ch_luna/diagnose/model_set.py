@@ -12,6 +12,7 @@ import torch
 from p2ch_luna.errors import DataError
 from p2ch_luna.models.catalog import CheckpointSummary, newest_checkpoints
 from p2ch_luna.models.checkpoint import LoadedCheckpoint, load_checkpoint
+from p2ch_luna.models.classifier import select_kernels
 from p2ch_luna.models.layout import channels_last
 from p2ch_luna.paths import Paths
 
@@ -31,6 +32,13 @@ class DiagnosisModels:
         for loaded in (self.segmentation, self.nodule, self.malignancy):
             if loaded is not None:
                 channels_last(loaded.model.to(device).eval())
+        return self
+
+    def select_kernels(self, kernels: str) -> DiagnosisModels:
+        """The classifiers' convolutions by ``kernels`` (``--kernels``: torch or triton); returns self."""
+        for loaded in (self.nodule, self.malignancy):
+            if loaded is not None:
+                select_kernels(loaded.model, kernels)
         return self
 
     def describe(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from p2ch_luna.diagnose.prefetch import PreparedCt, prepared_cts
 from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, segment_ct
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.io.ct import Ct
+from p2ch_luna.kernels.choice import DEFAULT_KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class DiagnoseConfig:
     batch_size: int = CPU_SEGMENTATION_BATCH
     amp: bool = False
     lung_margin_mm: float = DEFAULT_MARGIN_MM
+    kernels: str = DEFAULT_KERNELS
+    """``--kernels``: the classifiers' small convolutions by torch (cuDNN) or by the Triton kernels (CUDA)."""
 
 
 

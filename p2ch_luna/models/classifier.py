@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from p2ch_luna.kernels.choice import uses_triton
 from p2ch_luna.models import small_conv
 from p2ch_luna.models.weights import init_book_weights
 
@@ -19,7 +20,8 @@ POOL_FACTOR = 2
 CUDA_CHANNEL_MULTIPLE = 8
 """Input channels that cuDNN's tensor-core convolution kernels want a multiple of (bfloat16/float16)."""
 TRITON_MAX_CHANNELS = 16
-"""Layers of at most this many output channels use ``small_conv``'s Triton kernels on CUDA by default: the
+"""With ``--kernels triton``, layers of at most this many output channels use ``small_conv``'s Triton kernels on
+CUDA: the
 training step was fastest with blocks 1-2 on them and blocks 3-4 on cuDNN
 (``python -m bench.bench_classifier_step --triton-sweep``)."""
 
@@ -47,9 +49,10 @@ class LunaConv3d(nn.Conv3d):
 
     - Small channel counts go to ``small_conv``'s Triton kernels (3x3x3, stride
       1, padding 1, the ReLU fused in ``rectified``; where Triton runs):
-      ``triton`` None (the default) does so on CUDA for layers of at most
-      ``TRITON_MAX_CHANNELS`` output channels, True wherever those kernels run
-      (the CPU too, under Triton's interpreter), False never. Same results as
+      ``triton`` False (the default, ``--kernels torch``) never; None
+      (``--kernels triton``, see ``select_kernels``) on CUDA for layers of at most
+      ``TRITON_MAX_CHANNELS`` output channels; True wherever those kernels run
+      (the CPU too, under Triton's interpreter). Same results as
       cuDNN within rounding (bfloat16 gradients as close to float32 ones as
       cuDNN's; ``python -m bench.bench_classifier_step --accuracy-batch N``).
     - Otherwise, on CUDA, the input channels are padded with zeros up to
@@ -66,7 +69,7 @@ class LunaConv3d(nn.Conv3d):
     """
 
     channel_multiple: int = CUDA_CHANNEL_MULTIPLE
-    triton: bool | None = None
+    triton: bool | None = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convolve(x, self.weight, self.bias)
@@ -111,6 +114,17 @@ class LunaConv3d(nn.Conv3d):
         if vector is not bias:
             y = y + bias
         return y.relu_() if rectify else y
+
+
+def select_kernels(model: nn.Module, kernels: str) -> nn.Module:
+    """Set which implementation ``model``'s ``LunaConv3d`` layers convolve with (``--kernels``): ``torch``
+    (cuDNN, and torch's own convolution on the CPU) or ``triton`` (``small_conv``'s kernels on CUDA for layers of
+    at most ``TRITON_MAX_CHANNELS`` output channels); returns ``model``."""
+    setting = None if uses_triton(kernels) else False
+    for module in model.modules():
+        if isinstance(module, LunaConv3d):
+            module.triton = setting
+    return model
 
 
 class InputBatchNorm3d(nn.BatchNorm3d):

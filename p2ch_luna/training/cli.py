@@ -21,7 +21,7 @@ Outputs (rank 0 only), named by the run's start time and ``--comment``:
 - ``<runs-dir>/<tb-prefix>/<time>-<trn|val>-<task>-<comment>``: TensorBoard.
 
 ``--resume PATH`` (a ``.last.state``) continues that run: same configuration
-(except --epochs, --device, --num-workers, --batch-ring, --compile and the folders, taken from
+(except --epochs, --device, --num-workers, --batch-ring, --compile, --kernels and the folders, taken from
 this command line), weights, optimizer state, epoch count, samples seen,
 per-epoch seeds and run names.
 """
@@ -47,6 +47,7 @@ from p2ch_luna.distributed import (
     distributed_info_from_env,
 )
 from p2ch_luna.errors import UsageError
+from p2ch_luna.kernels.choice import add_kernels_argument, uses_triton
 from p2ch_luna.paths import paths_from_args
 from p2ch_luna.training.config import (
     DEFAULT_BATCH_SIZE,
@@ -112,6 +113,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--amp", action="store_true",
                      help="mixed precision: bfloat16 autocast (CPU, recent GPUs), else float16 with a GradScaler")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_kernels_argument(run)
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="channels-last memory layout (on the CPU, 3D convolution backward is several times "
                           "faster in it)")
@@ -187,7 +189,7 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         num_workers=num_workers,
         batch_ring=args.batch_ring,
         ratio=args.ratio,
-        augment=augment_from_args(args, task_class),
+        augment=dataclasses.replace(augment_from_args(args, task_class), fused=uses_triton(args.kernels)),
         optimizer=args.optimizer or task_class.default_optimizer,
         lr=args.lr,
         momentum=args.momentum,
@@ -202,6 +204,7 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         amp=args.amp,
         compile=args.compile,
         channels_last=args.channels_last,
+        kernels=args.kernels,
         model=args.model or task_class.default_model,
         model_kwargs=model_kwargs,
         tb_prefix=args.tb_prefix,

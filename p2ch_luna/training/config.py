@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from p2ch_luna.data.augment import AugmentConfig
+from p2ch_luna.kernels.choice import DEFAULT_KERNELS
 from p2ch_luna.paths import Paths
 
 DEFAULT_BATCH_SIZE = 32
@@ -60,6 +61,8 @@ class TrainConfig:
     amp: bool = False
     compile: bool = False
     channels_last: bool = True
+    kernels: str = DEFAULT_KERNELS
+    """``--kernels``: torch (cuDNN, torch's operators) or triton (the package's kernels on CUDA)."""
     model: str | None = None
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     tb_prefix: str = DEFAULT_TB_PREFIX

@@ -8,13 +8,19 @@ The command line that builds its :class:`~p2ch_luna.training.config.TrainConfig`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import math
+import os
+import shutil
+import sys
+import traceback
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +38,9 @@ from p2ch_luna.distributed import (
 )
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.io.atomic import atomic_write_text
+from p2ch_luna.kernels.choice import check_kernels
 from p2ch_luna.models.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from p2ch_luna.models.classifier import select_kernels
 from p2ch_luna.models.layout import channels_last
 from p2ch_luna.precision import amp_settings, tune_backends, warn_if_emulated
 from p2ch_luna.training import tensorboard as tblog
@@ -50,7 +58,7 @@ log = logging.getLogger(__name__)
 
 RUN_TIME_FORMAT = "%Y-%m-%d_%H.%M.%S"
 
-RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "paths", "resume")
+RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "kernels", "paths", "resume")
 """Config fields that ``--resume`` takes from the command line instead of the checkpoint."""
 
 CONFIG_SUFFIX = ".config.json"
@@ -98,12 +106,13 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         config = resumed_config(config, resumed["config"])
     names = _run_names(config, resumed)
 
+    check_kernels(config.kernels, device)
     torch.manual_seed(config.seed)
     tune_backends(device)
     context = RunContext(config=config, device=device, rank=info.rank, world_size=info.world_size)
     task = task_class(context)
     spec = task.build_model()
-    model = spec.model
+    model = select_kernels(spec.model, config.kernels)
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])
     place_model(model, config, device)
@@ -133,23 +142,32 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
     run_dirs = tblog.run_dirs(paths.runs_dir, names.tb_prefix, names.time, names.task, names.comment)
     last_path = checkpoint_path(paths.models_dir, names.task, names.time, names.comment, best=False)
     best_path = checkpoint_path(paths.models_dir, names.task, names.time, names.comment, best=True)
+    config_path = last_path.with_name(last_path.name.removesuffix(".last.state") + CONFIG_SUFFIX)
     writers: dict[str, Any] = {}
     config_dict = config_to_dict(config)
+    # A fresh run that stops before its first checkpoint (bad data, Ctrl-C) removes what it wrote; a resumed
+    # run's config and event folders are the earlier run's, and stay.
+    outputs = RunOutputs(config_path, tuple(run_dirs.values()), (paths.models_dir, paths.runs_dir / names.tb_prefix)
+                         ) if info.is_main and resumed is None else None
     if info.is_main:
-        atomic_write_text(last_path.with_name(last_path.name.removesuffix(".last.state") + CONFIG_SUFFIX),
-                          json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        writers = tblog.open_writers(run_dirs)
-        if resumed is None:
-            tblog.add_config_text(writers["trn"], config_dict)
-        log.info("%s run %s: %d epoch(s) from epoch %d on %s (%d process(es)); model %s %s",
-                 names.task, names.time, config.epochs, start_epoch, device, info.world_size,
-                 spec.model_name, spec.model_kwargs)
-
-    train_loader = task.train_loader()
-    val_loader = task.val_loader()
+        require_writable(paths.models_dir, "--models-dir")
+        require_writable(paths.runs_dir, "--runs-dir")
+    train_loader: Iterable[Any] | None = None
+    val_loader: Iterable[Any] | None = None
     val_metrics: dict[str, float] = {}
     epoch = start_epoch - 1
+    checkpointed = False
     try:
+        if info.is_main:
+            atomic_write_text(config_path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+            writers = tblog.open_writers(run_dirs)
+            if resumed is None:
+                tblog.add_config_text(writers["trn"], config_dict)
+            log.info("%s run %s: %d epoch(s) from epoch %d on %s (%d process(es)); model %s %s",
+                     names.task, names.time, config.epochs, start_epoch, device, info.world_size,
+                     spec.model_name, spec.model_kwargs)
+        train_loader = task.train_loader()
+        val_loader = task.val_loader()
         for epoch in range(start_epoch, config.epochs + 1):
             set_sampler_epoch(train_loader, epoch)
             task.set_epoch(epoch)
@@ -192,16 +210,28 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                     save_checkpoint(best_path, **saved)
                     log.info("E%d new best: %s", epoch, best_scores.describe())
                 save_checkpoint(last_path, **saved)
+                checkpointed = True
             barrier()
         calibrate_best_checkpoint(task, best_path, val_loader, device=device, amp=amp, writer=writers.get("val"),
                                   samples_seen=samples_seen)
+    except BaseException as error:
+        # The failed frames hold the loaders' iterators: cleared, the workers stop below, before the error is
+        # reported (not later, from a finaliser that would print a traceback of its own).
+        with _teardown_errors_logged():
+            traceback.clear_frames(error.__traceback__)
+            train_loader = val_loader = None
+            gc.collect()  # the batch ring and its sampler refer to each other
+        if outputs is not None and not checkpointed:
+            _close_writers(writers)
+            writers = {}
+            outputs.remove()
+        raise
     finally:
         if writers:
             if val_metrics:
                 hparams = {**_hparams(config), **task.hparams()}
                 tblog.add_hparams(writers["val"], hparams, {**val_metrics, "best_score": best_score})
-            for writer in writers.values():
-                writer.close()
+            _close_writers(writers)
     if not info.is_main:
         return None
     return TrainingResult(
@@ -213,6 +243,65 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         best_score=best_score,
         val_metrics=val_metrics,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutputs:
+    """What a fresh run writes before its first checkpoint: the config file, the TensorBoard run folders, and the
+    folders above them that did not exist yet (``parents``, checked when the run starts)."""
+
+    config_path: Path
+    run_dirs: tuple[Path, ...]
+    parents: tuple[Path, ...]
+    missing: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        missing = {ancestor for parent in self.parents for ancestor in (parent, *parent.parents)
+                   if not ancestor.exists()}
+        object.__setattr__(self, "missing", tuple(sorted(missing, key=lambda path: len(path.parts), reverse=True)))
+
+    def remove(self) -> None:
+        """Delete the config file and the run folders, then the folders this run created, where empty."""
+        self.config_path.unlink(missing_ok=True)
+        for run_dir in self.run_dirs:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in self.missing:
+            with contextlib.suppress(OSError):  # not empty (another run's files) or already gone
+                folder.rmdir()
+        log.info("the run stopped before its first checkpoint: removed its config %s and event folders",
+                 self.config_path)
+
+
+def require_writable(folder: Path, flag: str) -> None:
+    """Refuse ``folder`` (to be created where missing) unless this process may write there."""
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is not a folder")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: {existing or folder} is not writable")
+
+
+@contextlib.contextmanager
+def _teardown_errors_logged() -> Iterator[None]:
+    """While the loaders of a failed run are collected, an error in their finalisers is one debug line, not a
+    traceback: stopping the workers after one was killed meets the others' deaths as well (torch's
+    ``DataLoader worker ... is killed`` from its SIGCHLD handler), which the run's own error already reports."""
+    previous = sys.unraisablehook
+
+    def log_unraisable(unraisable: Any) -> None:
+        log.debug("while stopping the loader workers: %s: %s", type(unraisable.exc_value).__name__,
+                  unraisable.exc_value)
+
+    sys.unraisablehook = log_unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def _close_writers(writers: Mapping[str, Any]) -> None:
+    for writer in writers.values():
+        writer.close()
 
 
 def place_model(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
@@ -241,7 +330,8 @@ def resumed_config(current: TrainConfig, saved: Mapping[str, Any]) -> TrainConfi
         raise UsageError(f"--resume: the checkpoint is a {saved.get('task')} run, not {current.task}")
     restored = _restore_dataclass(current, {key: value for key, value in saved.items()
                                             if key not in RESUME_OVERRIDES})
-    return restored
+    # The fused augmentation is part of the kernel choice, which this command line makes.
+    return dataclasses.replace(restored, augment=dataclasses.replace(restored.augment, fused=current.augment.fused))
 
 
 def _restore_dataclass(current: Any, saved: Mapping[str, Any]) -> Any:

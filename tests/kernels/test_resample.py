@@ -14,7 +14,7 @@ import torch
 from p2ch_luna.data import resample
 from p2ch_luna.data.augment import AugmentConfig, apply_affine_3d, augment_batch_3d, sample_affine_3d
 
-needs_kernel = pytest.mark.skipif(resample.kernels() is None, reason="needs Triton")
+needs_kernel = pytest.mark.skipif(resample.kernels() is None, reason="needs Triton: the optional [triton] extra (pip install '.[triton]'; .ci/run installs it)")
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
@@ -136,7 +136,7 @@ def test_integer_cuda_batches_take_the_fused_kernel() -> None:
     """augment_batch_3d on an int16 CUDA batch draws the same matrices as torch's path and resamples as it does;
     ``fused=False`` keeps torch's operators."""
     volumes = _hu_volumes((8, 1, 32, 48, 48), seed=5).cuda()
-    config = dataclasses.replace(AugmentConfig.book(), noise=0.0)
+    config = dataclasses.replace(AugmentConfig.book(), noise=0.0, fused=True)
     fused = augment_batch_3d(volumes, config, torch.Generator(device="cuda").manual_seed(2))
     plain = augment_batch_3d(volumes, dataclasses.replace(config, fused=False),
                              torch.Generator(device="cuda").manual_seed(2))

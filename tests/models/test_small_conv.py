@@ -17,7 +17,7 @@ from p2ch_luna.models import LunaModel, small_conv
 from p2ch_luna.models.classifier import LunaConv3d
 
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-needs_kernels = pytest.mark.skipif(small_conv.kernels() is None, reason="needs Triton")
+needs_kernels = pytest.mark.skipif(small_conv.kernels() is None, reason="needs Triton: the optional [triton] extra (pip install '.[triton]'; .ci/run installs it)")
 
 
 def _kernel_devices() -> list[torch.device]:
