@@ -1,7 +1,7 @@
 """Calibration after a short nodule run on synthetic data: the fitted temperature and the validation
 ECE and NLL before and after it (what training stores in the best checkpoint's ``calibration``).
 
-    python -m bench.bench_calibration [--series 10] [--epochs 6] [--epoch-size 800] [--seed 1]
+    python -m bench.bench_calibration [--series 10] [--epochs 6] [--epoch-size 800] [--seed 1] [--method platt]
 
 A few minutes on 2 CPU cores. Figures: docs/benchmarks.md.
 """
@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from p2ch_luna.metrics.calibration import CALIBRATION_METHODS
 from p2ch_luna.models import load_checkpoint
 from p2ch_luna.synth.generator import generate_dataset
 from p2ch_luna.training import cli as training
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6, help="nodule training epochs")
     parser.add_argument("--epoch-size", type=int, default=800, help="balanced training samples per epoch")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generator and of training")
+    parser.add_argument("--method", choices=CALIBRATION_METHODS, default="platt", help="what the run fits")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_calibration_") as folder:
         root = Path(folder)
@@ -36,14 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--models-dir", str(out / "models"), "--runs-dir", str(out / "runs"), "--device", "cpu",
             "--batch-size", "16", "--epoch-size", str(args.epoch_size), "--val-stride", "3", "--balanced",
             "--model-kwargs", '{"conv_channels": 4}', "--chunk-shape", "16", "24", "24",
-            "--epochs", str(args.epochs), "--seed", str(args.seed), "--log-level", "WARNING"])
+            "--epochs", str(args.epochs), "--seed", str(args.seed), "--calibration-method", args.method,
+            "--log-level", "WARNING"])
         if code:
             return code
         best = load_checkpoint(next((out / "models").glob("*.best.state")))
         calibration = best.raw["calibration"]
     print(f"validation: {calibration['validation_samples']} samples, {calibration['validation_positives']} "
           f"positive; best epoch {calibration['epoch']}")
-    print(f"method {calibration['method']}, temperature {calibration['temperature']:.3f}"
+    print(f"method {calibration['method']}, temperature {calibration['temperature']:.3f}, "
+          f"bias {calibration['bias']:.3f}"
           + (f" ({calibration['reason']})" if calibration["reason"] else ""))
     print(f"ECE ({calibration['ece_bins']} bins) {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}; "
           f"NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}")

@@ -19,9 +19,9 @@ CUDA_CLASSIFICATION_BATCH = 64
 def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Module, batch_size: int,
                     device: torch.device, amp: bool = False, flips: bool = False,
                     progress: bool = False, description: str = "classification",
-                    temperature: float = 1.0) -> np.ndarray:
-    """Probability of class 1 (softmax of the logits divided by ``temperature``, the checkpoint's
-    calibration) for a chunk around each voxel centre.
+                    temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """Probability of class 1, ``sigmoid((logit_1 - logit_0) / temperature + bias)`` (the checkpoint's
+    calibration; the softmax when they are 1 and 0), for a chunk around each voxel centre.
 
     With ``flips`` the probability is the mean over the chunk and its three
     in-plane mirror images (test-time augmentation with the training flips).
@@ -40,7 +40,8 @@ def classify_chunks(hu: np.ndarray, centers_irc: np.ndarray, model: torch.nn.Mod
             inputs = host_to_device(chunks, device).unsqueeze(1).float()
             views = [inputs, inputs.flip(3), inputs.flip(4), inputs.flip((3, 4))] if flips else [inputs]
             logits = model(to_memory_format(torch.cat(views), channels_last=True)).float()
-            scores.append(torch.softmax(logits / temperature, dim=1)[:, 1].reshape(len(views), len(batch)).mean(dim=0))
+            probabilities = torch.sigmoid((logits[:, 1] - logits[:, 0]) / temperature + bias)
+            scores.append(probabilities.reshape(len(views), len(batch)).mean(dim=0))
     if not scores:
         return np.zeros(0, dtype=np.float64)
     return torch.cat(scores).cpu().numpy().astype(np.float64)  # the one wait for the device

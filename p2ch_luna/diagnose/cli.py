@@ -15,8 +15,8 @@ Pipeline per CT (the book's chapter 14, kept inside the lungs; :mod:`p2ch_luna.d
    large ones at the lungs' edge moved towards it (``--grouping peaks``), or
    the book's eroded connected components with their HU-weighted centre of
    mass (``--grouping components``);
-4. nodule probability per candidate (softmax of the classifier, at its
-   calibrated temperature, on a chunk of
+4. nodule probability per candidate (the classifier's calibrated
+   probability, :mod:`p2ch_luna.training.calibrate`, on a chunk of
    the size it was trained on, averaged over its in-plane mirror images unless
    ``--no-flips``), then, with peaks, one detection per blob (a
    candidate inside a more probable one is dropped); malignancy probability
@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="average the classifiers over the chunk and its in-plane mirror images")
     tuning.add_argument("--nodule-threshold", type=probability, default=0.5,
                         help="calibrated nodule probability from which a candidate is reported as a finding "
-                             "(the softmax at the temperature training fitted on validation; checkpoints "
-                             "without one, such as the book's, give the plain softmax)")
+                             "(Platt scaling or the temperature training fitted on validation; "
+                             "checkpoints without one, such as the book's, give the plain softmax)")
     tuning.add_argument("--malignancy-threshold", type=probability, default=0.5,
                         help="malignancy probability from which a finding is called malignant")
     tuning.add_argument("--lung-margin-mm", type=float, default=DEFAULT_MARGIN_MM,

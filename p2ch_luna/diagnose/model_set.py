@@ -43,14 +43,14 @@ class DiagnosisModels:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description of each model (file, task, architecture, book or ours, the calibration
-        temperature its logits are divided by: 1 for uncalibrated files)."""
+        temperature and bias of its logit margin: 1 and 0 for uncalibrated files)."""
         described: dict[str, Any] = {}
         for name in ("segmentation", "nodule", "malignancy"):
             loaded = getattr(self, name)
             described[name] = None if loaded is None else {
                 "path": str(loaded.path), "task": loaded.task, "model_name": loaded.model_name,
                 "is_book": loaded.is_book, "epoch": loaded.epoch, "samples_seen": loaded.samples_seen,
-                "temperature": loaded.temperature,
+                "temperature": loaded.temperature, "calibration_bias": loaded.bias,
             }
         return described
 

@@ -104,7 +104,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     batch = CUDA_CLASSIFICATION_BATCH if device.type == "cuda" else CPU_CLASSIFICATION_BATCH
     candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device,
                                                        config.amp, config.flips, progress, "nodule classification",
-                                                       models.nodule.temperature)
+                                                       models.nodule.temperature, models.nodule.bias)
     order = np.argsort(-candidates["nodule_probability"].to_numpy(), kind="mergesort")
     candidates, centers = candidates.iloc[order], centers[order]
     if config.grouping == "peaks":
@@ -114,7 +114,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
         suspicious = candidates["nodule_probability"].to_numpy() >= config.nodule_threshold
         candidates.loc[suspicious, "malignancy_probability"] = classify_chunks(
             ct.hu, centers[suspicious], models.malignancy.model, batch, device, config.amp, config.flips, progress,
-            "malignancy", models.malignancy.temperature)
+            "malignancy", models.malignancy.temperature, models.malignancy.bias)
     lap("classification_s")
     diagnosis = SeriesDiagnosis(
         series_uid=ct.series_uid, source=source or str(ct.source or ""), shape_irc=ct.shape,

@@ -4,8 +4,8 @@ A checkpoint is a dict saved with ``torch.save`` holding the weights, the model'
 registry name and constructor arguments, optimizer state, progress counters,
 config, metrics and code version, so inference rebuilds the model with no
 architecture literals. A classifier's checkpoint may also hold its calibration
-(``calibration``: the temperature its logits are divided by before the softmax,
-:mod:`p2ch_luna.training.calibrate`); files without one, the book's among them, load with temperature 1. Loading always uses ``torch.load(weights_only=True)``:
+(``calibration``: the temperature and bias of its logit margin, :mod:`p2ch_luna.training.calibrate`);
+files without one, the book's among them, load with temperature 1 and bias 0. Loading always uses ``torch.load(weights_only=True)``:
 files that need arbitrary pickled objects are refused, never executed.
 """
 
@@ -59,7 +59,7 @@ BOOK_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 """Book ``model_name`` -> (task, our registry name, constructor arguments)."""
 CALIBRATION_FIELD = "calibration"
-"""Checkpoint field of a classifier's calibration: ``{"temperature": T, "method": ..., "ece_before": ..., ...}``."""
+"""Checkpoint field of a classifier's calibration: ``{"temperature": T, "bias": b, "method": ..., ...}``."""
 IDENTITY_FIELDS = ("format", "format_version", "model_state", "model_name", "model_kwargs", "task")
 """Fields :func:`update_checkpoint` never replaces: what the file is and which model it holds."""
 
@@ -82,7 +82,9 @@ class LoadedCheckpoint:
     is_book: bool
     raw: dict[str, Any]
     temperature: float = 1.0
-    """What the logits are divided by before the softmax: the stored calibration, 1 without one."""
+    """What the logit margin is divided by: the stored calibration, 1 without one."""
+    bias: float = 0.0
+    """What is added to the divided margin (Platt scaling): the stored calibration, 0 without one."""
 
 
 def checkpoint_path(models_dir: str | os.PathLike, task: str, timestamp: str, comment: str, best: bool) -> Path:
@@ -185,7 +187,7 @@ def load_checkpoint(
     if accepted is not None and kind.task not in accepted:
         raise DataError(f"{name} is a {kind.task} checkpoint, expected {' or '.join(accepted)}")
     model = _build_and_load(name, kind.model_name, dict(kind.model_kwargs), raw["model_state"])
-    temperature = _stored_temperature(name, raw)
+    temperature, bias = _stored_calibration(name, raw)
     return LoadedCheckpoint(
         path=path,
         model=model.to(map_location).eval(),
@@ -201,6 +203,7 @@ def load_checkpoint(
         is_book=kind.is_book,
         raw=raw,
         temperature=temperature,
+        bias=bias,
     )
 
 
@@ -298,16 +301,23 @@ def _write_state(path: Path, state: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _stored_temperature(path: str, raw: Mapping[str, Any]) -> float:
-    """The calibration temperature ``raw`` holds; 1.0 when it holds none."""
+def _stored_calibration(path: str, raw: Mapping[str, Any]) -> tuple[float, float]:
+    """The calibration temperature and bias ``raw`` holds; (1.0, 0.0) when it holds none (bias 0 when a
+    temperature-only calibration holds no bias)."""
     calibration = raw.get(CALIBRATION_FIELD)
     if calibration is None:
-        return 1.0
+        return 1.0, 0.0
     temperature = calibration.get("temperature") if isinstance(calibration, Mapping) else None
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
+    if not _is_number(temperature) or temperature <= 0:
         raise DataError(f"{path} has calibration temperature {temperature!r}, expected a positive number")
-    return float(temperature)
+    bias = calibration.get("bias", 0.0)
+    if not _is_number(bias):
+        raise DataError(f"{path} has calibration bias {bias!r}, expected a finite number")
+    return float(temperature), float(bias)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _build_and_load(path: str, model_name: Any, model_kwargs: dict[str, Any], model_state: Mapping) -> nn.Module:

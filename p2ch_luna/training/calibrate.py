@@ -1,12 +1,14 @@
-"""After a classifier's training run: fit a temperature to its best checkpoint and store it there.
+"""After a classifier's training run: fit its calibration to its best checkpoint and store it there.
 
 The best checkpoint's model classifies the validation set once (no augmentation, every rank its
-shard); :func:`p2ch_luna.metrics.calibration.fit_temperature` fits the temperature that minimises the
-negative log-likelihood of those labels, and the checkpoint is rewritten atomically with
-``calibration = {"method", "temperature", "ece_before", "ece_after", "nll_before", "nll_after",
-"validation_samples", "validation_positives", "ece_bins", "epoch", "reason"}``. Diagnosis then divides the
-logits by that temperature before the softmax, so ``--nodule-threshold`` is a probability that matches
-the frequency of nodules among validation candidates rather than the training ratio's bias.
+shard); :func:`p2ch_luna.metrics.calibration.fit_calibration` fits Platt scaling (a temperature and a
+bias, the default) or a temperature alone (``--calibration-method``) to minimise the negative
+log-likelihood of those labels, and the checkpoint is rewritten atomically with
+``calibration = {"method", "temperature", "bias", "ece_before", "ece_after", "nll_before", "nll_after",
+"validation_samples", "validation_positives", "ece_bins", "epoch", "reason"}``. Diagnosis then computes
+``sigmoid((logit_1 - logit_0) / temperature + bias)``, so ``--nodule-threshold`` is a probability that
+matches the frequency of nodules among validation candidates rather than the balanced training ratio's
+(only a bias can undo that prior shift: ``python -m bench.bench_calibration``).
 
 The temperature is fitted on the single chunk of each candidate; diagnosis with ``--flips`` averages
 the calibrated probabilities of four mirror images, which are close to but not exactly the fitted ones.
@@ -30,7 +32,7 @@ from p2ch_luna.metrics.calibration import (
     DEFAULT_ECE_BINS,
     TEMPERATURE_BOUNDS,
     expected_calibration_error,
-    fit_temperature,
+    fit_calibration,
     temperature_probabilities,
 )
 from p2ch_luna.models.checkpoint import CALIBRATION_FIELD, load_checkpoint, update_checkpoint
@@ -42,7 +44,6 @@ from p2ch_luna.training.tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHOD = "temperature"
 UNCALIBRATED_METHOD = "none"
 
 
@@ -61,7 +62,7 @@ def calibrate_best_checkpoint(task: Task, best_path: Path, val_loader: Iterable[
     if task.context.is_main:
         logits = np.concatenate([part[0] for part in gathered]).reshape(-1, 2)
         labels = np.concatenate([part[1] for part in gathered])
-        calibration = calibration_record(logits, labels, loaded.epoch)
+        calibration = calibration_record(logits, labels, loaded.epoch, task.calibration_method)
         update_checkpoint(best_path, {CALIBRATION_FIELD: calibration})
         _report(task.task_name, best_path, calibration, writer, samples_seen)
     barrier()  # the file is rewritten before any rank goes on
@@ -86,17 +87,19 @@ def validation_logits(task: Task, model: torch.nn.Module, loader: Iterable[Batch
     return torch.cat(logits).double().numpy(), torch.cat(labels).numpy().astype(bool)
 
 
-def calibration_record(logits: np.ndarray, labels: np.ndarray, epoch: int | None) -> dict[str, Any]:
-    """The ``calibration`` field for these validation logits: the fitted temperature (1 with a reason when
-    none could be fitted) and the ECE and NLL at temperature 1 and at it."""
-    fit = fit_temperature(logits, labels)
+def calibration_record(logits: np.ndarray, labels: np.ndarray, epoch: int | None,
+                       method: str = "platt") -> dict[str, Any]:
+    """The ``calibration`` field for these validation logits: the fitted temperature and bias (1 and 0 with
+    a reason when none could be fitted) and the ECE and NLL before and after."""
+    fit = fit_calibration(logits, labels, method)
     finite = bool(np.all(np.isfinite(logits)))
     before = expected_calibration_error(labels, temperature_probabilities(logits)) if finite else float("nan")
-    after = expected_calibration_error(labels, temperature_probabilities(logits, fit.temperature)) \
+    after = expected_calibration_error(labels, temperature_probabilities(logits, fit.temperature, fit.bias)) \
         if finite else float("nan")
     return {
-        "method": CALIBRATION_METHOD if fit.fitted else UNCALIBRATED_METHOD,
+        "method": fit.method if fit.fitted else UNCALIBRATED_METHOD,
         "temperature": fit.temperature,
+        "bias": fit.bias,
         "ece_before": before,
         "ece_after": after,
         "ece_bins": DEFAULT_ECE_BINS,
@@ -115,9 +118,10 @@ def _report(task_name: str, path: Path, calibration: dict[str, Any], writer: Any
         log.warning("%s: no calibration fitted (%s); %s keeps temperature 1, diagnosis uses the plain softmax",
                     task_name, calibration["reason"], path.name)
     else:
-        log.info("%s calibration on %d validation samples (%d positive): temperature %.3f, ECE %.4f -> %.4f "
-                 "(%d bins), NLL %.4f -> %.4f; stored in %s", task_name, samples, positives,
-                 calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
+        log.info("%s calibration (%s) on %d validation samples (%d positive): temperature %.3f, bias %.3f, "
+                 "ECE %.4f -> %.4f (%d bins), NLL %.4f -> %.4f; stored in %s", task_name, calibration["method"],
+                 samples, positives, calibration["temperature"], calibration["bias"],
+                 calibration["ece_before"], calibration["ece_after"],
                  calibration["ece_bins"], calibration["nll_before"], calibration["nll_after"], path.name)
         if any(math.isclose(calibration["temperature"], bound, rel_tol=1e-5) for bound in TEMPERATURE_BOUNDS):
             log.warning("%s: the temperature reached the end of its range %s (validation samples all "
@@ -125,6 +129,7 @@ def _report(task_name: str, path: Path, calibration: dict[str, Any], writer: Any
                         task_name, TEMPERATURE_BOUNDS)
     if writer is not None:
         tblog.add_scalars(writer, {"calibration/temperature": calibration["temperature"],
+                                   "calibration/bias": calibration["bias"],
                                    "calibration/ece_before": calibration["ece_before"],
                                    "calibration/ece_after": calibration["ece_after"]}, samples_seen)
         writer.flush()

@@ -525,6 +525,8 @@ def test_classify_chunks_at_temperature_two_gives_less_extreme_probabilities() -
     with_flips = classify.classify_chunks(hu, centers, model, 4, cpu, flips=True)
     softened_with_flips = classify.classify_chunks(hu, centers, model, 4, cpu, flips=True, temperature=2.0)
     assert np.all(np.abs(softened_with_flips - 0.5) < np.abs(with_flips - 0.5))
+    shifted = classify.classify_chunks(hu, centers, model, 4, cpu, temperature=2.0, bias=-3.0)
+    np.testing.assert_allclose(_logit(shifted), _logit(plain) / 2.0 - 3.0, rtol=1e-4, atol=1e-5)
 
 
 def test_diagnosis_divides_each_classifiers_logits_by_its_checkpoints_temperature() -> None:

@@ -1,4 +1,4 @@
-"""Expected calibration error and temperature fitting on hand-made cases."""
+"""Expected calibration error, temperature and Platt fitting on hand-made cases."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from p2ch_luna.metrics.calibration import (
     TEMPERATURE_BOUNDS,
     binary_nll,
     expected_calibration_error,
+    fit_calibration,
+    fit_platt,
     fit_temperature,
     logit_margins,
     temperature_probabilities,
@@ -114,3 +116,48 @@ def test_bad_shapes_and_bounds_are_refused() -> None:
         fit_temperature(np.zeros((10, 2)), np.zeros(9))
     with pytest.raises(ValueError, match="bounds"):
         fit_temperature(np.zeros((10, 2)), np.zeros(10), bounds=(2.0, 5.0))
+
+
+def _prior_shifted_case() -> tuple[np.ndarray, np.ndarray]:
+    """A model trained on balanced samples scoring candidates of which 1 in 100 is a nodule: its margins are
+    the true log-odds plus log(99) (the prior shift), doubled (overconfident)."""
+    rng = np.random.default_rng(7)
+    labels = rng.random(20000) < 0.01
+    true_log_odds = np.where(labels, 2.0, -2.0) + rng.normal(0.0, 1.5, labels.size) - math.log(99.0)
+    margins = 2.0 * (true_log_odds + math.log(99.0))
+    return np.stack([np.zeros_like(margins), margins], axis=1), labels
+
+
+def test_platt_scaling_undoes_a_prior_shift_that_a_temperature_cannot() -> None:
+    logits, labels = _prior_shifted_case()
+    temperature, platt = fit_temperature(logits, labels), fit_platt(logits, labels)
+    assert platt.method == "platt" and platt.fitted and platt.bias < -3  # about -log(99)
+    assert platt.nll_after < temperature.nll_after < temperature.nll_before
+    ece = {fit.method: expected_calibration_error(labels, temperature_probabilities(logits, fit.temperature, fit.bias))
+           for fit in (temperature, platt)}
+    assert ece["platt"] < 0.01 < 0.1 < ece["temperature"]
+    # At 0.5 the shifted model flags most negatives; calibrated, about as many as there are nodules.
+    flagged = np.count_nonzero(temperature_probabilities(logits, platt.temperature, platt.bias) >= 0.5)
+    assert np.count_nonzero(temperature_probabilities(logits) >= 0.5) > 10 * labels.sum() > 10 * flagged / 2
+
+
+def test_platt_keeps_the_ranking_and_recovers_a_known_slope_and_bias() -> None:
+    rng = np.random.default_rng(8)
+    margins = rng.normal(0.0, 3.0, 40000)
+    labels = rng.random(margins.size) < 1.0 / (1.0 + np.exp(-(margins / 2.0 - 1.5)))
+    fit = fit_calibration(np.stack([np.zeros_like(margins), margins], axis=1), labels, "platt")
+    assert fit.temperature == pytest.approx(2.0, rel=0.05) and fit.bias == pytest.approx(-1.5, abs=0.1)
+    calibrated = temperature_probabilities(np.stack([np.zeros_like(margins), margins], axis=1), fit.temperature,
+                                           fit.bias)
+    assert np.array_equal(np.argsort(calibrated, kind="stable"), np.argsort(margins, kind="stable"))
+
+
+def test_platt_against_the_labels_falls_back_to_the_temperature_alone() -> None:
+    rng = np.random.default_rng(9)
+    labels = rng.random(200) < 0.5
+    logits = np.stack([np.zeros(200), np.where(labels, -2.0, 2.0) + rng.normal(0, 0.5, 200)], axis=1)
+    fit = fit_platt(logits, labels)
+    assert fit.method == "temperature" and fit.bias == 0.0
+    assert fit == fit_temperature(logits, labels)
+    with pytest.raises(ValueError, match="calibration method"):
+        fit_calibration(logits, labels, "isotonic")

@@ -175,6 +175,20 @@ def test_update_checkpoint_stores_the_calibration_and_keeps_everything_else(tmp_
         update_checkpoint(path, {"model_state": {}})
 
 
+def test_a_platt_calibration_loads_its_bias_and_a_temperature_one_loads_bias_zero(tmp_path: Path) -> None:
+    platt, _, _ = _tiny_classifier_checkpoint(tmp_path / "platt.best.state", **{
+        CALIBRATION_FIELD: {"method": "platt", "temperature": 1.5, "bias": -4.25}})
+    loaded = load_checkpoint(platt)
+    assert (loaded.temperature, loaded.bias) == (1.5, -4.25)
+    older, _, _ = _tiny_classifier_checkpoint(tmp_path / "older.best.state", **{
+        CALIBRATION_FIELD: {"method": "temperature", "temperature": 2.0}})
+    assert (load_checkpoint(older).temperature, load_checkpoint(older).bias) == (2.0, 0.0)
+    bad, _, _ = _tiny_classifier_checkpoint(tmp_path / "bad.best.state", **{
+        CALIBRATION_FIELD: {"temperature": 2.0, "bias": math.nan}})
+    with pytest.raises(DataError, match="bad.best.state has calibration bias nan"):
+        load_checkpoint(bad)
+
+
 def test_update_checkpoint_leaves_a_book_file_alone(tmp_path: Path) -> None:
     path = tmp_path / "cls_book.state"
     torch.save({"model_state": LunaModel().state_dict(), "model_name": "LunaModel"}, path)

@@ -19,8 +19,8 @@ from p2ch_luna.metrics import calibration
 from p2ch_luna.models import LunaModel, load_checkpoint, save_checkpoint
 from p2ch_luna.paths import resolve_paths
 from p2ch_luna.precision import AmpSettings, amp_settings
-from p2ch_luna.training import calibrate, engine, loop
 from p2ch_luna.training import cli as training
+from p2ch_luna.training import engine, loop
 from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.engine import split_batch, train_one_epoch
 from p2ch_luna.training.tasks import RunContext
@@ -316,13 +316,14 @@ def test_a_run_with_few_validation_positives_says_so(tiny_dataset: Path, tmp_pat
 def test_a_finished_classifier_run_stores_its_temperature_in_the_best_checkpoint(
         tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The tiny set's validation holds one nodule: lower the per-class minimum to it so that a fit is made.
-    monkeypatch.setattr(calibrate, "fit_temperature", functools.partial(calibration.fit_temperature,
-                                                                        min_per_class=1))
+    monkeypatch.setattr(calibration, "fit_temperature", functools.partial(calibration.fit_temperature,
+                                                                          min_per_class=1))
     out = tmp_path / "run"
-    assert training.main(tiny_args(tiny_dataset, out, "--epochs", "2", "--comment", "cal")) == 0
+    assert training.main(tiny_args(tiny_dataset, out, "--epochs", "2", "--comment", "cal",
+                                   "--calibration-method", "temperature")) == 0
     best = load_checkpoint(only_file(out / "models", "nodule_*_cal.best.state"), expected_task="nodule")
     stored = best.raw["calibration"]
-    assert stored["method"] == "temperature" and stored["reason"] is None
+    assert stored["method"] == "temperature" and stored["reason"] is None and stored["bias"] == 0.0
     assert math.isfinite(best.temperature) and best.temperature > 0 and best.temperature == stored["temperature"]
     assert stored["validation_samples"] == 12 and stored["epoch"] == best.epoch
     assert stored["ece_after"] <= stored["ece_before"] + 1e-9 and stored["nll_after"] <= stored["nll_before"]

@@ -193,9 +193,14 @@ class Task(abc.ABC):
 
     @property
     def calibrates(self) -> bool:
-        """Whether the run ends by fitting a temperature to the best checkpoint
+        """Whether the run ends by fitting a calibration to the best checkpoint
         (:mod:`p2ch_luna.training.calibrate`)."""
         return False
+
+    @property
+    def calibration_method(self) -> str:
+        """What that calibration fits (one of :data:`p2ch_luna.metrics.calibration.CALIBRATION_METHODS`)."""
+        return "platt"
 
 
 def build_loader(

@@ -60,6 +60,7 @@ from p2ch_luna.distributed import barrier
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.evaluation.truth import Truth, read_truth
 from p2ch_luna.io.ct import list_series_on_disk, read_geometry
+from p2ch_luna.metrics.calibration import CALIBRATION_METHODS
 from p2ch_luna.metrics.classification import classification_metrics
 from p2ch_luna.models import build_model, load_checkpoint
 from p2ch_luna.models.classifier import CHUNK_SHAPE_IRC
@@ -99,6 +100,7 @@ class ClassificationOptions:
     hard_negatives_from: Path | None = None
     hard_negative_fraction: float = DEFAULT_HARD_NEGATIVE_FRACTION
     calibrate: bool = True
+    calibration_method: str = "platt"
 
 
 class ClassificationTask(Task):
@@ -124,13 +126,17 @@ class ClassificationTask(Task):
         parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                             help="after training, fit a temperature to the best checkpoint's validation logits "
                                  "(minimum negative log-likelihood), store it in that checkpoint and log the "
-                                 "expected calibration error before and after; diagnosis divides the logits by it")
+                                 "expected calibration error before and after; diagnosis applies it")
+        parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="platt",
+                            help="platt: a temperature and a bias, sigmoid(margin / T + b) (undoes the balanced "
+                                 "sampler's prior shift); temperature: T alone (keeps 0.5 where it was)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> ClassificationOptions:
         if min(args.chunk_shape) < 1:
             raise UsageError(f"--chunk-shape {args.chunk_shape}: every size must be >= 1")
-        return ClassificationOptions(chunk_shape=tuple(args.chunk_shape), calibrate=args.calibrate)
+        return ClassificationOptions(chunk_shape=tuple(args.chunk_shape), calibrate=args.calibrate,
+                                     calibration_method=args.calibration_method)
 
     # --- model and data ---------------------------------------------------------------
 
@@ -239,6 +245,10 @@ class ClassificationTask(Task):
     @property
     def calibrates(self) -> bool:
         return self.options.calibrate
+
+    @property
+    def calibration_method(self) -> str:
+        return self.options.calibration_method
 
 
 class NoduleTask(ClassificationTask):
