@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
+from p2ch_luna.data.series_split import SPLIT_KEY, split_record
 from p2ch_luna.distributed import (
     DistributedInfo,
     barrier,
@@ -175,6 +176,7 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                     "best_score": best_score,
                     "best_epoch": best_epoch,
                     "scaler_state": scaler.state_dict() if scaler is not None else None,
+                    SPLIT_KEY: split_record(task.series_split()),
                 }
                 saved = dict(model=model, model_name=spec.model_name, model_kwargs=spec.model_kwargs,
                              task=names.task, optimizer=optimizer, epoch=epoch, samples_seen=samples_seen,
