@@ -2,7 +2,7 @@
 
     python -m p2ch_luna.diagnose --series-uid UID[,UID...]   # LUNA16 series under --data-root
     python -m p2ch_luna.diagnose --ct PATH                    # .mhd, NIfTI or a DICOM folder
-    python -m p2ch_luna.diagnose --validation [--include-train] --output DIR
+    python -m p2ch_luna.diagnose --validation [--include-train] --output DIR   # the nodule checkpoint's split
 
 Pipeline per CT (the book's chapter 14, kept inside the lungs; :mod:`p2ch_luna.diagnose.pipeline`):
 
@@ -39,13 +39,13 @@ from typing import Sequence
 
 from p2ch_luna import RESEARCH_NOTICE
 from p2ch_luna.cli import add_device_argument, make_parser, non_negative_int, positive_int, probability, run_command
-from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.diagnose import report
 from p2ch_luna.diagnose.grouping import GROUPINGS
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
 from p2ch_luna.diagnose.model_set import load_models
 from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_series
 from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION_BATCH
+from p2ch_luna.diagnose.selection import validation_selection
 from p2ch_luna.distributed import (
     distributed_info_from_env,
     gather_to_main,
@@ -66,15 +66,23 @@ log = logging.getLogger(__name__)
 
 
 def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Path]]:
-    """``(series_uid, path)`` to diagnose from exactly one of --series-uid/--ct/--validation."""
-    # With --ct, --series-uid picks one series of a DICOM folder that holds several.
+    """``(series_uid, path)`` to diagnose from exactly one of --series-uid/--ct/--validation.
+
+    With --validation these are every series on disk (or the ones --series-uid names), which
+    :func:`p2ch_luna.diagnose.selection.validation_selection` narrows to the nodule checkpoint's split
+    once the models are loaded.
+    """
+    # With --ct, --series-uid picks one series of a DICOM folder that holds several;
+    # with --validation, it names validation series to diagnose (checked against the split).
     given = [name for name in ("series_uid", "ct", "validation")
-             if getattr(args, name) and not (name == "series_uid" and args.ct is not None)]
+             if getattr(args, name) and not (name == "series_uid" and (args.ct is not None or args.validation))]
     if len(given) != 1:
         raise UsageError("give exactly one of --series-uid, --ct or --validation"
                          + (f" (got {', '.join('--' + n.replace('_', '-') for n in given)})" if given else ""))
     if args.include_train and not args.validation:
         raise UsageError("--include-train only goes with --validation")
+    if args.include_train and args.series_uid:
+        raise UsageError("--include-train takes every series on disk; it does not go with --series-uid")
     if args.ct is not None:
         return [(args.series_uid or "", Path(args.ct))]
     data_root = paths.require_data_root()
@@ -86,9 +94,7 @@ def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Pat
     on_disk = list_series_on_disk(data_root)
     if not on_disk:
         raise DataError(f"no series (subset*/*.mhd) under {data_root}")
-    _, validation = split_by_series(on_disk)
-    uids = sorted(on_disk) if args.include_train else validation
-    return [(uid, on_disk[uid]) for uid in uids]
+    return [(uid, on_disk[uid]) for uid in sorted(on_disk)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("what to diagnose (exactly one)")
     source.add_argument("--series-uid", metavar="UID[,UID...]", help="LUNA16 series under --data-root (with --ct: the series of a DICOM folder)")
     source.add_argument("--ct", type=Path, metavar="PATH", help="a .mhd/.mha, a NIfTI file or a DICOM series folder")
-    source.add_argument("--validation", action="store_true", help="every validation series on disk")
-    source.add_argument("--include-train", action="store_true", help="with --validation: every series on disk")
+    source.add_argument("--validation", action="store_true",
+                        help="the validation series of the nodule checkpoint's recorded split that are on disk "
+                             "(a checkpoint without one: every 10th series on disk, or its --val-stride); "
+                             "with --series-uid: those series, refused unless they are validation series")
+    source.add_argument("--include-train", action="store_true",
+                        help="with --validation: every series on disk, training series included")
     models = parser.add_argument_group("models (default: the newest of each task in --models-dir, by contents)")
     models.add_argument("--segmentation-path", type=Path, metavar="FILE")
     models.add_argument("--classification-path", type=Path, metavar="FILE")
@@ -176,6 +186,10 @@ def _diagnose(args: argparse.Namespace) -> int:
     )
     models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path,
                          device).select_kernels(config.kernels)
+    if args.validation:
+        selection = validation_selection(selection, list_series_on_disk(paths.require_data_root()),
+                                         vars(models), include_train=args.include_train,
+                                         requested=bool(args.series_uid))
     truth = read_truth(paths.data_root, args.annotations_excluded)
     started = time.perf_counter()
     with process_group(info):

@@ -136,11 +136,10 @@ def _recorded_time(value: Any) -> datetime.datetime | None:
 
 
 def _series_count(raw: Mapping[str, Any]) -> int | None:
-    """How many series the run trained and validated on, where the checkpoint records its split."""
-    split = raw.get("split")
+    """How many series the run trained and validated on, where the checkpoint records its split
+    (``series_split``, :mod:`p2ch_luna.data.series_split`)."""
+    split = raw.get("series_split")
     if not isinstance(split, Mapping):
         return None
-    if isinstance(split.get("series_count"), int):
-        return split["series_count"]
-    lists = [split.get(key) for key in ("train_series", "val_series")]
+    lists = [split.get(key) for key in ("train_series", "validation_series")]
     return sum(len(uids) for uids in lists) if all(isinstance(uids, list) for uids in lists) else None

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
+from p2ch_luna.data.series_split import SPLIT_KEY, split_record
 from p2ch_luna.distributed import (
     DistributedInfo,
     barrier,
@@ -200,6 +201,7 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                     "best_scores": list(best_scores.values) if best_scores is not None else None,
                     "best_epoch": best_epoch,
                     "scaler_state": scaler.state_dict() if scaler is not None else None,
+                    SPLIT_KEY: split_record(task.series_split()),
                 }
                 saved = dict(model=model, model_name=spec.model_name, model_kwargs=spec.model_kwargs,
                              task=names.task, optimizer=optimizer, epoch=epoch, samples_seen=samples_seen,

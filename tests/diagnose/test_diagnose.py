@@ -447,7 +447,10 @@ def _book_or_untrained(untrained_models: Path, task: str) -> str:
 @pytest.mark.parametrize("make_args, code, message", [
     (lambda d, m, t: ["--series-uid", "1.2.3.unknown", "--data-root", str(d)], 1, "1.2.3.unknown"),
     (lambda d, m, t: ["--ct", str(t)], 1, "holds no DICOM series"),
-    (lambda d, m, t: ["--validation", "--series-uid", "x", "--data-root", str(d)], 2, "exactly one"),
+    (lambda d, m, t: ["--validation", "--ct", str(t), "--data-root", str(d)], 2, "exactly one"),
+    (lambda d, m, t: ["--validation", "--include-train", "--series-uid", "x", "--data-root", str(d)], 2,
+     "does not go with --series-uid"),
+    (lambda d, m, t: ["--validation", "--series-uid", "1.2.3.unknown", "--data-root", str(d)], 1, "1.2.3.unknown"),
     (lambda d, m, t: ["--data-root", str(d)], 2, "exactly one"),
     (lambda d, m, t: ["--validation", "--data-root", str(d), "--classification-path",
                       _book_or_untrained(m, "segmentation")], 1, "expected nodule"),

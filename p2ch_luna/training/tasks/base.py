@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from p2ch_luna.data.augment import AugmentConfig
 from p2ch_luna.data.batch_ring import RingDataset, RingLoader, SharedMemoryShortage
+from p2ch_luna.data.series_split import SeriesSplit
 from p2ch_luna.models.layout import to_memory_format  # noqa: F401  (part of the task interface)
 from p2ch_luna.training.config import TrainConfig
 
@@ -130,6 +131,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def val_loader(self) -> Iterable[Batch]:
         """Validation batches of this rank's shard (every sample once over all ranks, not padded)."""
+
+    def series_split(self) -> SeriesSplit | None:
+        """The training and validation series of this run, once both loaders are built; checkpoints record
+        it (None: the task has no series split to record)."""
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         """Called before each training epoch (1-based), after the engine has called

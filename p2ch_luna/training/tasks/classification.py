@@ -56,6 +56,7 @@ from p2ch_luna.data.candidates import (
 )
 from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler
+from p2ch_luna.data.series_split import SeriesSplit
 from p2ch_luna.distributed import barrier
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.evaluation.truth import Truth, read_truth
@@ -116,6 +117,7 @@ class ClassificationTask(Task):
         super().__init__(context)
         self.options: ClassificationOptions = self.config.task_options or ClassificationOptions()
         self._datasets: tuple[CandidateDataset, CandidateDataset] | None = None
+        self._split: SeriesSplit | None = None
 
     # --- command line -----------------------------------------------------------------
 
@@ -165,6 +167,8 @@ class ClassificationTask(Task):
             if table.empty:
                 raise DataError(f"no {self.task_name} samples under {paths.data_root}")
             train_table, val_table = split_table(table, self.config.val_stride)
+            self._split = SeriesSplit.from_uids(train_table["series_uid"], val_table["series_uid"],
+                                                self.config.val_stride)
             train_table = self.with_mined_rows(train_table)
             cache = open_cache(paths)
             shape = self.options.chunk_shape
@@ -179,6 +183,10 @@ class ClassificationTask(Task):
                             "checkpoint chosen by them, rest on them (more series, or a smaller --val-stride, give more)",
                             self.task_name, validation_positives)
         return self._datasets
+
+    def series_split(self) -> SeriesSplit | None:
+        """The series of the candidate table's split (mined rows come from the training series)."""
+        return self._split
 
     def with_mined_rows(self, train_table: pd.DataFrame) -> pd.DataFrame:
         """The training table, with the candidates mined from ``--hard-negatives-from`` (nodule task only)."""

@@ -40,6 +40,7 @@ from p2ch_luna.data.segmentation import (
     SegmentationValDataset,
     validation_slices,
 )
+from p2ch_luna.data.series_split import SeriesSplit
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.io.ct import HU_MAX, HU_MIN, list_series_on_disk
 from p2ch_luna.metrics.segmentation import segmentation_metrics
@@ -176,6 +177,12 @@ class SegmentationTask(Task):
         mask_options = MaskOptions(self.options.mask_mode, self.options.mask_threshold_hu)
         return SegmentationSeries(open_cache(self.config.paths), uids, self._annotations, mask_options,
                                   progress=self.context.is_main)
+
+    def series_split(self) -> SeriesSplit | None:
+        """The split of the series on disk (None before the loaders are built)."""
+        if self._splits is None:
+            return None
+        return SeriesSplit.from_uids(self._splits[0], self._splits[1], self.config.val_stride)
 
     def train_loader(self) -> Iterable[Batch]:
         series = self._series(validation=False)

@@ -1,0 +1,112 @@
+"""The train/validation split a model was trained on, as its checkpoints record it.
+
+A checkpoint stores both series lists, not only the rule: LUNA16 has 888 series, so the two lists take
+about 60 kB, and the split stays known when the folder it was drawn from changes (series added, removed,
+or a different ``--val-stride``). ``series_sha256`` (of the sorted UIDs of both lists) names the set of
+series in one value and lets a reader check the lists it loaded.
+
+Record, under the checkpoint key :data:`SPLIT_KEY`::
+
+    {"rule": "every val_stride-th series sorted by UID", "val_stride": 10,
+     "train_series": [...], "validation_series": [...], "series_sha256": "..."}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from p2ch_luna.errors import DataError
+
+SPLIT_KEY = "series_split"
+"""The checkpoint field that holds the split record."""
+STRIDE_RULE = "every val_stride-th series sorted by UID"
+"""The rule :func:`p2ch_luna.data.luna.split_by_series` applies (the book's)."""
+TRAINING = "training"
+VALIDATION = "validation"
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesSplit:
+    """Training and validation series UIDs (each sorted, disjoint), and the rule that drew them."""
+
+    train_series: tuple[str, ...]
+    validation_series: tuple[str, ...]
+    val_stride: int | None = None
+    rule: str = STRIDE_RULE
+
+    def __post_init__(self) -> None:
+        overlap = set(self.train_series) & set(self.validation_series)
+        if overlap:
+            raise ValueError(f"{len(overlap)} series are both training and validation: {sorted(overlap)[:3]}")
+
+    @classmethod
+    def from_uids(cls, train_series: Iterable[str], validation_series: Iterable[str],
+                  val_stride: int | None = None, rule: str = STRIDE_RULE) -> SeriesSplit:
+        """A split from any iterables of UIDs (duplicates dropped, sorted)."""
+        return cls(tuple(sorted(set(train_series))), tuple(sorted(set(validation_series))), val_stride, rule)
+
+    @property
+    def series_sha256(self) -> str:
+        """SHA-256 of the sorted UIDs of both lists, one per line."""
+        return series_sha256([*self.train_series, *self.validation_series])
+
+    def role(self, series_uid: str) -> str | None:
+        """:data:`TRAINING`, :data:`VALIDATION`, or None for a series the split does not hold."""
+        if series_uid in self._validation_set:
+            return VALIDATION
+        if series_uid in self._train_set:
+            return TRAINING
+        return None
+
+    @functools.cached_property
+    def _train_set(self) -> frozenset[str]:
+        return frozenset(self.train_series)
+
+    @functools.cached_property
+    def _validation_set(self) -> frozenset[str]:
+        return frozenset(self.validation_series)
+
+    def to_record(self) -> dict[str, Any]:
+        """The plain dict a checkpoint stores under :data:`SPLIT_KEY`."""
+        return {"rule": self.rule, "val_stride": self.val_stride, "train_series": list(self.train_series),
+                "validation_series": list(self.validation_series), "series_sha256": self.series_sha256}
+
+
+def series_sha256(series_uids: Iterable[str]) -> str:
+    """SHA-256 (hex) of the sorted, distinct UIDs joined by newlines."""
+    return hashlib.sha256("\n".join(sorted(set(series_uids))).encode()).hexdigest()
+
+
+def split_record(split: SeriesSplit | None) -> dict[str, Any] | None:
+    """``split.to_record()``, or None when a run has no split to record."""
+    return None if split is None else split.to_record()
+
+
+def recorded_split(raw: Mapping[str, Any], source: object) -> SeriesSplit | None:
+    """The split stored in a loaded checkpoint dict (``LoadedCheckpoint.raw``); None when it stores none.
+
+    A record that is not a split (wrong types, lists that overlap or do not match their hash) is a
+    :class:`DataError` naming ``source`` (the checkpoint's path).
+    """
+    record = raw.get(SPLIT_KEY)
+    if record is None:
+        return None
+    lists = {name: record.get(name) if isinstance(record, Mapping) else None
+             for name in ("train_series", "validation_series")}
+    if not all(isinstance(uids, (list, tuple)) and all(isinstance(uid, str) for uid in uids)
+               for uids in lists.values()):
+        raise DataError(f"{source}: its {SPLIT_KEY} is not a list of training and validation series")
+    stride = record.get("val_stride")
+    try:
+        split = SeriesSplit.from_uids(lists["train_series"], lists["validation_series"],
+                                      stride if isinstance(stride, int) else None,
+                                      str(record.get("rule", STRIDE_RULE)))
+    except ValueError as error:
+        raise DataError(f"{source}: its {SPLIT_KEY} is inconsistent: {error}") from None
+    if record.get("series_sha256") not in (None, split.series_sha256):
+        raise DataError(f"{source}: its {SPLIT_KEY} lists do not match their series_sha256")
+    return split
