@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -111,3 +112,18 @@ def test_evaluate_keeps_its_former_excluded_spelling() -> None:
     base = ["findings.csv", "--annotations", "annotations.csv"]
     assert str(build_parser().parse_args([*base, "--excluded", "x.csv"]).annotations_excluded) == "x.csv"
     assert str(build_parser().parse_args([*base, "--annotations-excluded", "x.csv"]).annotations_excluded) == "x.csv"
+
+
+def test_diagnose_ct_takes_at_most_one_series_uid(tmp_path) -> None:
+    from p2ch_luna.diagnose.cli import build_parser, select_series
+    from p2ch_luna.errors import UsageError
+    from p2ch_luna.paths import paths_from_args
+
+    def selected(arguments: list[str]) -> list[tuple[str, object]]:
+        args = build_parser().parse_args(["--data-root", str(tmp_path), *arguments])
+        return select_series(args, paths_from_args(args))
+
+    assert selected(["--ct", "scan.mha"]) == [("", Path("scan.mha"))]
+    assert selected(["--ct", "dicom", "--series-uid", "1.2"]) == [("1.2", Path("dicom"))]
+    with pytest.raises(UsageError, match="with --ct, --series-uid names one series, got 2"):
+        selected(["--ct", "dicom", "--series-uid", "1.2,1.3"])
