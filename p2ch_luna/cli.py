@@ -181,3 +181,28 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not positive")
     return value
+
+
+class _SeriesUidList(argparse.Action):
+    """Appends each value's comma-separated pieces to one ordered list without repeats; an empty piece is a
+    usage error naming the option."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[str] | None, option_string: str | None = None) -> None:
+        texts = [values] if isinstance(values, str) else list(values or [])
+        uids = list(getattr(namespace, self.dest, None) or [])
+        for text in texts:
+            pieces = [piece.strip() for piece in text.split(",")]
+            if not all(pieces):
+                raise argparse.ArgumentError(self, f"empty series UID in {text!r} (give UID or UID,UID,...)")
+            uids.extend(piece for piece in pieces if piece not in uids)
+        setattr(namespace, self.dest, uids)
+
+
+def add_series_uid_argument(group: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
+    """``--series-uid UID[,UID...]``, repeatable: ``args.series_uid`` is the UIDs in order without repeats, or
+    None when absent. ``--series-uids UID [UID ...]`` is a hidden alias (evaluate's former spelling)."""
+    group.add_argument("--series-uid", dest="series_uid", action=_SeriesUidList, default=None,
+                       metavar="UID[,UID...]", help=f"{help} (repeatable; commas separate several)")
+    group.add_argument("--series-uids", dest="series_uid", action=_SeriesUidList, nargs="+", default=None,
+                       help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Score a findings CSV against LUNA16 annotations: FROC, CPM and its bootstrap CI.
 
     python -m p2ch_luna.evaluate findings.csv --annotations annotations.csv \\
-        [--excluded annotations_excluded.csv] [--series-list seriesuids.csv] [--output DIR]
+        [--annotations-excluded annotations_excluded.csv] [--series-list seriesuids.csv] [--output DIR]
 
 The findings CSV has ``seriesuid,coordX,coordY,coordZ,probability`` (LUNA16's
 submission format). Scoring follows the official ``noduleCADEvaluationLUNA16.py``
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from p2ch_luna.cli import make_parser, non_negative_int, run_command
+from p2ch_luna.cli import add_series_uid_argument, make_parser, non_negative_int, run_command
 from p2ch_luna.columns import DIAMETER_COLUMN, PROBABILITY_COLUMN, SERIES_COLUMN, XYZ_COLUMNS
 from p2ch_luna.data.luna import read_csv_checked
 from p2ch_luna.errors import DataError
@@ -64,8 +64,8 @@ def read_series_list(path: Path) -> list[str]:
 def _series_uids(args: argparse.Namespace, annotation_uids: Sequence[str], finding_uids: Sequence[str]) -> list[str]:
     if args.series_list is not None:
         return read_series_list(args.series_list)
-    if args.series_uids:
-        return list(dict.fromkeys(args.series_uids))
+    if args.series_uid:
+        return args.series_uid
     return sorted(set(annotation_uids) | set(finding_uids))
 
 
@@ -78,9 +78,9 @@ def evaluate(args: argparse.Namespace) -> int:
         args.annotations, [*location_columns, DIAMETER_COLUMN], [*XYZ_COLUMNS, DIAMETER_COLUMN], what="annotations"
     )
     excluded = None
-    if args.excluded is not None:
+    if args.annotations_excluded is not None:
         excluded = read_csv_checked(
-            args.excluded,
+            args.annotations_excluded,
             [*location_columns, DIAMETER_COLUMN],
             [*XYZ_COLUMNS, DIAMETER_COLUMN],
             what="excluded annotations",
@@ -117,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("findings", type=Path, help="findings CSV to score")
     parser.add_argument("--annotations", type=Path, required=True, help="LUNA16 annotations.csv")
     parser.add_argument(
-        "--excluded", type=Path, help="LUNA16 annotations_excluded.csv: marks on these findings are ignored"
+        "--annotations-excluded", dest="annotations_excluded", type=Path, metavar="FILE",
+        help="LUNA16 annotations_excluded.csv: marks on these findings are ignored",
     )
+    parser.add_argument("--excluded", dest="annotations_excluded", type=Path, help=argparse.SUPPRESS)  # former spelling
     scans = parser.add_mutually_exclusive_group()
     scans.add_argument("--series-list", type=Path, help="file with the evaluated series UIDs, one per line")
-    scans.add_argument("--series-uids", nargs="+", metavar="UID", help="the evaluated series UIDs")
+    add_series_uid_argument(scans, "the evaluated series UIDs")
     parser.add_argument(
         "--bootstrap",
         type=non_negative_int,

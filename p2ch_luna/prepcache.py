@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from p2ch_luna.cli import make_parser, run_command
+from p2ch_luna.cli import add_series_uid_argument, make_parser, run_command
 from p2ch_luna.data.cache import ChunkCache, open_cache
 from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.errors import DataError, LunaError, UsageError
@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("python -m p2ch_luna.prepcache", __doc__.splitlines()[0])
     parser.add_argument("--num-workers", type=int, default=1, metavar="N",
                         help="processes reading CTs in parallel")
-    parser.add_argument("--series-uid", action="append", default=None, metavar="UID",
-                        help="cache only this series (repeatable; default: every series with candidates)")
+    add_series_uid_argument(parser, "cache only these series (default: every series with candidates)")
     parser.add_argument("--cache-size-gb", type=float, default=None, metavar="GB",
                         help="bound on the cache folder, remembered for later runs "
                              "(default: the last bound set, else 300 GB)")

@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Sequence
 
 from p2ch_luna import RESEARCH_NOTICE
-from p2ch_luna.cli import add_device_argument, make_parser, non_negative_int, positive_int, probability, run_command
+from p2ch_luna.cli import (
+    add_device_argument,
+    add_series_uid_argument,
+    make_parser,
+    non_negative_int,
+    positive_int,
+    probability,
+    run_command,
+)
 from p2ch_luna.diagnose import report
 from p2ch_luna.diagnose.grouping import GROUPINGS
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
@@ -84,13 +92,12 @@ def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Pat
     if args.include_train and args.series_uid:
         raise UsageError("--include-train takes every series on disk; it does not go with --series-uid")
     if args.ct is not None:
-        return [(args.series_uid or "", Path(args.ct))]
+        if args.series_uid is not None and len(args.series_uid) > 1:
+            raise UsageError(f"with --ct, --series-uid names one series, got {len(args.series_uid)}")
+        return [(args.series_uid[0] if args.series_uid else "", Path(args.ct))]
     data_root = paths.require_data_root()
     if args.series_uid:
-        uids = [uid.strip() for uid in args.series_uid.split(",") if uid.strip()]
-        if not uids:
-            raise UsageError("--series-uid names no series")
-        return [(uid, find_series_path(data_root, uid)) for uid in dict.fromkeys(uids)]
+        return [(uid, find_series_path(data_root, uid)) for uid in args.series_uid]
     on_disk = list_series_on_disk(data_root)
     if not on_disk:
         raise DataError(f"no series (subset*/*.mhd) under {data_root}")
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "Find lung nodules in CTs and estimate their malignancy (book chapter 14). "
                          + RESEARCH_NOTICE)
     source = parser.add_argument_group("what to diagnose (exactly one)")
-    source.add_argument("--series-uid", metavar="UID[,UID...]", help="LUNA16 series under --data-root (with --ct: the series of a DICOM folder)")
+    add_series_uid_argument(source, "LUNA16 series under --data-root (with --ct: the one series of a DICOM folder)")
     source.add_argument("--ct", type=Path, metavar="PATH", help="a .mhd/.mha, a NIfTI file or a DICOM series folder")
     source.add_argument("--validation", action="store_true",
                         help="the validation series of the nodule checkpoint's recorded split that are on disk "
@@ -111,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--include-train", action="store_true",
                         help="with --validation: every series on disk, training series included")
     models = parser.add_argument_group("models (default: the newest of each task in --models-dir, by contents)")
-    models.add_argument("--segmentation-path", type=Path, metavar="FILE")
-    models.add_argument("--classification-path", type=Path, metavar="FILE")
-    models.add_argument("--malignancy-path", type=Path, metavar="FILE", help="optional")
+    models.add_argument("--segmentation-path", type=Path, metavar="FILE", help="the segmentation (U-Net) checkpoint")
+    models.add_argument("--classification-path", type=Path, metavar="FILE", help="the nodule classifier checkpoint")
+    models.add_argument("--malignancy-path", type=Path, metavar="FILE",
+                        help="the malignancy classifier checkpoint (optional)")
     tuning = parser.add_argument_group("thresholds and post-processing")
     tuning.add_argument("--segmentation-threshold", type=probability, default=0.5,
                         help="U-Net probability above which a voxel is nodule tissue")

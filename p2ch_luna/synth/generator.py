@@ -74,7 +74,7 @@ def _existing_dataset_files(root: Path) -> list[Path]:
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("python -m p2ch_luna.synth",
                          "Write a synthetic chest-CT dataset in the LUNA16 layout.")
     parser.add_argument("out_dir", nargs="?", default=None,
@@ -87,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, nargs=2, default=list(DEFAULT_SLICES), metavar=("MIN", "MAX"),
                         help="range of the number of slices per series")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
-    return run_command(_body, parser, argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_body, build_parser(), argv)
 
 
 def _body(args: argparse.Namespace) -> int:
