@@ -40,6 +40,7 @@ from p2ch_luna import RESEARCH_NOTICE
 from p2ch_luna.cli import add_device_argument, make_parser, non_negative_int, positive_int, probability, run_command
 from p2ch_luna.data.luna import split_by_series
 from p2ch_luna.diagnose import report
+from p2ch_luna.diagnose.classify import DEFAULT_FLIP_BAND, parse_flip_band
 from p2ch_luna.diagnose.grouping import GROUPINGS
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
 from p2ch_luna.diagnose.model_set import load_models
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "ones at the lungs' edge also moved towards it), or the book's connected components")
     tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
                         help="average the classifiers over the chunk and its in-plane mirror images")
+    tuning.add_argument("--flip-band", default=",".join(f"{v:g}" for v in DEFAULT_FLIP_BAND), metavar="LOW,HIGH",
+                        help="with --flips: score each candidate on its chunk first and add the mirror images "
+                             "only where that nodule probability lies in [LOW, HIGH] (0,1: all views for all; "
+                             "the default gave the findings of 0,1 on a real CT, docs/benchmarks.md)")
     tuning.add_argument("--nodule-threshold", type=probability, default=0.5,
                         help="calibrated nodule probability from which a candidate is reported as a finding "
                              "(the softmax at the temperature training fitted on validation; checkpoints "
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--save-mask needs --output DIR")
     if args.output is not None and args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {args.output} exists and is not a folder")
+    flip_band = parse_flip_band(args.flip_band)
     selection = select_series(args, paths)
     info = distributed_info_from_env()
     device = resolve_device(args.device, info)
@@ -156,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
-        grouping=args.grouping, flips=args.flips,
+        grouping=args.grouping, flips=args.flips, flip_band=flip_band,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=args.amp,
         lung_margin_mm=args.lung_margin_mm,
