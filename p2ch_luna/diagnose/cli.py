@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--flip-band", default=",".join(f"{v:g}" for v in DEFAULT_FLIP_BAND), metavar="LOW,HIGH",
                         help="with --flips: score each candidate on its chunk first and add the mirror images "
                              "only where that nodule probability lies in [LOW, HIGH] (0,1: all views for all; "
-                             "the default gave the findings of 0,1 on a real CT, docs/benchmarks.md)")
+                             "default %(default)s: the findings of 0,1 on a real CT, docs/benchmarks.md)")
     tuning.add_argument("--nodule-threshold", type=probability, default=0.5,
                         help="calibrated nodule probability from which a candidate is reported as a finding "
                              "(the softmax at the temperature training fitted on validation; checkpoints "

@@ -5,7 +5,8 @@
 3. the mask grouped into candidates (:mod:`p2ch_luna.diagnose.grouping`);
 4. nodule probability per candidate, averaged over its in-plane mirror images unless
    ``flips`` is off (the mirrors only where the first view's lies in ``flip_band``), one
-   detection per blob, then malignancy probability for those above the nodule threshold (:mod:`p2ch_luna.diagnose.classify`).
+   detection per blob, then malignancy probability for those above the nodule threshold
+   (:mod:`p2ch_luna.diagnose.classify`).
 """
 
 from __future__ import annotations
