@@ -48,6 +48,7 @@ from p2ch_luna.cli import (
     run_command,
 )
 from p2ch_luna.diagnose import report
+from p2ch_luna.diagnose.classify import DEFAULT_FLIP_BAND, parse_flip_band
 from p2ch_luna.diagnose.grouping import GROUPINGS
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
 from p2ch_luna.diagnose.model_set import load_models
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "ones at the lungs' edge also moved towards it), or the book's connected components")
     tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
                         help="average the classifiers over the chunk and its in-plane mirror images")
+    tuning.add_argument("--flip-band", default=",".join(f"{v:g}" for v in DEFAULT_FLIP_BAND), metavar="LOW,HIGH",
+                        help="with --flips: score each candidate on its chunk first and add the mirror images "
+                             "only where that nodule probability lies in [LOW, HIGH] (0,1: all views for all; "
+                             "default %(default)s: the findings of 0,1 on a real CT, docs/benchmarks.md)")
     tuning.add_argument("--nodule-threshold", type=probability, default=0.5,
                         help="calibrated nodule probability from which a candidate is reported as a finding "
                              "(Platt scaling or the temperature training fitted on validation; "
@@ -179,6 +184,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         raise UsageError("--save-mask needs --output DIR")
     if args.output is not None and args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {args.output} exists and is not a folder")
+    flip_band = parse_flip_band(args.flip_band)
     selection = select_series(args, paths)
     info = distributed_info_from_env()
     device = resolve_device(args.device, info)
@@ -187,7 +193,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
-        grouping=args.grouping, flips=args.flips,
+        grouping=args.grouping, flips=args.flips, flip_band=flip_band,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=args.amp,
         lung_margin_mm=args.lung_margin_mm, kernels=args.kernels,

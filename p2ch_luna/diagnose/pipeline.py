@@ -4,8 +4,9 @@
 2. the U-Net on every slice that holds lung (:mod:`p2ch_luna.diagnose.segment`);
 3. the mask grouped into candidates (:mod:`p2ch_luna.diagnose.grouping`);
 4. nodule probability per candidate, averaged over its in-plane mirror images unless
-   ``flips`` is off, one detection per blob, then malignancy probability for those above
-   the nodule threshold (:mod:`p2ch_luna.diagnose.classify`).
+   ``flips`` is off (the mirrors only where the first view's lies in ``flip_band``), one
+   detection per blob, then malignancy probability for those above the nodule threshold
+   (:mod:`p2ch_luna.diagnose.classify`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from p2ch_luna.diagnose.classify import CPU_CLASSIFICATION_BATCH, CUDA_CLASSIFICATION_BATCH, classify_chunks
+from p2ch_luna.diagnose.classify import (
+    CPU_CLASSIFICATION_BATCH,
+    CUDA_CLASSIFICATION_BATCH,
+    DEFAULT_FLIP_BAND,
+    classify_chunks,
+)
 from p2ch_luna.diagnose.grouping import group_candidates, keep_strongest
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM, Lungs, find_lungs
 from p2ch_luna.diagnose.model_set import DiagnosisModels
@@ -43,6 +49,9 @@ class DiagnoseConfig:
     erosion_iterations: int = 1
     grouping: str = "peaks"
     flips: bool = True
+    flip_band: tuple[float, float] = DEFAULT_FLIP_BAND
+    """With ``flips``: the nodule classifier's mirror views only for candidates whose first-view
+    probability lies in [low, high] (0, 1: for all); the malignancy classifier always uses all views."""
     nodule_threshold: float = 0.5
     malignancy_threshold: float = 0.5
     batch_size: int = CPU_SEGMENTATION_BATCH
@@ -104,7 +113,8 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
     batch = CUDA_CLASSIFICATION_BATCH if device.type == "cuda" else CPU_CLASSIFICATION_BATCH
     candidates["nodule_probability"] = classify_chunks(ct.hu, centers, models.nodule.model, batch, device,
                                                        config.amp, config.flips, progress, "nodule classification",
-                                                       models.nodule.temperature, models.nodule.bias)
+                                                       models.nodule.temperature, models.nodule.bias,
+                                                       config.flip_band)
     order = np.argsort(-candidates["nodule_probability"].to_numpy(), kind="mergesort")
     candidates, centers = candidates.iloc[order], centers[order]
     if config.grouping == "peaks":
