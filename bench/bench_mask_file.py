@@ -8,16 +8,17 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from p2ch_luna.io.ct import load_ct, write_metaimage
 from p2ch_luna.io.mask import write_nifti_mask
 from tests.io.test_mask import _nodule_mask
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_mask_file", description=__doc__.splitlines()[0])
     parser.add_argument("ct", type=Path, help="the CT whose shape and geometry the mask takes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     ct = load_ct(args.ct)
     mask = _nodule_mask(ct.hu.shape)
     with tempfile.TemporaryDirectory() as folder:

@@ -173,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Diagnose, holding the lock on ``--output`` (a second run into the same folder is refused)."""
-    with contextlib.nullcontext() if args.output is None else folder_lock(args.output, "--output"):
+    """Diagnose, holding the lock on ``--output`` (a second run into the same folder is refused). Under
+    torchrun only rank 0 takes it: rank 0 alone writes the outputs."""
+    locked = args.output is not None and distributed_info_from_env().is_main
+    with folder_lock(args.output, "--output") if locked else contextlib.nullcontext():
         return _diagnose(args)
 
 
