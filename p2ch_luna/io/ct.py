@@ -157,9 +157,13 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
     try:
         sitk.WriteImage(image, str(path), useCompression=False)
     except RuntimeError as error:
-        reason = next((line.removeprefix("Reason: ") for line in str(error).splitlines()
-                       if line.startswith("Reason: ")), "SimpleITK could not write it")
-        raise OSError(f"{Path(path).name}: {reason}") from error
+        raise OSError(f"{Path(path).name}: {write_failure_reason(error)}") from error
+
+
+def write_failure_reason(error: RuntimeError) -> str:
+    """The one "Reason:" line of a failed ``sitk.WriteImage``'s multi-line ``RuntimeError``."""
+    return next((line.removeprefix("Reason: ") for line in str(error).splitlines()
+                 if line.startswith("Reason: ")), "SimpleITK could not write it")
 
 
 def write_metaimage(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:

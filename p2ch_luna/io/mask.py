@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from p2ch_luna.errors import LunaError
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.io.atomic import atomic_path
-from p2ch_luna.io.ct import to_image
+from p2ch_luna.io.ct import to_image, write_failure_reason
 
 NIFTI_SUFFIX = ".nii.gz"
 
@@ -33,6 +33,4 @@ def write_nifti_mask(mask: np.ndarray, geometry: Geometry, path: str | os.PathLi
         try:
             sitk.WriteImage(image, str(tmp_path), useCompression=True)
         except RuntimeError as error:
-            reason = next((line.removeprefix("Reason: ") for line in str(error).splitlines()
-                           if line.startswith("Reason: ")), "SimpleITK could not write it")
-            raise LunaError(f"could not write {target}: {reason}") from error
+            raise LunaError(f"could not write {target}: {write_failure_reason(error)}") from error

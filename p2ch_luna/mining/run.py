@@ -18,6 +18,7 @@ from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION
 from p2ch_luna.errors import DataError
 from p2ch_luna.evaluation.truth import Truth, luna_annotations, luna_detections, read_truth
 from p2ch_luna.io.ct import Ct, list_series_on_disk, load_ct
+from p2ch_luna.io.digest import file_digest
 from p2ch_luna.metrics.froc import radius_hits
 from p2ch_luna.mining import store
 from p2ch_luna.mining.labels import label_by_radius
@@ -79,7 +80,7 @@ def mine(paths: Paths, segmentation_path: Path, series_uids: Sequence[str], devi
     segmentation_path = Path(segmentation_path)
     if not segmentation_path.is_file():
         raise DataError(f"segmentation checkpoint {segmentation_path} does not exist")
-    key = store.mining_key(store.file_digest(segmentation_path), params, series, store.file_digest(annotations))
+    key = store.mining_key(file_digest(segmentation_path), params, series, file_digest(annotations))
     folder = store.table_folder(paths.cache_dir, key)
     table = store.load_table(folder, key)
     if table is not None:

@@ -32,7 +32,6 @@ META_FILE = "meta.json"
 SERIES_FOLDER = "series"
 KEY_LENGTH = 20
 """Hex digits of the key that name the folder (the full key is in ``meta.json``)."""
-DIGEST_BLOCK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +43,6 @@ class MiningParams:
     erosion_iterations: int = DiagnoseConfig.erosion_iterations
     grouping: str = DiagnoseConfig.grouping
     lung_margin_mm: float = DiagnoseConfig.lung_margin_mm
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(DIGEST_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def series_stamp(path: Path) -> list[Any]:

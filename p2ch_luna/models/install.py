@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from p2ch_luna.errors import DataError, UsageError
+from p2ch_luna.io.digest import file_digest
 from p2ch_luna.models.checkpoint import LoadedCheckpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,6 @@ def source_file_name(source: str) -> str:
     return name
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def install_checkpoint(source: str, sha256: str, models_dir: Path, name: str | None = None) -> LoadedCheckpoint:
     """Copy or download ``source`` to ``models_dir / name`` (default: the source's file name).
 
@@ -68,7 +61,7 @@ def install_checkpoint(source: str, sha256: str, models_dir: Path, name: str | N
         raise UsageError(f"--name {name!r} must be a plain, non-hidden file name")
     target = models_dir / name
     if target.exists():
-        if target.is_file() and file_sha256(target) == expected:
+        if target.is_file() and file_digest(target) == expected:
             log.info("%s is already installed (same sha256)", target)
             return load_checkpoint(target)
         raise DataError(f"{target} already exists with other contents; pass --name NAME to install beside it")
