@@ -20,9 +20,8 @@ ALL_VIEWS_BAND = (0.0, 1.0)
 DEFAULT_FLIP_BAND = (0.02, 1.0)
 """Mirror views only for candidates whose first-view nodule probability is at least 0.02. On the real
 CPTAC CT with the book's classifier a first view of 0.035 still reached 0.5 on the mean of all four, and
-one of 0.92 fell below it, so the band must reach that low and up to 1 to keep the findings of all views;
-it sends 4.5 % of the candidates through the mirrors (``python -m bench.bench_flip_band``,
-docs/benchmarks.md, "Uncertain-band cascade")."""
+one of 0.92 fell below it, so the band must reach that low and up to 1 to keep the findings of all views
+(``python -m bench.bench_flip_band``; figures in docs/benchmarks.md, "Uncertain-band cascade")."""
 MIRROR_VIEWS = 3
 
 

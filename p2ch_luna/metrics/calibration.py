@@ -139,10 +139,9 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float
         scale = 1.0
         while scale > 1e-8 and loss(weights - scale * step) > current:
             scale /= 2
-        updated = weights - scale * step
-        improved = current - loss(updated)
-        weights, current = updated, loss(updated)
-        if improved < 1e-12:
+        weights = weights - scale * step
+        previous, current = current, loss(weights)
+        if previous - current < 1e-12:
             break
     slope, bias = float(weights[0]), float(weights[1])
     low, high = bounds
