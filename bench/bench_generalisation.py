@@ -84,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shifted-slices", type=int, nargs=2, default=[60, 90])
     parser.add_argument("--shifted-seed", type=int, default=99)
     parser.add_argument("--threshold", type=float, default=0.5, help="nodule probability of a finding")
+    parser.add_argument("--diagnose-args", default="", metavar="ARGS",
+                        help="more diagnose options for every run, e.g. '--max-shell-fill 0.3'")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_generalisation_") as tmp:
@@ -110,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sets["cptac"] = ["--ct", str(args.cptac)]
         rows = []
         for name, segmentation, nodule in args.models:
-            models = ["--segmentation-path", str(segmentation), "--classification-path", str(nodule)]
+            models = ["--segmentation-path", str(segmentation), "--classification-path", str(nodule),
+                      *args.diagnose_args.split()]
             for set_name, arguments in sets.items():
                 started = time.perf_counter()
                 report = run_diagnosis([*arguments, *models], work / f"{name}_{set_name}")

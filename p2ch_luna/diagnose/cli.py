@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="candidates at distance-transform peaks of the dense segmented tissue (one per "
                              "blob, also when it touches a vessel; faint ground glass taken at -750 HU; large "
                              "ones at the lungs' edge also moved towards it), or the book's connected components")
+    tuning.add_argument("--max-shell-fill", type=probability, default=None, metavar="FRACTION",
+                        help="--grouping peaks: drop peaks whose sphere at 1.5 times their depth lies more than "
+                             "this fraction in the segmented tissue (tubes: vessels; a nodule's is near 0, a "
+                             "straight vessel's 0.25); default: keep all (docs/benchmarks.md, shell fill)")
     tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
                         help="average the classifiers over the chunk and its in-plane mirror images")
     tuning.add_argument("--flip-band", default=",".join(f"{v:g}" for v in DEFAULT_FLIP_BAND), metavar="LOW,HIGH",
@@ -195,7 +199,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
-        grouping=args.grouping, flips=args.flips, flip_band=flip_band,
+        grouping=args.grouping, max_shell_fill=args.max_shell_fill, flips=args.flips, flip_band=flip_band,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=args.amp,
         lung_margin_mm=args.lung_margin_mm, kernels=args.kernels,

@@ -48,6 +48,8 @@ class DiagnoseConfig:
     segmentation_threshold: float = 0.5
     erosion_iterations: int = 1
     grouping: str = "peaks"
+    max_shell_fill: float | None = None
+    """``--max-shell-fill``: peaks more tube than blob are dropped (None: none)."""
     flips: bool = True
     flip_band: tuple[float, float] = DEFAULT_FLIP_BAND
     """With ``flips``: the nodule classifier's mirror views only for candidates whose first-view
@@ -107,7 +109,7 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
                              config.batch_size, device, config.amp, progress)
     lap("segmentation_s")
     candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations, config.grouping,
-                                  workers=torch.get_num_threads())
+                                  workers=torch.get_num_threads(), max_shell_fill=config.max_shell_fill)
     lap("grouping_s")
     centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
     batch = CUDA_CLASSIFICATION_BATCH if device.type == "cuda" else CPU_CLASSIFICATION_BATCH
