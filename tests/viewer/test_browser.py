@@ -54,8 +54,8 @@ def test_the_page_shows_the_findings_and_jumps_to_a_clicked_one(diagnosed: Path,
         loaded = browser.wait_for("const ct = document.getElementById('ct');"
                                   "return ct.complete && ct.naturalWidth > 0 && ct.naturalWidth")
         assert loaded == series["shape_irc"][2]
-        rows = browser.execute("return [...document.querySelectorAll('#findings tbody tr')].map("
-                               "r => [Number(r.dataset.number), Number(r.dataset.probability), Number(r.dataset.slice)])")
+        rows = browser.execute("return [...document.querySelectorAll('#findings tbody tr')].map(r => "
+                               "[Number(r.dataset.number), Number(r.dataset.probability), Number(r.dataset.slice)])")
         assert [number for number, _, _ in rows] == list(range(1, len(expected) + 1))
         np.testing.assert_allclose([p for _, p, _ in rows], [c["nodule_probability"] for c in expected])
         slices = [min(max(round(c["index"]), 0), series["shape_irc"][0] - 1) for c in expected]
@@ -74,10 +74,10 @@ def test_the_page_shows_the_findings_and_jumps_to_a_clicked_one(diagnosed: Path,
                                 ".map(td => td.textContent)")
         assert truth == ["found" if n["finding"] > 0 else "missed" for n in series["nodules"]]
         assert browser.wait_for("const f = document.getElementById('froc'); return f.complete && f.naturalWidth > 0")
-        lung_table = browser.execute("return document.querySelector('#window-filter feFuncR').getAttribute('tableValues')")
+        window_table = "return document.querySelector('#window-filter feFuncR').getAttribute('tableValues')"
+        lung_table = browser.execute(window_table)
         browser.click("button[data-window='mediastinum']")
-        mediastinum_table = browser.execute(
-            "return document.querySelector('#window-filter feFuncR').getAttribute('tableValues')")
+        mediastinum_table = browser.execute(window_table)
         assert mediastinum_table != lung_table and mediastinum_table.split()[127] == "0.0000"  # -160 HU: black
         browser.click("button[data-window='lung']")
         assert browser.wait_for("return [...document.images].filter(i => i.style.display !== 'none' && i.src)"
@@ -89,7 +89,6 @@ def test_the_page_shows_the_findings_and_jumps_to_a_clicked_one(diagnosed: Path,
     assert errors == []
     pixels = np.asarray(screenshot.crop(tuple(round(v) for v in view)), dtype=np.float64)
     assert pixels.size > 0 and pixels.std() > SCREENSHOT_MIN_STD
-    shutil.copy(diagnosed / PAGE_FILE, tmp_path / "copy.html")  # keeps the page around with tmp_path for a look
 
 
 def test_a_missing_slice_is_a_console_error(diagnosed: Path, tmp_path: Path) -> None:
