@@ -28,12 +28,16 @@ SCREENSHOT_MIN_STD = 20.0
 
 @pytest.fixture(scope="module")
 def diagnosed(tiny_dataset: Path, untrained_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of one annotated synthetic series, diagnosed with untrained models (findings at 0.2)."""
-    uid = pd.read_csv(tiny_dataset / "annotations.csv")["seriesuid"].iloc[0]
+    """The output folder of two annotated synthetic series, diagnosed with untrained models (findings at 0.2),
+    into a folder that holds the page of an earlier run (its slices are replaced)."""
+    uids = pd.read_csv(tiny_dataset / "annotations.csv")["seriesuid"].drop_duplicates().iloc[:2]
     out = tmp_path_factory.mktemp("viewer") / "out"
-    assert diagnose_cli.main(["--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
-                              "--cache-dir", str(out.parent / "cache"), "--series-uid", uid, "--output", str(out),
-                              "--segmentation-threshold", "0.9", "--nodule-threshold", "0.2"]) == 0
+    common = ["--data-root", str(tiny_dataset), "--models-dir", str(untrained_models), "--cache-dir",
+              str(out.parent / "cache"), "--output", str(out), "--segmentation-threshold", "0.9"]
+    assert diagnose_cli.main([*common, "--series-uid", uids.iloc[1]]) == 0
+    assert (out / "viewer" / "series000").is_dir()
+    assert diagnose_cli.main([*common, "--series-uid", ",".join(uids), "--nodule-threshold", "0.2"]) == 0
+    assert not list(out.parent.glob(".out.*")) and not list(out.glob(".*"))  # no staging folder left
     return out
 
 
@@ -43,7 +47,7 @@ def _severe(entries: list[dict]) -> list[str]:
 
 def test_the_page_shows_the_findings_and_jumps_to_a_clicked_one(diagnosed: Path, tmp_path: Path) -> None:
     report = json.loads((diagnosed / REPORT_FILE).read_text())
-    (series,) = report["series"]
+    series, other = report["series"]
     threshold = report["config"]["nodule_threshold"]
     expected = sorted((c for c in series["candidates"] if c["nodule_probability"] >= threshold),
                       key=lambda c: -c["nodule_probability"])
@@ -82,6 +86,12 @@ def test_the_page_shows_the_findings_and_jumps_to_a_clicked_one(diagnosed: Path,
         browser.click("button[data-window='lung']")
         assert browser.wait_for("return [...document.images].filter(i => i.style.display !== 'none' && i.src)"
                                 ".every(i => i.complete && i.naturalWidth > 0)")
+        browser.click("#series option[value='1']")  # the second series: its slices and its findings
+        assert browser.execute("return Number(document.getElementById('slice').max)") == other["shape_irc"][0] - 1
+        assert browser.execute("return document.querySelectorAll('#findings tbody tr').length") == sum(
+            c["nodule_probability"] >= threshold for c in other["candidates"])
+        assert browser.wait_for("const ct = document.getElementById('ct');"
+                                "return ct.complete && ct.src.includes('/viewer/series001/')")
         view = browser.execute("const r = document.getElementById('view').getBoundingClientRect();"
                                "return [r.left, r.top, r.right, r.bottom]")
         screenshot = Image.open(io.BytesIO(browser.screenshot())).convert("L")
