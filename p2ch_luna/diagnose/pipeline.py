@@ -182,7 +182,9 @@ def _diagnose_prepared(prepared: PreparedCt, path: Path, models: DiagnosisModels
     if viewer:
         from p2ch_luna.viewer.slices import encode_ct
 
+        encoding_started = time.perf_counter()
         diagnosis.viewer = encode_ct(ct, lung_mask, nodule_mask)
+        diagnosis.timings["viewer_s"] = time.perf_counter() - encoding_started
     # Work done for this CT, wherever it ran (loading and lungs may have overlapped the previous CT).
     diagnosis.timings["total_s"] = prepared.load_s + prepared.lungs_s + time.perf_counter() - started
     log.info("%s: %d candidates, %d findings in %.1f s", diagnosis.series_uid, len(diagnosis.candidates),

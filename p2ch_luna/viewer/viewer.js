@@ -125,7 +125,7 @@
     showOverlay(el("lung-overlay"), "lung", series.lungSet, el("show-lung"));
     showOverlay(el("nodule-overlay"), "nodule", series.noduleSet, el("show-nodule"));
     const z = series.z_mm ? ` · z ${series.z_mm[index].toFixed(1)} mm` : "";
-    el("slice-label").textContent = `slice ${index} of ${series.shape[0] - 1}${z}`;
+    el("slice-label").textContent = `slice ${index} / ${series.shape[0] - 1}${z}`;
     drawMarks();
     for (const step of [1, -1, 2, -2]) {  // the next slices, so that scrolling does not wait for them
       const next = index + step;
@@ -158,13 +158,15 @@
                                    probability: finding.probability });
       cell(row, `#${finding.number}`);
       cell(row, finding.probability.toFixed(3));
-      cell(row, fmt(finding.malignancy, 3));
+      const malignant = finding.malignancy !== null && finding.malignancy >= data.malignancy_threshold;
+      cell(row, fmt(finding.malignancy, 3), malignant ? "malignant" : "");
       cell(row, finding.diameter_mm.toFixed(1));
       cell(row, xyzText(finding.xyz));
       cell(row, String(sliceOf(finding)));
       row.addEventListener("click", () => { select(finding.number, "findings"); setSlice(sliceOf(finding)); });
       body.append(row);
     }
+    el("no-findings").hidden = findings.length > 0;
     el("findings-count").textContent = `(${findings.length}, nodule p ≥ ${data.nodule_threshold})`;
     const truthBody = el("truth").tBodies[0];
     truthBody.replaceChildren();
