@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port}: ports go up to 65535")
     if not args.serve:
         url = page.resolve().as_uri()
-        if not webbrowser.open(url):
+        if webbrowser.open(url):
+            print(f"opened {url}")
+        else:
             print(f"no web browser found here; open {url}, or serve it with --serve")
         return 0
     with make_server(args.folder, args.port) as server:
