@@ -6,8 +6,8 @@ window's), 128-255 span [-160, 240) HU (the mediastinum window). Both presets
 (lung -600/1500, mediastinum 40/400) clip outside [-1350, 240], so one image
 serves both: the page maps codes to grey with a lookup table built from
 :data:`CODE_SEGMENTS`; the lung window gets 9.3 HU steps, the mediastinum
-window 3.1 HU steps. PNG is lossless; a lossy format would halve the size
-(docs/benchmarks.md, "Viewer page size").
+window 3.1 HU steps. PNG is lossless: lossy WebP at half the size shifts the shown HU
+by up to 100 (docs/benchmarks.md, "Viewer page size").
 
 The masks are 1-bit palette PNGs with a transparent background, one per slice
 that holds any of the mask; slices without are left out.
