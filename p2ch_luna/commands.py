@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("p2ch_luna.training", "train the nodule or malignancy classifier or the segmenter"),
     "mine": ("p2ch_luna.mining", "mine our segmenter's candidates of the training series (hard negatives)"),
     "diagnose": ("p2ch_luna.diagnose", "find nodules in CTs, estimate malignancy, score against truth"),
+    "view": ("p2ch_luna.view", "open a diagnosis' viewer page in a browser, or serve it on localhost"),
     "evaluate": ("p2ch_luna.evaluate", "score a LUNA16 submission (FROC, CPM)"),
     "models": ("p2ch_luna.models.cli", "list checkpoints by what they hold; install one by its sha256"),
     "demo": ("p2ch_luna.demo", "the whole pipeline on synthetic data, in a few minutes"),

@@ -167,9 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("outputs")
     output.add_argument("--output", type=Path, metavar="DIR",
                         help="write report.json, findings.csv (every scored candidate, LUNA16 submission format), "
-                             "nodules.csv (the findings only), a PNG per finding (and froc.png) here")
+                             "nodules.csv (the findings only), a PNG per finding (and froc.png), and the viewer "
+                             "page index.html here")
     output.add_argument("--save-mask", action="store_true", help="with --output: the nodule segmentation mask per series, "
                         "SERIES_mask.nii.gz (gzip NIfTI with the CT's geometry)")
+    output.add_argument("--viewer", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --output: index.html, a static page of each CT's slices (lung and mediastinum "
+                             "windows, lung and nodule masks, findings, truth), its PNGs in viewer/ (about 60 MB "
+                             "for a 512 x 512 x 300 CT, docs/benchmarks.md); open it with python -m p2ch_luna.view "
+                             "DIR. --no-viewer skips it (less memory and time on many CTs)")
     output.add_argument("--annotations-excluded", type=Path, metavar="FILE",
                         help="LUNA16 annotations_excluded.csv for the FROC (default: that file in the data "
                              "root, when it is there)")
@@ -215,7 +221,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     with process_group(info):
         mine = shard(selection, info.rank, info.world_size)
         results = diagnose_series(mine, models, config, device, figures=args.output is not None,
-                                  save_mask=args.save_mask, prefetch=args.prefetch, show_progress=info.is_main)
+                                  save_mask=args.save_mask, prefetch=args.prefetch, show_progress=info.is_main,
+                                  viewer=args.output is not None and args.viewer)
         gathered = gather_to_main(results, info)
     if gathered is None:
         return 0

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,9 @@ from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, segment_ct
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.io.ct import Ct
 from p2ch_luna.kernels.choice import DEFAULT_KERNELS
+
+if TYPE_CHECKING:
+    from p2ch_luna.viewer.slices import ViewerSlices
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class SeriesDiagnosis:
     """PNG bytes per finding, keyed by file name."""
     mask_bits: np.ndarray | None = None
     """The segmentation mask inside the lungs, ``np.packbits``-ed (``--save-mask``)."""
+    viewer: ViewerSlices | None = None
+    """The slices and masks as the viewer page stores them (``--output`` unless ``--no-viewer``)."""
 
 
 
@@ -144,8 +149,8 @@ def findings(diagnosis: SeriesDiagnosis, config: DiagnoseConfig) -> pd.DataFrame
 
 def diagnose_series(selection: Sequence[tuple[str, Path]], models: DiagnosisModels, config: DiagnoseConfig,
                     device: torch.device, figures: bool, save_mask: bool, prefetch: int = 0,
-                    show_progress: bool = True) -> list[SeriesDiagnosis]:
-    """Load and diagnose each CT, rendering the per-finding figures (and the mask) as bytes.
+                    show_progress: bool = True, viewer: bool = False) -> list[SeriesDiagnosis]:
+    """Load and diagnose each CT, rendering the per-finding figures (the mask, the viewer's slices) as bytes.
 
     With ``prefetch`` > 0, that many worker processes load the next CTs and
     find their lungs while this one runs the models (:mod:`p2ch_luna.diagnose.prefetch`).
@@ -157,14 +162,14 @@ def diagnose_series(selection: Sequence[tuple[str, Path]], models: DiagnosisMode
         for (_, path), prepared in tqdm(zip(selection, prepared_all), desc="diagnose", unit="CT",
                                         total=len(selection), disable=not show_progress or stage_bars):
             results.append(_diagnose_prepared(prepared, path, models, config, device, figures, save_mask,
-                                              stage_bars))
+                                              stage_bars, viewer))
     return results
 
 
 def _diagnose_prepared(prepared: PreparedCt, path: Path, models: DiagnosisModels,
                        config: DiagnoseConfig, device: torch.device, figures: bool,
-                       save_mask: bool, progress: bool = False) -> SeriesDiagnosis:
-    """Diagnose one loaded CT whose lungs are found; figures and mask bytes when asked."""
+                       save_mask: bool, progress: bool = False, viewer: bool = False) -> SeriesDiagnosis:
+    """Diagnose one loaded CT whose lungs are found; figures, mask and viewer bytes when asked."""
     from p2ch_luna.diagnose import figures as finding_figures  # matplotlib: only when drawing
 
     started = time.perf_counter()
@@ -176,6 +181,12 @@ def _diagnose_prepared(prepared: PreparedCt, path: Path, models: DiagnosisModels
         diagnosis.figures = finding_figures.render_findings(ct, findings(diagnosis, config), lung_mask)
     if save_mask:
         diagnosis.mask_bits = np.packbits(nodule_mask)
+    if viewer:
+        from p2ch_luna.viewer.slices import encode_ct
+
+        encoding_started = time.perf_counter()
+        diagnosis.viewer = encode_ct(ct, lung_mask, nodule_mask)
+        diagnosis.timings["viewer_s"] = time.perf_counter() - encoding_started
     # Work done for this CT, wherever it ran (loading and lungs may have overlapped the previous CT).
     diagnosis.timings["total_s"] = prepared.load_s + prepared.lungs_s + time.perf_counter() - started
     log.info("%s: %d candidates, %d findings in %.1f s", diagnosis.series_uid, len(diagnosis.candidates),

@@ -33,6 +33,7 @@ from p2ch_luna.evaluation.text import format_confusion_table, format_froc
 from p2ch_luna.evaluation.truth import Truth, luna_detections
 from p2ch_luna.io.mask import NIFTI_SUFFIX, write_nifti_mask
 from p2ch_luna.metrics.froc import FrocResult
+from p2ch_luna.viewer.page import PAGE_FILE, SLICES_FOLDER, write_viewer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ OUTPUT_FILES = {
     NODULES_FILE: "the findings only (nodule probability at or above the threshold): probabilities, diameter, "
                   "world centre (mm) and voxel centre (index, row, col)",
     "SERIES" + MASK_SUFFIX: "with --save-mask: the nodule segmentation mask, gzip NIfTI with the CT's geometry",
+    PAGE_FILE: f"unless --no-viewer: a page of the slices, masks, findings and truth, with its PNGs in "
+               f"{SLICES_FOLDER}/ (python -m p2ch_luna.view DIR)",
 }
 FROC_FILE = "froc.png"
 
@@ -237,11 +240,15 @@ def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: 
             plot_froc(scores.froc, staging / FROC_FILE)
         (staging / FINDINGS_FILE).write_text(findings_csv(results))
         (staging / NODULES_FILE).write_text(nodules_csv(results, config))
+        if any(result.viewer is not None for result in results):
+            write_viewer(staging, results, scores, config, FROC_FILE if scores.froc is not None else None)
         (staging / REPORT_FILE).write_text(json.dumps(report_dict(results, scores, summary), indent=2) + "\n")
         output_dir.mkdir(exist_ok=True)
-        # The report, which names the other files, last.
-        names = sorted(os.listdir(staging), key=lambda n: (n == REPORT_FILE, n))
+        # The page after its slices; the report, which names the other files, last.
+        names = sorted(os.listdir(staging), key=lambda n: (n == REPORT_FILE, n == PAGE_FILE, n))
         for name in names:
+            if name == SLICES_FOLDER and (output_dir / name).is_dir():  # a folder replaces only an empty one
+                os.replace(output_dir / name, staging / f".previous-{name}")
             os.replace(staging / name, output_dir / name)
     except OSError as error:
         raise LunaError(f"could not write the outputs to {output_dir}: {error.strerror or error}") from error
