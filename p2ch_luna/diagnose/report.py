@@ -26,6 +26,7 @@ import pandas as pd
 
 from p2ch_luna import RESEARCH_NOTICE
 from p2ch_luna.diagnose.pipeline import DiagnoseConfig, SeriesDiagnosis, findings
+from p2ch_luna.diagnose.viewer_page import write_viewer
 from p2ch_luna.errors import LunaError
 from p2ch_luna.evaluation.figures import plot_froc
 from p2ch_luna.evaluation.scoring import luna_froc, series_confusion, truth_matches
@@ -33,7 +34,7 @@ from p2ch_luna.evaluation.text import format_confusion_table, format_froc
 from p2ch_luna.evaluation.truth import Truth, luna_detections
 from p2ch_luna.io.mask import NIFTI_SUFFIX, write_nifti_mask
 from p2ch_luna.metrics.froc import FrocResult
-from p2ch_luna.viewer.page import PAGE_FILE, SLICES_FOLDER, write_viewer
+from p2ch_luna.viewer.page import PAGE_FILE, SLICES_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: 
         (staging / FINDINGS_FILE).write_text(findings_csv(results))
         (staging / NODULES_FILE).write_text(nodules_csv(results, config))
         if any(result.viewer is not None for result in results):
-            write_viewer(staging, results, scores, config, FROC_FILE if scores.froc is not None else None)
+            write_viewer(staging, results, scores.nodules_of, scores.froc, config, FROC_FILE if scores.froc is not None else None)
         (staging / REPORT_FILE).write_text(json.dumps(report_dict(results, scores, summary), indent=2) + "\n")
         output_dir.mkdir(exist_ok=True)
         # The page after its slices; the report, which names the other files, last.
