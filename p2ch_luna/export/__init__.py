@@ -1,0 +1,20 @@
+"""Exported models: ``python -m p2ch_luna.export CHECKPOINT --format torchscript|onnx OUT``, and onnxruntime's run
+of an exported file for diagnosis (:mod:`p2ch_luna.export.runtime`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def build_parser():  # noqa: ANN201 (argparse is imported on call, like the command)
+    """The command's parser (for ``--help`` walkers such as tests/test_options.py)."""
+    from p2ch_luna.export.cli import build_parser as parser
+
+    return parser()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``python -m p2ch_luna.export`` command (imported on call, so importing the package stays light)."""
+    from p2ch_luna.export.cli import main as run
+
+    return run(argv)
