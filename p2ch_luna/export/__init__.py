@@ -3,10 +3,13 @@ of an exported file for diagnosis (:mod:`p2ch_luna.export.runtime`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import argparse
 
 
-def build_parser():  # noqa: ANN201 (argparse is imported on call, like the command)
+def build_parser() -> argparse.ArgumentParser:
     """The command's parser (for ``--help`` walkers such as tests/test_options.py)."""
     from p2ch_luna.export.cli import build_parser as parser
 

@@ -13,9 +13,11 @@ import torch
 
 from p2ch_luna.diagnose import cli as diagnose_cli
 from p2ch_luna.diagnose.report import REPORT_FILE
+from p2ch_luna.errors import DataError
 from p2ch_luna.export import main as export_main
 from p2ch_luna.export.exporters import example_input
 from p2ch_luna.export.metadata import METADATA_KEY
+from p2ch_luna.export.runtime import load_onnx_checkpoint
 from p2ch_luna.export.verify import LOGIT_ATOL, LOGIT_RTOL, PROBABILITY_TOLERANCE
 from p2ch_luna.io.ct import list_series_on_disk
 from p2ch_luna.models import build_model, load_checkpoint
@@ -93,6 +95,11 @@ def test_onnx_export_of_each_kind_agrees_with_torch_at_batch_1_and_3_and_keeps_t
     else:
         assert metadata["input_shape"] == [8, 16, 16]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.name, out.name])  # no staging left
+    exported = load_onnx_checkpoint(out, task)  # the file alone, as a server would load it
+    assert (exported.task, exported.temperature, exported.bias, exported.epoch) == (task, *expected, 3)
+    assert getattr(exported.model, "input_shape", None) == (None if task == "segmentation" else (8, 16, 16))
+    with pytest.raises(DataError, match=f"is a {task} model, expected"):
+        load_onnx_checkpoint(out, "nodule" if task != "nodule" else "segmentation")
 
 
 @pytest.mark.parametrize("task", SMALL_MODELS)
