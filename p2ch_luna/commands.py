@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagnose": ("p2ch_luna.diagnose", "find nodules in CTs, estimate malignancy, score against truth"),
     "view": ("p2ch_luna.view", "open a diagnosis' viewer page in a browser, or serve it on localhost"),
     "evaluate": ("p2ch_luna.evaluate", "score a LUNA16 submission (FROC, CPM)"),
+    "export": ("p2ch_luna.export", "export a checkpoint to ONNX or TorchScript (dynamic batch, calibration kept)"),
     "models": ("p2ch_luna.models.cli", "list checkpoints by what they hold; install one by its sha256"),
     "demo": ("p2ch_luna.demo", "the whole pipeline on synthetic data, in a few minutes"),
 }

@@ -51,7 +51,7 @@ from p2ch_luna.diagnose import report
 from p2ch_luna.diagnose.classify import DEFAULT_FLIP_BAND, parse_flip_band
 from p2ch_luna.diagnose.grouping import GROUPINGS
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
-from p2ch_luna.diagnose.model_set import load_models
+from p2ch_luna.diagnose.model_set import RUNTIMES, load_models
 from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_series
 from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION_BATCH
 from p2ch_luna.diagnose.selection import validation_selection
@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                               f"{CUDA_SEGMENTATION_BATCH} on CUDA)")
     add_device_argument(running)
     add_kernels_argument(running)
+    running.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                         help="run the models in PyTorch, or as ONNX in onnxruntime on the CPU (the [onnx] extra): "
+                              "each checkpoint is exported on first use into --cache-dir/onnx, checked against "
+                              "PyTorch, and reused while the checkpoint is unchanged (file name: its SHA-256); "
+                              "same findings, probabilities within 1e-3 (docs/benchmarks.md)")
     running.add_argument("--prefetch", type=non_negative_int, default=0, metavar="N",
                          help="with several CTs: N worker processes load the next CTs and find their lungs "
                               "while the models run on the current one (default 0: one CT at a time, all in "
@@ -199,7 +204,10 @@ def _diagnose(args: argparse.Namespace) -> int:
     flip_band = parse_flip_band(args.flip_band)
     selection = select_series(args, paths)
     info = distributed_info_from_env()
-    device = resolve_device(args.device, info)
+    device = resolve_device("cpu" if args.runtime == "onnx" and args.device == "auto" else args.device, info)
+    if args.runtime == "onnx" and (device.type != "cpu" or args.amp):
+        raise UsageError(f"--runtime onnx runs float32 on the CPU: it does not go with "
+                         f"{'--amp' if args.amp else '--device ' + args.device}")
     warn_if_emulated(args.amp, device)
     check_kernels(args.kernels, device)
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
@@ -208,10 +216,10 @@ def _diagnose(args: argparse.Namespace) -> int:
         grouping=args.grouping, max_shell_fill=args.max_shell_fill, flips=args.flips, flip_band=flip_band,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=args.amp,
-        lung_margin_mm=args.lung_margin_mm, kernels=args.kernels,
+        lung_margin_mm=args.lung_margin_mm, kernels=args.kernels, runtime=args.runtime,
     )
     models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path,
-                         device).select_kernels(config.kernels)
+                         device, args.runtime).select_kernels(config.kernels)
     if args.validation:
         selection = validation_selection(selection, list_series_on_disk(paths.require_data_root()),
                                          vars(models), include_train=args.include_train,

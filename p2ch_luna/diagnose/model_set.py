@@ -56,10 +56,17 @@ class DiagnosisModels:
 
 
 
+RUNTIMES = ("torch", "onnx")
+"""``--runtime``: the checkpoints in PyTorch, or their ONNX exports in onnxruntime (CPU)."""
+
+
 def load_models(paths: Paths, segmentation_path: Path | None, classification_path: Path | None,
-                malignancy_path: Path | None, device: torch.device) -> DiagnosisModels:
+                malignancy_path: Path | None, device: torch.device, runtime: str = "torch") -> DiagnosisModels:
     """Load the three models: given files, else the newest checkpoint of each task in the models folder,
-    recognised by its contents whatever the file is called (:mod:`p2ch_luna.models.catalog`)."""
+    recognised by its contents whatever the file is called (:mod:`p2ch_luna.models.catalog`).
+
+    With ``runtime`` onnx each is run from its ONNX export under ``--cache-dir``/onnx, exported and checked
+    against PyTorch the first time (:func:`p2ch_luna.export.files.cached_onnx`)."""
     found: dict[str, CheckpointSummary] | None = None
 
     def resolve(path: Path | None, task: str, flag: str, required: bool) -> Path | None:
@@ -83,11 +90,20 @@ def load_models(paths: Paths, segmentation_path: Path | None, classification_pat
     segmentation_file = resolve(segmentation_path, "segmentation", "--segmentation-path", True)
     nodule_file = resolve(classification_path, "nodule", "--classification-path", True)
     malignancy_file = resolve(malignancy_path, "malignancy", "--malignancy-path", False)
+
+    def load(path: Path, task: str) -> LoadedCheckpoint:
+        if runtime == "torch":
+            return load_checkpoint(path, task, map_location=device)
+        from p2ch_luna.export.files import cached_onnx
+        from p2ch_luna.export.runtime import OnnxModel
+
+        exported = cached_onnx(path, task, paths.cache_dir)  # the checkpoint's split and calibration are kept
+        return dataclasses.replace(load_checkpoint(path, task), path=exported, model=OnnxModel(exported))
+
     models = DiagnosisModels(
-        segmentation=load_checkpoint(segmentation_file, "segmentation", map_location=device),
-        nodule=load_checkpoint(nodule_file, "nodule", map_location=device),
-        malignancy=None if malignancy_file is None else load_checkpoint(malignancy_file, "malignancy",
-                                                                          map_location=device),
+        segmentation=load(segmentation_file, "segmentation"),
+        nodule=load(nodule_file, "nodule"),
+        malignancy=None if malignancy_file is None else load(malignancy_file, "malignancy"),
     )
     if models.malignancy is None:
         log.info("no malignancy model: malignancy is not estimated")

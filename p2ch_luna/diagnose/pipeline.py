@@ -64,6 +64,8 @@ class DiagnoseConfig:
     lung_margin_mm: float = DEFAULT_MARGIN_MM
     kernels: str = DEFAULT_KERNELS
     """``--kernels``: the classifiers' small convolutions by torch (cuDNN) or by the Triton kernels (CUDA)."""
+    runtime: str = "torch"
+    """``--runtime``: the models in PyTorch or their ONNX exports in onnxruntime."""
 
 
 
