@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -96,9 +97,13 @@ def run(args: argparse.Namespace) -> int:
         host, port = listener.getsockname()[:2]
         print(f"serving on http://{host}:{port}/ (work folder {work_dir}; Ctrl-C stops)", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), log_config=None))
+        # uvicorn stops on SIGTERM, then raises it again under the handler it found: a no-op one lets this
+        # process leave its with blocks (the --work-dir lock is removed) and exit 0.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
         try:
             server.run(sockets=[listener])
         finally:
+            signal.signal(signal.SIGTERM, previous)
             service.close()
     return 0
 

@@ -72,6 +72,8 @@ def server(untrained_models: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         process.terminate()
         process.wait(timeout=30)
+    assert process.returncode == 0  # SIGTERM: a clean stop,
+    assert not (work.parent / f".{work.name}.lock").exists()  # which removed the --work-dir lock
 
 
 def _post(url: str, files: list[tuple[str, bytes]], timeout: float = 120) -> httpx.Response:
