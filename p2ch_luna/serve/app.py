@@ -26,6 +26,11 @@ def create_app(service: DiagnosisService, max_upload_bytes: int) -> FastAPI:
         log.info("refused %s %s: %s", request.method, request.url.path, error)
         return JSONResponse({"detail": str(error)}, status_code=error.status)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:  # logged with its traceback by uvicorn
+        return JSONResponse({"detail": f"internal error ({type(error).__name__}): see the server's log"},
+                            status_code=500)
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "device": str(service.device), "models": service.models.describe()}
