@@ -13,7 +13,8 @@ import pytest
 from p2ch_luna.commands import COMMANDS
 
 PARSER_MODULES = {"synth": "p2ch_luna.synth.generator", "implant": "p2ch_luna.synth.implant",
-                  "mine": "p2ch_luna.mining.cli", "diagnose": "p2ch_luna.diagnose.cli"}
+                  "mine": "p2ch_luna.mining.cli", "diagnose": "p2ch_luna.diagnose.cli",
+                  "serve": "p2ch_luna.serve.cli"}
 """Command -> module holding its ``build_parser`` where that is not the command's own module."""
 
 SINGLE_SERIES = {"implant"}
