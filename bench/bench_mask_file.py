@@ -12,7 +12,7 @@ from typing import Sequence
 
 from p2ch_luna.io.ct import load_ct, write_metaimage
 from p2ch_luna.io.mask import write_nifti_mask
-from tests.io.test_mask import _nodule_mask
+from p2ch_luna.synth.masks import sample_nodule_mask
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("ct", type=Path, help="the CT whose shape and geometry the mask takes")
     args = parser.parse_args(argv)
     ct = load_ct(args.ct)
-    mask = _nodule_mask(ct.hu.shape)
+    mask = sample_nodule_mask(ct.hu.shape)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         write_metaimage(mask, ct.geometry, folder / "mask.mhd")
