@@ -23,7 +23,7 @@ def _frame_positions(ds) -> np.ndarray:
 
 def test_seg_of_a_synthetic_ct_holds_the_mask_at_its_slices(tmp_path: Path) -> None:
     direction = np.array([[1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]])
-    geometry = Geometry(np.array([-120.0, 80.0, -300.0]), np.array([0.7, 0.7, 2.5]), direction, (12, 40, 48))
+    geometry = Geometry(np.array([-120.0, 80.0, -300.0]), np.array([0.7, 0.7, 2.5]), direction, (12, 41, 47))  # frames of 1927 bits: not byte aligned
     mask = np.zeros(geometry.shape_irc, dtype=np.uint8)
     mask[3:6, 10:17, 20:25] = 1
     mask[9, 30, 40] = 1
@@ -36,6 +36,7 @@ def test_seg_of_a_synthetic_ct_holds_the_mask_at_its_slices(tmp_path: Path) -> N
     expected = geometry.irc_to_xyz(np.array([[i, 0, 0] for i in (3, 4, 5, 9)]))
     np.testing.assert_allclose(_frame_positions(ds), expected, atol=1e-6)
     np.testing.assert_array_equal(read_seg_mask(path, geometry.shape_irc, geometry), mask)
+    np.testing.assert_array_equal(ds.pixel_array, mask[[3, 4, 5, 9]])  # pydicom's own decoder agrees
     segment = ds.SegmentSequence[0]
     assert segment.SegmentLabel == "Nodule" and segment.SegmentAlgorithmType == "AUTOMATIC"
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
@@ -45,7 +46,7 @@ def test_seg_of_a_synthetic_ct_holds_the_mask_at_its_slices(tmp_path: Path) -> N
     assert "ReferencedSeriesSequence" not in ds
     assert not list(tmp_path.glob(".*"))  # no temporary file left
     image = sitk.ReadImage(str(path))  # SimpleITK (GDCM) reads the frames as one image
-    assert image.GetSize() == (48, 40, 4)
+    assert image.GetSize() == (47, 41, 4)
     assert np.count_nonzero(sitk.GetArrayFromImage(image)) == np.count_nonzero(mask)
 
 
