@@ -227,6 +227,8 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
             _close_writers(writers)
             writers = {}
             outputs.remove()
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, TrainingInterrupted):
+            raise TrainingInterrupted(last_path if info.is_main and last_path.exists() else None) from error
         raise
     finally:
         if writers:
@@ -245,6 +247,14 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         best_score=best_score,
         val_metrics=val_metrics,
     )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``last_path`` is its last checkpoint (to ``--resume``), None when it wrote none."""
+
+    def __init__(self, last_path: Path | None) -> None:
+        super().__init__()
+        self.last_path = last_path
 
 
 @dataclasses.dataclass(frozen=True)
