@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
-from p2ch_luna.data.series_split import SPLIT_KEY, split_record
+from p2ch_luna.data.series_split import SPLIT_KEY, check_resumed_split, recorded_split, split_record
 from p2ch_luna.distributed import (
     DistributedInfo,
     barrier,
@@ -169,6 +169,8 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                      spec.model_name, spec.model_kwargs)
         train_loader = task.train_loader()
         val_loader = task.val_loader()
+        if resumed is not None:
+            check_resumed_split(recorded_split(resumed, config.resume), task.series_split(), config.resume)
         for epoch in range(start_epoch, config.epochs + 1):
             set_sampler_epoch(train_loader, epoch)
             task.set_epoch(epoch)

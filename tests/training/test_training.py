@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -100,6 +101,23 @@ def test_resume_continues_to_the_same_weights(tiny_dataset: Path, tmp_path: Path
         assert torch.allclose(value.float(), resumed.model.state_dict()[name].float(), atol=1e-6), name
     # The same run folder was continued, not a new one.
     assert len(list((tmp_path / "split" / "runs" / "p2ch_luna").glob("*-trn-*"))) == 1
+
+
+def test_resume_refuses_when_the_datas_split_changed(tiny_dataset: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    assert training.main(tiny_args(data, tmp_path / "run", "--epochs", "1")) == 0
+    first = only_file(tmp_path / "run" / "models", "*.last.state")
+    removed = sorted(data.glob("subset*/*.mhd"))[0]
+    removed.unlink()
+    removed.with_suffix(".raw").unlink()
+    capsys.readouterr()
+    resume_args = tiny_args(data, tmp_path / "run", "--epochs", "2", "--resume", str(first))
+    assert training.main(resume_args) != 0
+    stderr = capsys.readouterr().err
+    assert f"--resume {first}: the data's series split differs" in stderr and "1 missing" in stderr
+    assert load_checkpoint(first).epoch == 1
 
 
 def test_interrupt_keeps_the_last_completed_epoch(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
