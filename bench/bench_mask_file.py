@@ -1,4 +1,4 @@
-"""Size of the diagnose nodule-mask file for one CT: uncompressed MetaImage against gzip NIfTI.
+"""Size of the diagnose nodule-mask file for one CT: uncompressed MetaImage against gzip NIfTI and DICOM-SEG.
 
 Usage: python -m bench.bench_mask_file CT (a DICOM folder, .mhd or .nii.gz)
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from p2ch_luna.io.ct import load_ct, write_metaimage
+from p2ch_luna.io.dicom_seg import read_dicom_source, write_dicom_seg
 from p2ch_luna.io.mask import write_nifti_mask
 from p2ch_luna.synth.masks import sample_nodule_mask
 
@@ -27,8 +28,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_nifti_mask(mask, ct.geometry, folder / "mask.nii.gz")
         metaimage = (folder / "mask.mhd").stat().st_size + (folder / "mask.raw").stat().st_size
         nifti = (folder / "mask.nii.gz").stat().st_size
+        source = read_dicom_source(args.ct, ct.series_uid, ct.geometry) if args.ct.is_dir() else None
+        write_dicom_seg(mask, ct.geometry, folder / "mask.dcm", source)
+        seg = (folder / "mask.dcm").stat().st_size
     print(f"shape {ct.hu.shape}, {int(mask.sum())} mask voxels: .mhd+.raw {metaimage:,} bytes, "
-          f".nii.gz {nifti:,} bytes")
+          f".nii.gz {nifti:,} bytes, DICOM-SEG {seg:,} bytes")
 
 
 if __name__ == "__main__":
