@@ -86,7 +86,8 @@ def read_dicom_source(folder: str | os.PathLike, series_uid: str, geometry: Geom
     first = None
     for file_name in files:
         header = pydicom.dcmread(file_name, stop_before_pixels=True)
-        first = first or header
+        if first is None:
+            first = header
         if "ImagePositionPatient" not in header:
             raise DataError(f"DICOM file {file_name} has no Image Position (Patient)")
         continuous = geometry.xyz_to_irc_continuous([float(v) for v in header.ImagePositionPatient])
