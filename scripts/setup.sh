@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (idempotent) and installs p2ch_luna with its dev, onnx and serve extras, plus its triton extra where it is used.
+# Creates .venv (idempotent) and installs p2ch_luna with its dev, onnx, serve and dicom extras, plus its triton extra where it is used.
 #
 # torch: the versions the package metadata allows (setup.cfg), the newest CPU build (a "+cpu" version) that pip
 # can see where this machine has no NVIDIA GPU, else pip's choice. P2CH_TORCH_SPEC chooses another build, e.g.
@@ -45,10 +45,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086
     .venv/bin/pip install --quiet $spec
 fi
-extras=dev,onnx,serve
+extras=dev,onnx,serve,dicom  # onnx: --runtime onnx, export; serve: the HTTP service; dicom: pydicom, --mask-format dicom-seg
 case "${P2CH_WITH_TRITON:-auto}" in
-    1) extras=dev,onnx,serve,triton ;;
+    1) extras=$extras,triton ;;
     0) ;;
-    *) if cuda_machine; then extras=dev,onnx,serve,triton; fi ;;
+    *) if cuda_machine; then extras=$extras,triton; fi ;;
 esac
 .venv/bin/pip install --quiet -e ".[$extras]"

@@ -110,3 +110,22 @@ def recorded_split(raw: Mapping[str, Any], source: object) -> SeriesSplit | None
     if record.get("series_sha256") not in (None, split.series_sha256):
         raise DataError(f"{source}: its {SPLIT_KEY} lists do not match their series_sha256")
     return split
+
+
+def check_resumed_split(recorded: SeriesSplit | None, current: SeriesSplit | None, source: object) -> None:
+    """Refuse to resume (:class:`DataError` naming ``source``, the checkpoint) when this run's split differs
+    from the recorded one: a different stride, or series added, missing or moved between the two lists.
+    Nothing to compare (an older checkpoint, a task without a split) passes."""
+    if recorded is None or current is None:
+        return
+    if recorded.val_stride != current.val_stride:
+        raise DataError(f"--resume {source}: the checkpoint's split has --val-stride {recorded.val_stride}, "
+                        f"this run's {current.val_stride}")
+    if recorded.train_series == current.train_series and recorded.validation_series == current.validation_series:
+        return
+    before = set(recorded.train_series) | set(recorded.validation_series)
+    now = set(current.train_series) | set(current.validation_series)
+    moved = sum(recorded.role(uid) != current.role(uid) for uid in before & now)
+    raise DataError(f"--resume {source}: the data's series split differs from the one the checkpoint recorded "
+                    f"({len(now - before)} series added, {len(before - now)} missing, {moved} changed role); "
+                    "resume with the data it was trained on")

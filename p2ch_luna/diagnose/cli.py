@@ -66,6 +66,7 @@ from p2ch_luna.distributed import (
 from p2ch_luna.errors import DataError, UsageError
 from p2ch_luna.evaluation.truth import read_truth
 from p2ch_luna.io.ct import find_series_path, list_series_on_disk
+from p2ch_luna.io.dicom_seg import require_pydicom
 from p2ch_luna.io.lock import folder_lock
 from p2ch_luna.kernels.choice import add_kernels_argument, check_kernels
 from p2ch_luna.paths import Paths, paths_from_args
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "windows, lung and nodule masks, findings, truth), its PNGs in viewer/ (about 60 MB "
                              "for a 512 x 512 x 300 CT, docs/benchmarks.md); open it with python -m p2ch_luna.view "
                              "DIR. --no-viewer skips it (less memory and time on many CTs)")
+    output.add_argument("--mask-format", choices=report.MASK_FORMATS, default=None,
+                        help="with --output (implies --save-mask): nifti (SERIES_mask.nii.gz, the default), "
+                             "dicom-seg (SERIES_mask.dcm, a binary DICOM Segmentation of the slices that hold "
+                             "mask voxels, referencing the CT's study, series and slices when the CT is a DICOM "
+                             "folder; needs pydicom, the [dicom] extra) or both")
     output.add_argument("--annotations-excluded", type=Path, metavar="FILE",
                         help="LUNA16 annotations_excluded.csv for the FROC (default: that file in the data "
                              "root, when it is there)")
@@ -197,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     paths = paths_from_args(args)
+    if args.mask_format is not None:
+        args.save_mask = True
+        if args.mask_format != "nifti":
+            require_pydicom()
     if args.save_mask and args.output is None:
         raise UsageError("--save-mask needs --output DIR")
     if args.output is not None and args.output.exists() and not args.output.is_dir():
@@ -242,7 +252,7 @@ def _diagnose(args: argparse.Namespace) -> int:
                              world_size=info.world_size, wall_s=time.perf_counter() - started)
     print(report.format_report(results, scores, config, summary))
     if args.output is not None:
-        report.write_outputs(args.output, results, scores, config, summary)
+        report.write_outputs(args.output, results, scores, config, summary, args.mask_format or "nifti")
         log.info("wrote the report to %s", args.output)
     return 0
 

@@ -3,7 +3,8 @@
 findings.csv is the LUNA16 submission file: every scored candidate with its
 nodule probability. nodules.csv holds only the findings (candidates at or above
 the nodule threshold) with their malignancy, diameter and world and voxel centre.
-The mask is gzip NIfTI with the CT's geometry.
+The mask is gzip NIfTI with the CT's geometry, and/or a DICOM-SEG (``--mask-format``) that
+references the CT's series when the CT was a DICOM folder (:mod:`p2ch_luna.io.dicom_seg`).
 
 Files are staged in a temporary folder next to the output folder and then moved
 in one by one with ``os.replace``: an error before the move leaves the output
@@ -32,6 +33,7 @@ from p2ch_luna.evaluation.figures import plot_froc
 from p2ch_luna.evaluation.scoring import luna_froc, series_confusion, truth_matches
 from p2ch_luna.evaluation.text import format_confusion_table, format_froc
 from p2ch_luna.evaluation.truth import Truth, luna_detections
+from p2ch_luna.io.dicom_seg import DCM_SUFFIX, read_dicom_source, write_dicom_seg
 from p2ch_luna.io.mask import NIFTI_SUFFIX, write_nifti_mask
 from p2ch_luna.metrics.froc import FrocResult
 from p2ch_luna.viewer.page import PAGE_FILE, SLICES_FOLDER
@@ -42,6 +44,8 @@ REPORT_FILE = "report.json"
 FINDINGS_FILE = "findings.csv"
 NODULES_FILE = "nodules.csv"
 MASK_SUFFIX = "_mask" + NIFTI_SUFFIX
+SEG_SUFFIX = "_mask" + DCM_SUFFIX
+MASK_FORMATS = ("nifti", "dicom-seg", "both")
 NODULE_COLUMNS = ["seriesuid", "finding", "nodule_probability", "malignancy_probability", "diameter_mm",
                   "center_x", "center_y", "center_z", "index", "row", "col"]
 OUTPUT_FILES = {
@@ -51,6 +55,8 @@ OUTPUT_FILES = {
     "SERIES" + MASK_SUFFIX: "with --save-mask: the nodule segmentation mask, gzip NIfTI with the CT's geometry",
     PAGE_FILE: f"unless --no-viewer: a page of the slices, masks, findings and truth, with its PNGs in "
                f"{SLICES_FOLDER}/ (python -m p2ch_luna.view DIR)",
+    "SERIES" + SEG_SUFFIX: "with --mask-format dicom-seg or both: the nodule segmentation mask as DICOM-SEG "
+                           "(referencing the CT's series when it was DICOM)",
 }
 FROC_FILE = "froc.png"
 
@@ -223,8 +229,11 @@ def nodules_csv(results: Sequence[SeriesDiagnosis], config: DiagnoseConfig) -> s
 
 
 def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: Scores, config: DiagnoseConfig,
-                  summary: Summary) -> None:
-    """Write every output into a staging folder, then move each file into ``output_dir``."""
+                  summary: Summary, mask_format: str = "nifti") -> None:
+    """Write every output into a staging folder, then move each file into ``output_dir``.
+
+    ``mask_format`` (one of ``MASK_FORMATS``) picks the mask files of the results that hold a mask.
+    """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -236,7 +245,7 @@ def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: 
             for name, data in result.figures.items():
                 (staging / name).write_bytes(data)
             if result.mask_bits is not None:
-                _write_mask(staging / f"{result.series_uid}{MASK_SUFFIX}", result)
+                _write_mask(staging, result, mask_format)
         if scores.froc is not None:
             plot_froc(scores.froc, staging / FROC_FILE)
         (staging / FINDINGS_FILE).write_text(findings_csv(results))
@@ -257,7 +266,12 @@ def write_outputs(output_dir: Path, results: Sequence[SeriesDiagnosis], scores: 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_mask(path: Path, result: SeriesDiagnosis) -> None:
+def _write_mask(folder: Path, result: SeriesDiagnosis, mask_format: str) -> None:
     count = int(np.prod(result.shape_irc))
     mask = np.unpackbits(result.mask_bits, count=count).reshape(result.shape_irc)
-    write_nifti_mask(mask, result.geometry, path)
+    if mask_format in ("nifti", "both"):
+        write_nifti_mask(mask, result.geometry, folder / f"{result.series_uid}{MASK_SUFFIX}")
+    if mask_format in ("dicom-seg", "both"):
+        source = Path(result.source)
+        dicom = read_dicom_source(source, result.series_uid, result.geometry) if source.is_dir() else None
+        write_dicom_seg(mask, result.geometry, folder / f"{result.series_uid}{SEG_SUFFIX}", dicom)

@@ -58,7 +58,7 @@ from p2ch_luna.training.config import (
     OPTIMIZERS,
     TrainConfig,
 )
-from p2ch_luna.training.loop import run_training
+from p2ch_luna.training.loop import TrainingInterrupted, run_training
 from p2ch_luna.training.tasks import TASK_CLASSES, Task, get_task_class
 
 log = logging.getLogger(__name__)
@@ -243,9 +243,15 @@ def _body(args: argparse.Namespace) -> int:
     config = config_from_args(args, task_class)
     try:
         result = run_training(config)
+    except TrainingInterrupted as stop:
+        if stop.last_path is not None:
+            print(f"p2ch_luna.training: interrupted; the last completed epoch's checkpoint is kept: {stop.last_path} "
+                  "(continue with --resume)", file=sys.stderr)
+        else:
+            print("p2ch_luna.training: interrupted before the first checkpoint; none was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("p2ch_luna.training: interrupted; the last completed epoch's checkpoint is kept "
-              "(continue with --resume <its .last.state>)", file=sys.stderr)
+        print("p2ch_luna.training: interrupted before training began; no checkpoint was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result is not None:
         print(f"best checkpoint: {result.best_path}")

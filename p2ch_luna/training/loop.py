@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from p2ch_luna.data.sampling import make_generator, set_sampler_epoch
-from p2ch_luna.data.series_split import SPLIT_KEY, split_record
+from p2ch_luna.data.series_split import SPLIT_KEY, check_resumed_split, recorded_split, split_record
 from p2ch_luna.distributed import (
     DistributedInfo,
     barrier,
@@ -169,6 +169,8 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                      spec.model_name, spec.model_kwargs)
         train_loader = task.train_loader()
         val_loader = task.val_loader()
+        if resumed is not None:
+            check_resumed_split(recorded_split(resumed, config.resume), task.series_split(), config.resume)
         for epoch in range(start_epoch, config.epochs + 1):
             set_sampler_epoch(train_loader, epoch)
             task.set_epoch(epoch)
@@ -227,6 +229,8 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
             _close_writers(writers)
             writers = {}
             outputs.remove()
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, TrainingInterrupted):
+            raise TrainingInterrupted(last_path if info.is_main and last_path.exists() else None) from error
         raise
     finally:
         if writers:
@@ -245,6 +249,14 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         best_score=best_score,
         val_metrics=val_metrics,
     )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``last_path`` is its last checkpoint (to ``--resume``), None when it wrote none."""
+
+    def __init__(self, last_path: Path | None) -> None:
+        super().__init__()
+        self.last_path = last_path
 
 
 @dataclasses.dataclass(frozen=True)

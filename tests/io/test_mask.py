@@ -13,22 +13,13 @@ from p2ch_luna.errors import LunaError
 from p2ch_luna.geometry import Geometry
 from p2ch_luna.io.ct import load_ct, write_metaimage
 from p2ch_luna.io.mask import write_nifti_mask
-
-
-def _nodule_mask(shape: tuple[int, int, int]) -> np.ndarray:
-    """Mostly zeros, as a nodule mask is: two balls of a few hundred voxels each."""
-    grid = np.indices(shape)
-    mask = np.zeros(shape, dtype=np.uint8)
-    for centre, radius in (((shape[0] // 2, 200, 180), 6.0), ((shape[0] // 3, 300, 340), 4.0)):
-        squared = sum((axis - c) ** 2 for axis, c in zip(grid, centre))
-        mask[squared <= radius ** 2] = 1
-    return mask
+from p2ch_luna.synth.masks import sample_nodule_mask
 
 
 def test_mask_round_trips_through_nifti_with_the_real_cts_geometry_and_is_small(cptac_dir: Path,
                                                                                 tmp_path: Path) -> None:
     ct = load_ct(cptac_dir)
-    mask = _nodule_mask(ct.hu.shape)
+    mask = sample_nodule_mask(ct.hu.shape)
     path = tmp_path / "series_mask.nii.gz"
     write_nifti_mask(mask, ct.geometry, path)
     image = sitk.ReadImage(str(path))

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -102,8 +103,25 @@ def test_resume_continues_to_the_same_weights(tiny_dataset: Path, tmp_path: Path
     assert len(list((tmp_path / "split" / "runs" / "p2ch_luna").glob("*-trn-*"))) == 1
 
 
-def test_interrupt_keeps_the_last_completed_epoch(tiny_dataset: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_refuses_when_the_datas_split_changed(tiny_dataset: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    assert training.main(tiny_args(data, tmp_path / "run", "--epochs", "1")) == 0
+    first = only_file(tmp_path / "run" / "models", "*.last.state")
+    removed = sorted(data.glob("subset*/*.mhd"))[0]
+    removed.unlink()
+    removed.with_suffix(".raw").unlink()
+    capsys.readouterr()
+    resume_args = tiny_args(data, tmp_path / "run", "--epochs", "2", "--resume", str(first))
+    assert training.main(resume_args) != 0
+    stderr = capsys.readouterr().err
+    assert f"--resume {first}: the data's series split differs" in stderr and "1 missing" in stderr
+    assert load_checkpoint(first).epoch == 1
+
+
+def test_interrupt_keeps_the_last_completed_epoch(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
     real = engine.train_one_epoch
 
     def interrupted(*args: Any, epoch: int, **kwargs: Any) -> Any:
@@ -114,7 +132,22 @@ def test_interrupt_keeps_the_last_completed_epoch(tiny_dataset: Path, tmp_path: 
     monkeypatch.setattr(loop, "train_one_epoch", interrupted)
     out = tmp_path / "run"
     assert training.main(tiny_args(tiny_dataset, out, "--epochs", "3")) == 130
-    assert load_checkpoint(only_file(out / "models", "*.last.state")).epoch == 1
+    last = only_file(out / "models", "*.last.state")
+    assert load_checkpoint(last).epoch == 1
+    assert f"checkpoint is kept: {last} (continue with --resume)" in capsys.readouterr().err
+
+
+def test_interrupt_before_the_first_checkpoint_says_none_was_written(
+        tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    out = tmp_path / "run"
+    assert training.main(tiny_args(tiny_dataset, out, "--epochs", "2")) == 130
+    stderr = capsys.readouterr().err
+    assert "interrupted before the first checkpoint; none was written" in stderr and "is kept" not in stderr
+    assert not list(out.glob("models/*.state"))
 
 
 def test_batch_ring_trains_to_the_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
