@@ -42,6 +42,7 @@ class MiningParams:
     segmentation_threshold: float = DiagnoseConfig.segmentation_threshold
     erosion_iterations: int = DiagnoseConfig.erosion_iterations
     grouping: str = DiagnoseConfig.grouping
+    max_shell_fill: float | None = DiagnoseConfig.max_shell_fill
     lung_margin_mm: float = DiagnoseConfig.lung_margin_mm
 
 
