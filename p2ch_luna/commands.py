@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine": ("p2ch_luna.mining", "mine our segmenter's candidates of the training series (hard negatives)"),
     "diagnose": ("p2ch_luna.diagnose", "find nodules in CTs, estimate malignancy, score against truth"),
     "evaluate": ("p2ch_luna.evaluate", "score a LUNA16 submission (FROC, CPM)"),
+    "cv": ("p2ch_luna.cv", "LUNA16 ten-fold cross-validation: train, diagnose each fold, one merged CPM"),
     "models": ("p2ch_luna.models.cli", "list checkpoints by what they hold; install one by its sha256"),
     "demo": ("p2ch_luna.demo", "the whole pipeline on synthetic data, in a few minutes"),
 }
