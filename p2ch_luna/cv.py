@@ -184,13 +184,20 @@ class StageRunner:
     def __init__(self, launcher: str) -> None:
         self.launcher = shlex.split(launcher)
 
-    def __call__(self, name: str, module: str, command: Callable[[Sequence[str]], int], argv: list[str]) -> float:
+    def __call__(self, name: str, module: str, command: Callable[[Sequence[str]], int] | None,
+                 argv: list[str]) -> float:
+        """Run ``module`` (``command`` is its ``main``, for in-process runs); returns the seconds it took."""
         log.info("cv: %s", name)
         started = time.perf_counter()
         if self.launcher:
-            code = subprocess.call([*self.launcher, "-m", module, *argv])
-        else:
+            try:
+                code = subprocess.call([*self.launcher, "-m", module, *argv])
+            except OSError as error:
+                raise UsageError(f"--launcher {shlex.join(self.launcher)!r} could not run: {error}") from None
+        elif command is not None:
             code = command(argv)
+        else:
+            raise ValueError(f"stage {name!r}: no command to run in this process")
         if code != 0:
             raise LunaError(f"cv stage {name!r} failed with exit code {code}")
         seconds = time.perf_counter() - started

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
 
 from p2ch_luna import cv
+from p2ch_luna.errors import LunaError
 from tests.training.test_training import TINY_CHUNK, TINY_MODEL
 
 TRAIN_ARGS = "--batch-size 4 --val-size 12"
@@ -62,3 +65,18 @@ def test_parse_folds() -> None:
     assert cv.parse_folds("5,0,2-3") == (0, 2, 3, 5)
     with pytest.raises(Exception):
         cv.parse_folds("8-10")
+
+
+def test_a_launcher_runs_each_stage_as_a_subprocess(tmp_path: Path) -> None:
+    """``--launcher PREFIX`` runs ``PREFIX -m MODULE ARGS`` (torchrun in real use; the interpreter here)."""
+    findings = tmp_path / "findings.csv"
+    findings.write_text("seriesuid,coordX,coordY,coordZ,probability\n1.2.3,0,0,0,0.9\n")
+    annotations = tmp_path / "annotations.csv"
+    annotations.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,0,0,1,6\n")
+    output = tmp_path / "scored"
+    run_stage = cv.StageRunner(shlex.join([sys.executable]))
+    run_stage("score", "p2ch_luna.evaluate", None, [str(findings), "--annotations", str(annotations),
+                                                     "--bootstrap", "0", "--output", str(output)])
+    assert json.loads((output / "froc.json").read_text())["cpm"] == pytest.approx(1.0)
+    with pytest.raises(LunaError, match="cv stage 'bad' failed with exit code 2"):
+        run_stage("bad", "p2ch_luna.evaluate", None, ["--no-such-option"])
