@@ -3,6 +3,7 @@
     python -m p2ch_luna.diagnose --series-uid UID[,UID...]   # LUNA16 series under --data-root
     python -m p2ch_luna.diagnose --ct PATH                    # .mhd, NIfTI or a DICOM folder
     python -m p2ch_luna.diagnose --validation [--include-train] --output DIR   # the nodule checkpoint's split
+    python -m p2ch_luna.diagnose --fold K --output DIR        # LUNA16's subsetK (held out by training --fold K)
 
 Pipeline per CT (the book's chapter 14, kept inside the lungs; :mod:`p2ch_luna.diagnose.pipeline`):
 

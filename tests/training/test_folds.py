@@ -77,3 +77,19 @@ def test_diagnose_fold_selects_that_subset(tiny_dataset: Path) -> None:
     args = diagnose_cli.build_parser().parse_args(["--fold", "3", "--validation", "--data-root", str(tiny_dataset)])
     with pytest.raises(Exception, match="exactly one of --series-uid, --ct, --validation or --fold"):
         diagnose_cli.select_series(args, paths_from_args(args))
+
+
+def test_segmentation_training_with_fold_records_it(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "seg"
+    assert training.main([
+        "segmentation", "--data-root", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
+        "--models-dir", str(out / "models"), "--runs-dir", str(out / "runs"), "--device", "cpu", "--epochs", "1",
+        "--epoch-size", "8", "--batch-size", "4", "--ratio", "0", "--val-negative-fraction", "0.05",
+        "--model-kwargs", '{"depth": 2, "wf": 2}', "--fold", "1", "--comment", "segfold", "--log-level", "WARNING",
+    ]) == 0
+    loaded = load_checkpoint(only_file(out / "models", "segmentation_*_segfold.best.state"))
+    split = recorded_split(loaded.raw, loaded.path)
+    assert split is not None and split.fold == 1
+    assert list(split.validation_series) == subset_uids(tiny_dataset, 1)
+    others = set(list_series_on_disk(tiny_dataset)) - set(subset_uids(tiny_dataset, 1))
+    assert sorted(split.train_series) == sorted(others)
