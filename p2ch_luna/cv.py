@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, data_root: Path) -> CvSettings:
     if args.train_segmentation == (args.segmentation_path is not None):
-        raise UsageError("give exactly one of --train-segmentation or --segmentation-path (diagnosis needs a segmenter)")
+        raise UsageError("give exactly one of --train-segmentation or --segmentation-path "
+                         "(diagnosis needs a segmenter)")
     if args.train_malignancy and args.malignancy_path is not None:
         raise UsageError("--train-malignancy and --malignancy-path exclude each other")
     for flag in ("epochs", "epoch_size"):
