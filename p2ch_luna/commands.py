@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "view": ("p2ch_luna.view", "open a diagnosis' viewer page in a browser, or serve it on localhost"),
     "evaluate": ("p2ch_luna.evaluate", "score a LUNA16 submission (FROC, CPM)"),
     "export": ("p2ch_luna.export", "export a checkpoint to ONNX or TorchScript (dynamic batch, calibration kept)"),
+    "cv": ("p2ch_luna.cv", "LUNA16 ten-fold cross-validation: train, diagnose each fold, one merged CPM"),
     "models": ("p2ch_luna.models.cli", "list checkpoints by what they hold; install one by its sha256"),
     "serve": ("p2ch_luna.serve", "an HTTP service: POST a CT to /diagnose, get the report JSON"),
     "demo": ("p2ch_luna.demo", "the whole pipeline on synthetic data, in a few minutes"),

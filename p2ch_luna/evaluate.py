@@ -1,7 +1,11 @@
 """Score a findings CSV against LUNA16 annotations: FROC, CPM and its bootstrap CI.
 
-    python -m p2ch_luna.evaluate findings.csv --annotations annotations.csv \\
-        [--annotations-excluded annotations_excluded.csv] [--series-list seriesuids.csv] [--output DIR]
+    python -m p2ch_luna.evaluate findings.csv [more findings.csv ...] --annotations annotations.csv \\
+        [--annotations-excluded annotations_excluded.csv] [--series-list seriesuids.csv ...] [--output DIR]
+
+Several findings CSVs (the ten folds' of LUNA16's protocol) are merged into one submission and scored
+as one FROC; a series in two of them is refused (:mod:`p2ch_luna.evaluation.merge`), as is one in two
+series lists.
 
 The findings CSV has ``seriesuid,coordX,coordY,coordZ,probability`` (LUNA16's
 submission format). Scoring follows the official ``noduleCADEvaluationLUNA16.py``
@@ -27,6 +31,7 @@ from p2ch_luna.columns import DIAMETER_COLUMN, PROBABILITY_COLUMN, SERIES_COLUMN
 from p2ch_luna.data.luna import read_csv_checked
 from p2ch_luna.errors import DataError
 from p2ch_luna.evaluation.figures import plot_froc
+from p2ch_luna.evaluation.merge import merge_findings, merge_series_lists
 from p2ch_luna.evaluation.text import format_froc
 from p2ch_luna.io.atomic import atomic_write_text
 from p2ch_luna.metrics.froc import (
@@ -62,8 +67,8 @@ def read_series_list(path: Path) -> list[str]:
 
 
 def _series_uids(args: argparse.Namespace, annotation_uids: Sequence[str], finding_uids: Sequence[str]) -> list[str]:
-    if args.series_list is not None:
-        return read_series_list(args.series_list)
+    if args.series_list:
+        return merge_series_lists([(path, read_series_list(path)) for path in args.series_list])
     if args.series_uid:
         return args.series_uid
     return sorted(set(annotation_uids) | set(finding_uids))
@@ -71,9 +76,9 @@ def _series_uids(args: argparse.Namespace, annotation_uids: Sequence[str], findi
 
 def evaluate(args: argparse.Namespace) -> int:
     location_columns = [SERIES_COLUMN, *XYZ_COLUMNS]
-    findings = read_csv_checked(
-        args.findings, [*location_columns, PROBABILITY_COLUMN], [*XYZ_COLUMNS, PROBABILITY_COLUMN], what="findings"
-    )
+    findings = merge_findings([(path, read_csv_checked(path, [*location_columns, PROBABILITY_COLUMN],
+                                                       [*XYZ_COLUMNS, PROBABILITY_COLUMN], what="findings"))
+                               for path in args.findings])
     annotations = read_csv_checked(
         args.annotations, [*location_columns, DIAMETER_COLUMN], [*XYZ_COLUMNS, DIAMETER_COLUMN], what="annotations"
     )
@@ -97,7 +102,8 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     print(format_froc(result))
     if args.output is not None:
-        plot_froc(result, args.output / FROC_PLOT_FILE, title=Path(args.findings).stem)
+        plot_froc(result, args.output / FROC_PLOT_FILE, title=Path(args.findings[0]).stem if len(args.findings) == 1
+                  else f"{len(args.findings)} findings files merged")
         atomic_write_text(args.output / FROC_JSON_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
         evaluated = annotations[annotations[SERIES_COLUMN].isin(series_uids)]
         nodules = match_nodules(evaluated, findings[findings[SERIES_COLUMN].isin(series_uids)], excluded)
@@ -114,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Score LUNA16 findings (seriesuid,coordX,coordY,coordZ,probability): FROC, CPM and bootstrap CI.",
         paths=False,
     )
-    parser.add_argument("findings", type=Path, help="findings CSV to score")
+    parser.add_argument("findings", type=Path, nargs="+",
+                        help="findings CSV to score; several (e.g. the ten LUNA16 folds' findings.csv) are merged "
+                             "into one submission, each series in one file only")
     parser.add_argument("--annotations", type=Path, required=True, help="LUNA16 annotations.csv")
     parser.add_argument(
         "--annotations-excluded", dest="annotations_excluded", type=Path, metavar="FILE",
@@ -122,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--excluded", dest="annotations_excluded", type=Path, help=argparse.SUPPRESS)  # former spelling
     scans = parser.add_mutually_exclusive_group()
-    scans.add_argument("--series-list", type=Path, help="file with the evaluated series UIDs, one per line")
+    scans.add_argument("--series-list", type=Path, action="append",
+                       help="file with the evaluated series UIDs, one per line; repeat it for several folds "
+                            "(each series in one list only)")
     add_series_uid_argument(scans, "the evaluated series UIDs")
     parser.add_argument(
         "--bootstrap",

@@ -9,6 +9,9 @@ Record, under the checkpoint key :data:`SPLIT_KEY`::
 
     {"rule": "every val_stride-th series sorted by UID", "val_stride": 10,
      "train_series": [...], "validation_series": [...], "series_sha256": "..."}
+
+or, for a LUNA16 fold (``training --fold K``, :mod:`p2ch_luna.data.folds`), ``"rule": FOLD_RULE``,
+``"val_stride": null`` and ``"fold": K``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ SPLIT_KEY = "series_split"
 """The checkpoint field that holds the split record."""
 STRIDE_RULE = "every val_stride-th series sorted by UID"
 """The rule :func:`p2ch_luna.data.luna.split_by_series` applies (the book's)."""
+FOLD_RULE = "LUNA16 subsetK held out"
+"""The rule of ``--fold K``: the series in the data root's ``subsetK/`` are validation."""
 TRAINING = "training"
 VALIDATION = "validation"
 
@@ -37,6 +42,8 @@ class SeriesSplit:
     validation_series: tuple[str, ...]
     val_stride: int | None = None
     rule: str = STRIDE_RULE
+    fold: int | None = None
+    """The LUNA16 fold held out (``rule`` is :data:`FOLD_RULE`), else None."""
 
     def __post_init__(self) -> None:
         overlap = set(self.train_series) & set(self.validation_series)
@@ -45,9 +52,19 @@ class SeriesSplit:
 
     @classmethod
     def from_uids(cls, train_series: Iterable[str], validation_series: Iterable[str],
-                  val_stride: int | None = None, rule: str = STRIDE_RULE) -> SeriesSplit:
+                  val_stride: int | None = None, rule: str = STRIDE_RULE, fold: int | None = None) -> SeriesSplit:
         """A split from any iterables of UIDs (duplicates dropped, sorted)."""
-        return cls(tuple(sorted(set(train_series))), tuple(sorted(set(validation_series))), val_stride, rule)
+        return cls(tuple(sorted(set(train_series))), tuple(sorted(set(validation_series))), val_stride, rule, fold)
+
+    @classmethod
+    def for_fold(cls, train_series: Iterable[str], validation_series: Iterable[str], fold: int) -> SeriesSplit:
+        """The split of ``--fold fold``: ``validation_series`` are ``subset<fold>``'s."""
+        return cls.from_uids(train_series, validation_series, None, FOLD_RULE, fold)
+
+    def describe(self) -> str:
+        """``fold K (subsetK held out)`` or ``val stride N``, for messages."""
+        return f"fold {self.fold} (subset{self.fold} held out)" if self.fold is not None else \
+            f"val stride {self.val_stride}"
 
     @property
     def series_sha256(self) -> str:
@@ -73,7 +90,8 @@ class SeriesSplit:
     def to_record(self) -> dict[str, Any]:
         """The plain dict a checkpoint stores under :data:`SPLIT_KEY`."""
         return {"rule": self.rule, "val_stride": self.val_stride, "train_series": list(self.train_series),
-                "validation_series": list(self.validation_series), "series_sha256": self.series_sha256}
+                "validation_series": list(self.validation_series), "series_sha256": self.series_sha256,
+                "fold": self.fold}
 
 
 def series_sha256(series_uids: Iterable[str]) -> str:
@@ -101,10 +119,13 @@ def recorded_split(raw: Mapping[str, Any], source: object) -> SeriesSplit | None
                for uids in lists.values()):
         raise DataError(f"{source}: its {SPLIT_KEY} is not a list of training and validation series")
     stride = record.get("val_stride")
+    fold = record.get("fold")
+    if fold is not None and not (isinstance(fold, int) and not isinstance(fold, bool) and fold >= 0):
+        raise DataError(f"{source}: its {SPLIT_KEY} fold is not a fold number: {fold!r}")
     try:
         split = SeriesSplit.from_uids(lists["train_series"], lists["validation_series"],
                                       stride if isinstance(stride, int) else None,
-                                      str(record.get("rule", STRIDE_RULE)))
+                                      str(record.get("rule", STRIDE_RULE)), fold)
     except ValueError as error:
         raise DataError(f"{source}: its {SPLIT_KEY} is inconsistent: {error}") from None
     if record.get("series_sha256") not in (None, split.series_sha256):

@@ -3,6 +3,7 @@
     python -m p2ch_luna.diagnose --series-uid UID[,UID...]   # LUNA16 series under --data-root
     python -m p2ch_luna.diagnose --ct PATH                    # .mhd, NIfTI or a DICOM folder
     python -m p2ch_luna.diagnose --validation [--include-train] --output DIR   # the nodule checkpoint's split
+    python -m p2ch_luna.diagnose --fold K --output DIR        # LUNA16's subsetK (held out by training --fold K)
 
 Pipeline per CT (the book's chapter 14, kept inside the lungs; :mod:`p2ch_luna.diagnose.pipeline`):
 
@@ -47,6 +48,7 @@ from p2ch_luna.cli import (
     probability,
     run_command,
 )
+from p2ch_luna.data.folds import fold_argument, fold_series
 from p2ch_luna.diagnose import report
 from p2ch_luna.diagnose.classify import DEFAULT_FLIP_BAND, parse_flip_band
 from p2ch_luna.diagnose.grouping import GROUPINGS
@@ -54,7 +56,7 @@ from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
 from p2ch_luna.diagnose.model_set import RUNTIMES, load_models
 from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_series
 from p2ch_luna.diagnose.segment import CPU_SEGMENTATION_BATCH, CUDA_SEGMENTATION_BATCH
-from p2ch_luna.diagnose.selection import validation_selection
+from p2ch_luna.diagnose.selection import validation_selection, warn_of_training_overlap
 from p2ch_luna.distributed import (
     distributed_info_from_env,
     gather_to_main,
@@ -84,10 +86,11 @@ def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Pat
     """
     # With --ct, --series-uid picks one series of a DICOM folder that holds several;
     # with --validation, it names validation series to diagnose (checked against the split).
-    given = [name for name in ("series_uid", "ct", "validation")
-             if getattr(args, name) and not (name == "series_uid" and (args.ct is not None or args.validation))]
+    given = [name for name in ("series_uid", "ct", "validation", "fold")
+             if (args.fold is not None if name == "fold" else getattr(args, name))
+             and not (name == "series_uid" and (args.ct is not None or args.validation))]
     if len(given) != 1:
-        raise UsageError("give exactly one of --series-uid, --ct or --validation"
+        raise UsageError("give exactly one of --series-uid, --ct, --validation or --fold"
                          + (f" (got {', '.join('--' + n.replace('_', '-') for n in given)})" if given else ""))
     if args.include_train and not args.validation:
         raise UsageError("--include-train only goes with --validation")
@@ -103,6 +106,10 @@ def select_series(args: argparse.Namespace, paths: Paths) -> list[tuple[str, Pat
     on_disk = list_series_on_disk(data_root)
     if not on_disk:
         raise DataError(f"no series (subset*/*.mhd) under {data_root}")
+    if args.fold is not None:
+        held_out = fold_series(on_disk, data_root, args.fold)
+        log.info("fold %d: the %d series under %s", args.fold, len(held_out), data_root / f"subset{args.fold}")
+        return [(uid, on_disk[uid]) for uid in held_out]
     return [(uid, on_disk[uid]) for uid in sorted(on_disk)]
 
 
@@ -117,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the validation series of the nodule checkpoint's recorded split that are on disk "
                              "(a checkpoint without one: every 10th series on disk, or its --val-stride); "
                              "with --series-uid: those series, refused unless they are validation series")
+    source.add_argument("--fold", type=fold_argument, default=None, metavar="K",
+                        help="every series of LUNA16's fold K (0-9: <data-root>/subsetK/), the held-out series "
+                             "of `training --fold K`; a warning names any a checkpoint trained on")
     source.add_argument("--include-train", action="store_true",
                         help="with --validation: every series on disk, training series included")
     models = parser.add_argument_group("models (default: the newest of each task in --models-dir, by contents)")
@@ -234,6 +244,9 @@ def _diagnose(args: argparse.Namespace) -> int:
         selection = validation_selection(selection, list_series_on_disk(paths.require_data_root()),
                                          vars(models), include_train=args.include_train,
                                          requested=bool(args.series_uid))
+    elif args.fold is not None:
+        for checkpoint in (models.nodule, models.segmentation, models.malignancy):
+            warn_of_training_overlap(selection, checkpoint)
     truth = read_truth(paths.data_root, args.annotations_excluded)
     started = time.perf_counter()
     with process_group(info):

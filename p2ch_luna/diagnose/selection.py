@@ -82,7 +82,7 @@ def select_validation(candidates: Sequence[tuple[str, Path]], on_disk_uids: Iter
     absent = sum(uid not in on_disk for uid in split.validation_series)
     if not chosen:
         raise DataError(f"none of the {len(split.validation_series)} validation series of {how} is on disk")
-    log.info("validation: %d series from %s (val stride %s)%s", len(chosen), how, split.val_stride,
+    log.info("validation: %d series from %s (%s)%s", len(chosen), how, split.describe(),
              f"; {absent} of its validation series are not on disk" if absent else "")
     return chosen
 

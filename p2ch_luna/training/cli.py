@@ -43,6 +43,7 @@ import torch
 
 from p2ch_luna.cli import EXIT_INTERRUPTED, HelpFormatter, add_device_argument, make_parser, run_command
 from p2ch_luna.data.augment import BOOK_NOISE_HU, BOOK_OFFSET, BOOK_SCALE, AugmentConfig
+from p2ch_luna.data.folds import fold_argument
 from p2ch_luna.distributed import (
     distributed_info_from_env,
 )
@@ -107,6 +108,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--epoch-size", type=int, default=None, help="training samples per epoch (default: dataset size)")
     run.add_argument("--val-size", type=int, default=None, help="cap on validation samples (default: all)")
     run.add_argument("--val-stride", type=int, default=10, help="every N-th series (sorted by UID) is validation")
+    run.add_argument("--fold", type=fold_argument, default=None, metavar="K",
+                     help="hold out LUNA16's official fold K (0-9: the series in <data-root>/subsetK/) instead of "
+                          "every --val-stride-th series; the checkpoints record the fold and its series")
     run.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
     run.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
     add_device_argument(run)
@@ -198,6 +202,7 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         epoch_size=args.epoch_size,
         val_size=args.val_size,
         val_stride=args.val_stride,
+        fold=args.fold,
         val_every=args.val_every,
         seed=args.seed,
         device=args.device,

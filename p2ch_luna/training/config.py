@@ -55,6 +55,8 @@ class TrainConfig:
     epoch_size: int | None = None
     val_size: int | None = None
     val_stride: int = 10
+    fold: int | None = None
+    """``--fold K``: LUNA16's ``subsetK`` is validation instead of every ``val_stride``-th series."""
     val_every: int = 1
     seed: int = 0
     device: str = "auto"

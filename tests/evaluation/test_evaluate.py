@@ -107,3 +107,20 @@ def test_evaluate_empty_series_list_is_data_error(csvs, tmp_path, capsys):
     code = main([str(csvs["findings"]), "--annotations", str(csvs["annotations"]), "--series-list", str(series_list)])
     assert code == 1
     assert "names no series" in capsys.readouterr().err
+
+
+def test_two_folds_merged_score_as_the_single_file(csvs, tmp_path, capsys):
+    """FINDINGS split by series into two folds: the merge scores exactly as the one file (CPM 2/3 by hand)."""
+    lines = FINDINGS.splitlines()
+    header, rows = lines[0], lines[1:]
+    first, second = tmp_path / "fold0.csv", tmp_path / "fold1.csv"
+    first.write_text("\n".join([header, *(row for row in rows if row.startswith("1.2.3,"))]) + "\n")
+    second.write_text("\n".join([header, *(row for row in rows if not row.startswith("1.2.3,"))]) + "\n")
+    output = tmp_path / "merged"
+    code = main([str(first), str(second), "--annotations", str(csvs["annotations"]), "--annotations-excluded",
+                 str(csvs["excluded"]), "--bootstrap", "0", "--output", str(output)])
+    assert code == 0
+    report = capsys.readouterr().out
+    assert "CPM: 0.6667" in report
+    assert "Nodules detected: 2/3; false positives: 2; ignored marks: 2; scans: 3" in report
+    assert json.loads((output / "froc.json").read_text())["cpm"] == pytest.approx(2 / 3)

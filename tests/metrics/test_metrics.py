@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from p2ch_luna import evaluate
 from p2ch_luna.evaluation.figures import plot_froc
 from p2ch_luna.evaluation.text import format_confusion_table
 from p2ch_luna.metrics import froc as froc_module
@@ -425,3 +428,44 @@ def test_format_confusion_table():
     assert "Complete miss" in lines[0] and "Pred. malignant" in lines[0]
     assert lines[1].split("|")[1].strip() == ""  # no complete-miss cell for non-nodules
     assert lines[3].split("|")[0].strip() == "Malignant" and lines[3].split("|")[-1].strip() == "11"
+
+
+def test_evaluate_merges_folds_into_the_official_froc(tmp_path: Path) -> None:
+    """Three folds' findings and series lists, merged by ``evaluate``, score as the official port scores the
+    whole case (scans with no findings included through their fold's series list)."""
+    annotations, detections, excluded, scans = random_case(4)
+    annotations.to_csv(tmp_path / "annotations.csv", index=False)
+    excluded.to_csv(tmp_path / "excluded.csv", index=False)
+    argv = []
+    for fold, fold_scans in enumerate([scans[0::3], scans[1::3], scans[2::3]]):
+        detections[detections.seriesuid.isin(fold_scans)].to_csv(tmp_path / f"findings{fold}.csv", index=False)
+        (tmp_path / f"series{fold}.csv").write_text("".join(f"{uid}\n" for uid in fold_scans))
+        argv += [str(tmp_path / f"findings{fold}.csv")]
+    for fold in range(3):
+        argv += ["--series-list", str(tmp_path / f"series{fold}.csv")]
+    output = tmp_path / "merged"
+    assert evaluate.main([*argv, "--annotations", str(tmp_path / "annotations.csv"), "--annotations-excluded",
+                          str(tmp_path / "excluded.csv"), "--bootstrap", "0", "--output", str(output)]) == 0
+    saved = json.loads((output / "froc.json").read_text())
+    expected = official_sensitivities(*official_froc_entries(annotations, detections, excluded, scans), len(scans))
+    np.testing.assert_allclose(list(saved["sensitivities_at_operating_points"].values()), expected)
+    assert saved["cpm"] == pytest.approx(float(np.mean(expected)))
+    assert saved["n_scans"] == len(scans)
+
+
+def test_evaluate_refuses_a_series_in_two_folds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    annotations, detections, _, scans = random_case(5, n_scans=4, n_detections=20)
+    annotations.to_csv(tmp_path / "annotations.csv", index=False)
+    shared = detections.seriesuid.iloc[0]
+    detections[detections.seriesuid == shared].to_csv(tmp_path / "a.csv", index=False)
+    detections.to_csv(tmp_path / "b.csv", index=False)
+    code = evaluate.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--annotations",
+                          str(tmp_path / "annotations.csv"), "--bootstrap", "0"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and len(error.splitlines()) == 1
+    assert f"series {shared} is in two findings files" in error and "a.csv" in error and "b.csv" in error
+    (tmp_path / "s1.csv").write_text(f"{scans[0]}\n{scans[1]}\n")
+    (tmp_path / "s2.csv").write_text(f"{scans[1]}\n")
+    code = evaluate.main([str(tmp_path / "a.csv"), "--annotations", str(tmp_path / "annotations.csv"),
+                          "--series-list", str(tmp_path / "s1.csv"), "--series-list", str(tmp_path / "s2.csv")])
+    assert code != 0 and f"series {scans[1]} is in two series lists" in capsys.readouterr().err

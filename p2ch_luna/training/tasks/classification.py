@@ -54,6 +54,7 @@ from p2ch_luna.data.candidates import (
     positive_count,
     split_table,
 )
+from p2ch_luna.data.folds import split_by_fold
 from p2ch_luna.data.luna import read_candidate_table
 from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler
 from p2ch_luna.data.series_split import SeriesSplit
@@ -166,9 +167,15 @@ class ClassificationTask(Task):
                                                  for uid in table["series_uid"].unique()})
             if table.empty:
                 raise DataError(f"no {self.task_name} samples under {paths.data_root}")
-            train_table, val_table = split_table(table, self.config.val_stride)
-            self._split = SeriesSplit.from_uids(train_table["series_uid"], val_table["series_uid"],
-                                                self.config.val_stride)
+            if self.config.fold is None:
+                train_table, val_table = split_table(table, self.config.val_stride)
+                self._split = SeriesSplit.from_uids(train_table["series_uid"], val_table["series_uid"],
+                                                    self.config.val_stride)
+            else:
+                train_uids, val_uids = split_by_fold(table["series_uid"], on_disk, data_root, self.config.fold)
+                train_table = table[table["series_uid"].isin(train_uids)].reset_index(drop=True)
+                val_table = table[table["series_uid"].isin(val_uids)].reset_index(drop=True)
+                self._split = SeriesSplit.for_fold(train_uids, val_uids, self.config.fold)
             train_table = self.with_mined_rows(train_table)
             cache = open_cache(paths)
             shape = self.options.chunk_shape

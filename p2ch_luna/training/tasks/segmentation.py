@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from p2ch_luna.data.augment import AugmentConfig, augment_batch_2d
 from p2ch_luna.data.cache import open_cache
+from p2ch_luna.data.folds import split_by_fold
 from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
 from p2ch_luna.data.masks import MASK_MODES, MASK_THRESHOLD_HU
 from p2ch_luna.data.sampling import ShardedSequentialSampler
@@ -168,7 +169,8 @@ class SegmentationTask(Task):
             uids = sorted(list_series_on_disk(data_root))
             if not uids:
                 raise DataError(f"no subset*/*.mhd series under {data_root}")
-            self._splits = split_by_series(uids, self.config.val_stride)
+            self._splits = (split_by_series(uids, self.config.val_stride) if self.config.fold is None else
+                            split_by_fold(uids, list_series_on_disk(data_root), data_root, self.config.fold))
             self._annotations = read_annotations(data_root / ANNOTATIONS_FILE)
         uids = self._splits[1] if validation else self._splits[0]
         if not uids:
@@ -182,6 +184,8 @@ class SegmentationTask(Task):
         """The split of the series on disk (None before the loaders are built)."""
         if self._splits is None:
             return None
+        if self.config.fold is not None:
+            return SeriesSplit.for_fold(self._splits[0], self._splits[1], self.config.fold)
         return SeriesSplit.from_uids(self._splits[0], self._splits[1], self.config.val_stride)
 
     def train_loader(self) -> Iterable[Batch]:
