@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import random
@@ -291,9 +292,33 @@ class BookChunks(Dataset):
         return torch.from_numpy(extract_chunk(self.hu, self.centers[index], self.shape).astype(np.float32))[None]
 
 
-def book_diagnose(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.nn.Module,
-               device: torch.device = torch.device("cpu"), workers: int = 0) -> int:
-    """The book's diagnosis of one CT; returns the number of candidates classified."""
+BOOK_DIAGNOSE_WORKERS = 4  # nodule_analysis's --num-workers default
+
+
+@dataclasses.dataclass
+class BookDiagnosis:
+    """What the book-style diagnosis of one CT found: candidate centres (index, row, column), their nodule
+    probabilities, and seconds per stage (segmentation, grouping, classification)."""
+
+    centers_irc: np.ndarray
+    probabilities: np.ndarray
+    timings: dict[str, float]
+
+
+def book_candidate_centers(probabilities: np.ndarray, clipped_hu: np.ndarray) -> np.ndarray:
+    """The book's grouping (``groupSegmentationOutput``): probability > 0.5, one erosion, connected components,
+    each one's centre of mass weighted by HU + 1001; rounded (index, row, column) centres, one row each."""
+    mask = ndimage.binary_erosion(probabilities > 0.5, iterations=1)
+    labels, count = ndimage.label(mask)
+    centers = ndimage.center_of_mass(clipped_hu + 1001, labels, np.arange(1, count + 1))
+    return np.rint(np.asarray(centers, dtype=np.float64).reshape(-1, 3)).astype(np.int64)
+
+
+def book_diagnose_stages(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.nn.Module,
+                         device: torch.device = torch.device("cpu"), workers: int = 0) -> BookDiagnosis:
+    """The book's diagnosis (p2ch14 ``nodule_analysis``) of one CT, stage by stage, in float32, no mirror views."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     clipped = np.clip(hu, HU_MIN, HU_MAX)
     output = np.zeros(hu.shape, dtype=np.float32)
     shape = tuple(getattr(classifier, "input_shape", BOOK_CHUNK_SHAPE))
@@ -303,14 +328,23 @@ def book_diagnose(hu: np.ndarray, segmentation: torch.nn.Module, classifier: tor
                                           num_workers=workers):
             prediction = torch.sigmoid(segmentation(inputs.to(device, non_blocking=True)))
             output[indices.numpy()] = prediction[:, 0].cpu().numpy()
-        mask = ndimage.binary_erosion(output > 0.5, iterations=1)
-        labels, count = ndimage.label(mask)
-        centers = ndimage.center_of_mass(clipped + 1001, labels, np.arange(1, count + 1))
-        centers = np.rint(np.asarray(centers, dtype=np.float64).reshape(-1, 3)).astype(np.int64)
-        for chunks in DataLoader(BookChunks(clipped, centers, shape), batch_size=BOOK_DIAGNOSE_BATCH_SIZE, pin_memory=pin,
-                                 num_workers=workers):
-            torch.softmax(classifier(chunks.to(device, non_blocking=True)), dim=1).cpu()
-    return count
+        timings["segmentation_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        centers = book_candidate_centers(output, clipped)
+        timings["grouping_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        probabilities = [torch.softmax(classifier(chunks.to(device, non_blocking=True)), dim=1)[:, 1].cpu()
+                         for chunks in DataLoader(BookChunks(clipped, centers, shape), pin_memory=pin,
+                                                  batch_size=BOOK_DIAGNOSE_BATCH_SIZE, num_workers=workers)]
+        timings["classification_s"] = time.perf_counter() - started
+    scores = torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
+    return BookDiagnosis(centers_irc=centers, probabilities=scores, timings=timings)
+
+
+def book_diagnose(hu: np.ndarray, segmentation: torch.nn.Module, classifier: torch.nn.Module,
+               device: torch.device = torch.device("cpu"), workers: int = 0) -> int:
+    """The book's diagnosis of one CT; returns the number of candidates classified."""
+    return len(book_diagnose_stages(hu, segmentation, classifier, device, workers).centers_irc)
 
 
 def book_copies(models: DiagnosisModels, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
