@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from p2ch_luna.kernels.support import compiling, interpreting, relative_difference, triton_usable
+from p2ch_luna.kernels.support import compiler_disabled, compiling, interpreting, relative_difference, triton_usable
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def affine_resample_3d(volumes: torch.Tensor, affine: torch.Tensor, noise_sigma:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiler_disabled
 def works_on(device: torch.device) -> bool:
     """Whether the kernel compiles on ``device``, resamples a small batch as float64 ``grid_sample`` does and
     draws noise of the asked spread: checked once per process and device, so that a machine where Triton

@@ -1,5 +1,5 @@
 """What the package's Triton kernels share: whether Triton is usable, whether it runs in its CPU interpreter,
-whether ``torch.compile`` is tracing, and how far a kernel's result lies from torch's."""
+whether ``torch.compile`` is tracing (and keeping it out of the kernels), and how far a kernel's result lies from torch's."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import logging
 import math
 import os
 import re
+from typing import Any, Callable, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIN_TRITON = (3, 6)
 """The oldest Triton the kernels were tested with, compiled on a GPU and interpreted (docs/benchmarks.md)."""
@@ -41,6 +44,26 @@ def compiling() -> bool:
     """Whether ``torch.compile`` is tracing the caller."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return bool(is_compiling is not None and is_compiling())
+
+
+def compiler_disabled(function: Callable[..., T]) -> Callable[..., T]:
+    """``torch.compiler.disable(function)``, applied at its first call instead of at import.
+
+    The decorator imports ``torch._dynamo`` (about 2 s, a third of diagnosis' start-up: bench_diagnose's
+    start-up line), which a run that never calls the kernels (every CPU run) never needs. The kernels'
+    entry points are not reached while ``torch.compile`` traces (:func:`compiling`), so the wrapper is
+    never traced itself.
+    """
+    disabled: Callable[..., T] | None = None
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> T:
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(function)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def interpreting() -> bool:

@@ -38,7 +38,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from p2ch_luna.kernels.support import Result, compiling, interpreting, relative_difference, triton_usable
+from p2ch_luna.kernels.support import (
+    Result,
+    compiler_disabled,
+    compiling,
+    interpreting,
+    relative_difference,
+    triton_usable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +131,7 @@ def runs_on(x: torch.Tensor, out_channels: int) -> bool:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiler_disabled
 def works_on(device: torch.device) -> bool:
     """Whether the kernels compile on ``device`` and compute a small convolution and its gradients as torch
     does (float32 products, against float64 on the CPU): checked once per process and device, so that a
@@ -440,7 +447,7 @@ class _Convolution(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-@torch.compiler.disable
+@compiler_disabled
 def convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 rectify: bool = False) -> torch.Tensor:
     """``relu?(conv3d(x, weight, padding=1) + bias)`` through the Triton kernels (see the module's docstring);
