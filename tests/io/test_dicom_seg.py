@@ -45,9 +45,20 @@ def test_seg_of_a_synthetic_ct_holds_the_mask_at_its_slices(tmp_path: Path) -> N
     np.testing.assert_allclose([float(v) for v in orientation], [1, 0, 0, 0, -1, 0])
     assert "ReferencedSeriesSequence" not in ds
     assert not list(tmp_path.glob(".*"))  # no temporary file left
-    image = sitk.ReadImage(str(path))  # SimpleITK (GDCM) reads the frames as one image
-    assert image.GetSize() == (47, 41, 4)
-    assert np.count_nonzero(sitk.GetArrayFromImage(image)) == np.count_nonzero(mask)
+    # SimpleITK (GDCM) reads the frames as one image; its voxels of frames that are not byte aligned vary
+    # from run to run (106 or 110 set here), so they are compared on byte-aligned frames below.
+    assert sitk.ReadImage(str(path)).GetSize() == (47, 41, 4)
+
+
+def test_simpleitk_reads_a_seg_of_byte_aligned_frames_as_the_mask(tmp_path: Path) -> None:
+    geometry = Geometry(np.array([-120.0, 80.0, -300.0]), np.array([0.7, 0.7, 2.5]), np.eye(3), (6, 40, 48))
+    mask = np.zeros(geometry.shape_irc, dtype=np.uint8)
+    mask[1:4, 10:17, 20:25] = 1
+    mask[5, 30, 40] = 1
+    write_dicom_seg(mask, geometry, tmp_path / "series_mask.dcm")
+    image = sitk.ReadImage(str(tmp_path / "series_mask.dcm"))
+    assert image.GetSize() == (48, 40, 4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image) != 0, mask[[1, 2, 3, 5]] != 0)
 
 
 def test_an_empty_mask_is_one_empty_frame(tmp_path: Path) -> None:
