@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from p2ch_luna import RESEARCH_NOTICE
-from p2ch_luna.diagnose.pipeline import DiagnoseConfig, SeriesDiagnosis
+from p2ch_luna.diagnose.pipeline import DiagnoseConfig, SeriesDiagnosis, findings
 from p2ch_luna.io.atomic import atomic_write_text
 from p2ch_luna.metrics.froc import FrocResult
 from p2ch_luna.viewer.page import PAGE_FILE, render_page, series_folder, write_slices
@@ -55,8 +55,7 @@ def series_data(result: SeriesDiagnosis, truth: pd.DataFrame | None, config: Dia
                 folder: str) -> dict[str, Any]:
     """What the page knows of one series: geometry, which slices have masks, findings, truth."""
     slices: ViewerSlices = result.viewer
-    candidates = result.candidates  # the findings: at or above the nodule threshold, as in the report
-    found = candidates[candidates["nodule_probability"] >= config.nodule_threshold].sort_values("nodule_probability", ascending=False, kind="mergesort")
+    found = findings(result, config).sort_values("nodule_probability", ascending=False, kind="mergesort")
     rows = []
     for number, (_, row) in enumerate(found.iterrows(), start=1):
         rows.append({
