@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 BFLOAT16_PROBABILITY_TOLERANCE = 0.02
 """``diagnose --amp`` on the CPU: nodule probabilities within this of float32's, so the findings at a
-threshold are float32's except candidates this close to it (the book's classifier on the real CPTAC CT:
-at most 0.014 apart, the same 9 findings; docs/benchmarks.md, bench_diagnose --amp)."""
+threshold are float32's except candidates this close to it (measured with bench_diagnose --amp:
+docs/benchmarks.md; tested in tests/diagnose/test_amp_tolerance.py)."""
 
 
 @dataclasses.dataclass(frozen=True)

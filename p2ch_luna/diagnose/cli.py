@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "SERIES_mask.nii.gz (gzip NIfTI with the CT's geometry)")
     output.add_argument("--viewer", action=argparse.BooleanOptionalAction, default=True,
                         help="with --output: index.html, a static page of each CT's slices (lung and mediastinum "
-                             "windows, lung and nodule masks, findings, truth), its PNGs in viewer/ (about 60 MB "
-                             "for a 512 x 512 x 300 CT, docs/benchmarks.md); open it with python -m p2ch_luna.view "
+                             "windows, lung and nodule masks, findings, truth), its PNGs in viewer/ (tens of MB "
+                             "for a large CT: docs/benchmarks.md); open it with python -m p2ch_luna.view "
                              "DIR. --no-viewer skips it (less memory and time on many CTs)")
     output.add_argument("--mask-format", choices=report.MASK_FORMATS, default=None,
                         help="with --output (implies --save-mask): nifti (SERIES_mask.nii.gz, the default), "

@@ -201,11 +201,11 @@ def shell_fill(tissue: np.ndarray, centers_irc: np.ndarray, radii_mm: np.ndarray
     """Per peak, the fraction of a sphere around it, ``SHELL_SCALE`` times its depth across, lying in ``tissue``.
 
     A blob of radius r (a nodule, alone or touching thinner vessels or the lungs' edge) lies wholly
-    inside the sphere of radius 1.5 r around its centre: the fill is near 0 (at most 0.28 for the
-    nodules of the demo's synthetic validation series, at most 0.15 for nodules implanted into the
-    real CPTAC CT). Along a tube of radius r (a vessel, whose depth ridge gives a peak every few mm)
-    the sphere's two caps within r of the axis lie in it: 0.25 for a straight tube, more where it
-    branches; the median is 0.44 on the real CPTAC CT. Points outside the array count as empty.
+    inside the sphere of radius 1.5 r around its centre: the fill is near 0. Along a tube of radius r
+    (a vessel, whose depth ridge gives a peak every few mm) the sphere's two caps within r of the axis
+    lie in it: 0.25 for a straight tube, more where it branches. The fills measured on real and
+    synthetic CTs, and why the test is off by default: docs/benchmarks.md, "the shell-fill test".
+    Points outside the array count as empty.
     """
     spacing = np.asarray(spacing_irc, dtype=np.float64)
     directions = shell_directions() / spacing  # voxels per mm along each direction

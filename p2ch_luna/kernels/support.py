@@ -49,8 +49,8 @@ def compiling() -> bool:
 def compiler_disabled(function: Callable[..., T]) -> Callable[..., T]:
     """``torch.compiler.disable(function)``, applied at its first call instead of at import.
 
-    The decorator imports ``torch._dynamo`` (about 2 s, a third of diagnosis' start-up: bench_diagnose's
-    start-up line), which a run that never calls the kernels (every CPU run) never needs. The kernels'
+    The decorator imports ``torch._dynamo``, a large share of diagnosis' start-up (bench_diagnose's
+    start-up line; docs/benchmarks.md), which a run that never calls the kernels (every CPU run) never needs. The kernels'
     entry points are not reached while ``torch.compile`` traces (:func:`compiling`), so the wrapper is
     never traced itself.
     """
