@@ -63,6 +63,28 @@ def warn_if_emulated(enabled: bool, device: torch.device) -> None:
                     "than float32")
 
 
+PRECISIONS = ("auto", "float32", "mixed")
+"""``diagnose --precision`` choices; ``--amp`` is ``mixed``."""
+
+
+def mixed_by_default(device_type: str, runtime: str, native_bfloat16: bool) -> bool:
+    """What ``--precision auto`` picks: mixed precision (bfloat16) only where it was measured faster with
+    the same findings, i.e. PyTorch on a CPU with native bfloat16 (AVX-512 BF16 or AMX: diagnosis 1.6x
+    faster on the real CPTAC CT, the same findings; docs/benchmarks.md). Float32 elsewhere: a CPU that
+    would emulate bfloat16, ONNX Runtime (float32 only), and GPUs, where bf16 was not faster in the one
+    measured run."""
+    return device_type == "cpu" and runtime == "torch" and native_bfloat16
+
+
+def resolve_precision(precision: str, device: torch.device, runtime: str = "torch") -> bool:
+    """Whether ``--precision`` (one of :data:`PRECISIONS`) means mixed precision on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        return mixed_by_default(device.type, runtime, device.type == "cpu" and cpu_computes_bfloat16())
+    return precision == "mixed"
+
+
 def amp_settings(enabled: bool, device: torch.device) -> AmpSettings:
     """bfloat16 on the CPU and on GPUs that support it; float16 (with a GradScaler) otherwise."""
     if not enabled:

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from p2ch_luna import demo
+from p2ch_luna.precision import resolve_precision
 
 
 @pytest.mark.slow
@@ -23,7 +25,7 @@ def test_demo_runs_every_stage_and_writes_a_scored_report(tmp_path: Path, capsys
     assert report["froc"] is not None and 0.0 <= report["froc"]["cpm"] <= 1.0
     assert {model["task"] for model in report["models"].values()} == {"nodule", "segmentation", "malignancy"}
     assert (tmp_path / "diagnosis" / "findings.csv").is_file()
-    assert report["config"]["amp"] is False
+    assert report["config"]["amp"] is resolve_precision("auto", torch.device("cpu"))  # diagnose's default
     # A second run reuses the generated data instead of writing it again; --amp reaches every stage.
     marker = tmp_path / "luna" / demo.DATASET_MARKER
     written = marker.stat().st_mtime_ns

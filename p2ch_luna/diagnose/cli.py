@@ -72,7 +72,7 @@ from p2ch_luna.io.dicom_seg import require_pydicom
 from p2ch_luna.io.lock import folder_lock
 from p2ch_luna.kernels.choice import add_kernels_argument, check_kernels
 from p2ch_luna.paths import Paths, paths_from_args
-from p2ch_luna.precision import warn_if_emulated
+from p2ch_luna.precision import BFLOAT16_PROBABILITY_TOLERANCE, PRECISIONS, resolve_precision, warn_if_emulated
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with several CTs: N worker processes load the next CTs and find their lungs "
                               "while the models run on the current one (default 0: one CT at a time, all in "
                               "this process: workers did not pay off in python -m bench.bench_diagnose)")
-    running.add_argument("--amp", action="store_true",
-                         help="mixed precision: bfloat16 on the CPU and on GPUs that support it, else float16. "
-                              "Faster on a CPU with AMX or AVX-512 BF16 with the same findings; a CPU without them "
-                              "emulates it, slowly (python -m bench.bench_diagnose --amp)")
+    running.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="mixed: bfloat16 autocast on the CPU and on GPUs that support it, else float16; "
+                              "float32: full precision; auto (default): mixed on a CPU with AMX or AVX-512 BF16 "
+                              "(faster there, nodule probabilities within "
+                              f"{BFLOAT16_PROBABILITY_TOLERANCE} of float32's), float32 elsewhere (a CPU without "
+                              "them emulates bfloat16 slowly; ONNX runs float32; on GPUs it was not faster). "
+                              "Measured: python -m bench.bench_diagnose --amp, docs/benchmarks.md")
+    running.add_argument("--amp", dest="precision", action="store_const", const="mixed",
+                         help="the same as --precision mixed")
     output = parser.add_argument_group("outputs")
     output.add_argument("--output", type=Path, metavar="DIR",
                         help="write report.json, findings.csv (every scored candidate, LUNA16 submission format), "
@@ -225,17 +230,21 @@ def _diagnose(args: argparse.Namespace) -> int:
     selection = select_series(args, paths)
     info = distributed_info_from_env()
     device = resolve_device("cpu" if args.runtime == "onnx" and args.device == "auto" else args.device, info)
-    if args.runtime == "onnx" and (device.type != "cpu" or args.amp):
+    mixed = args.precision == "mixed"
+    if args.runtime == "onnx" and (device.type != "cpu" or mixed):
         raise UsageError(f"--runtime onnx runs float32 on the CPU: it does not go with "
-                         f"{'--amp' if args.amp else '--device ' + args.device}")
-    warn_if_emulated(args.amp, device)
+                         f"{'--precision mixed (--amp)' if mixed else '--device ' + args.device}")
+    warn_if_emulated(mixed, device)
+    amp = resolve_precision(args.precision, device, args.runtime)
+    log.info("precision: %s%s", "mixed (bfloat16)" if amp and device.type == "cpu" else
+             "mixed" if amp else "float32", " (--precision auto)" if args.precision == "auto" else "")
     check_kernels(args.kernels, device)
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
         grouping=args.grouping, max_shell_fill=args.max_shell_fill, flips=args.flips, flip_band=flip_band,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
-        batch_size=args.batch_size or default_batch, amp=args.amp,
+        batch_size=args.batch_size or default_batch, amp=amp,
         lung_margin_mm=args.lung_margin_mm, kernels=args.kernels, runtime=args.runtime,
     )
     models = load_models(paths, args.segmentation_path, args.classification_path, args.malignancy_path,
