@@ -43,6 +43,7 @@ from p2ch_luna.cli import (
     add_device_argument,
     add_series_uid_argument,
     make_parser,
+    non_negative_float,
     non_negative_int,
     positive_int,
     probability,
@@ -51,7 +52,7 @@ from p2ch_luna.cli import (
 from p2ch_luna.data.folds import fold_argument, fold_series
 from p2ch_luna.diagnose import report
 from p2ch_luna.diagnose.classify import DEFAULT_FLIP_BAND, parse_flip_band
-from p2ch_luna.diagnose.grouping import GROUPINGS
+from p2ch_luna.diagnose.grouping import GROUPINGS, MIN_CANDIDATE_DIAMETER_MM
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM
 from p2ch_luna.diagnose.model_set import RUNTIMES, load_models
 from p2ch_luna.diagnose.pipeline import DiagnoseConfig, diagnose_series
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--grouping peaks: drop peaks whose sphere at 1.5 times their depth lies more than "
                              "this fraction in the segmented tissue (tubes: vessels; a nodule's is near 0, a "
                              "straight vessel's 0.25); default: keep all (docs/benchmarks.md, shell fill)")
+    tuning.add_argument("--min-diameter-mm", type=non_negative_float, default=MIN_CANDIDATE_DIAMETER_MM,
+                        metavar="MM",
+                        help="drop candidates narrower than this before they are classified (a peak's diameter "
+                             "is twice its depth in the segmented tissue; a component's, that of a sphere of its "
+                             "volume). Default %(default)s: LUNA16's nodules are 3 mm or more, less a margin for "
+                             "the estimate's voxel steps; fewer candidates to classify, the same nodules found "
+                             "(docs/benchmarks.md, 'Narrow candidates'); 0 keeps all")
     tuning.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
                         help="average the classifiers over the chunk and its in-plane mirror images")
     tuning.add_argument("--flip-band", default=",".join(f"{v:g}" for v in DEFAULT_FLIP_BAND), metavar="LOW,HIGH",
@@ -242,7 +250,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
-        grouping=args.grouping, max_shell_fill=args.max_shell_fill, flips=args.flips, flip_band=flip_band,
+        grouping=args.grouping, max_shell_fill=args.max_shell_fill,
+        min_diameter_mm=args.min_diameter_mm, flips=args.flips, flip_band=flip_band,
         nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
         batch_size=args.batch_size or default_batch, amp=amp,
         lung_margin_mm=args.lung_margin_mm, kernels=args.kernels, runtime=args.runtime,

@@ -29,7 +29,7 @@ from p2ch_luna.diagnose.classify import (
     DEFAULT_FLIP_BAND,
     classify_chunks,
 )
-from p2ch_luna.diagnose.grouping import group_candidates, keep_strongest
+from p2ch_luna.diagnose.grouping import MIN_CANDIDATE_DIAMETER_MM, group_candidates, keep_strongest
 from p2ch_luna.diagnose.lungs import DEFAULT_MARGIN_MM, Lungs, find_lungs
 from p2ch_luna.diagnose.model_set import DiagnosisModels
 from p2ch_luna.diagnose.prefetch import PreparedCt, prepared_cts
@@ -52,6 +52,7 @@ class DiagnoseConfig:
     erosion_iterations: int = 1
     grouping: str = "peaks"
     max_shell_fill: float | None = None
+    min_diameter_mm: float = MIN_CANDIDATE_DIAMETER_MM
     """``--max-shell-fill``: peaks more tube than blob are dropped (None: none)."""
     flips: bool = True
     flip_band: tuple[float, float] = DEFAULT_FLIP_BAND
@@ -116,7 +117,8 @@ def diagnose_ct(ct: Ct, models: DiagnosisModels, config: DiagnoseConfig, device:
                              config.batch_size, device, config.amp, progress)
     lap("segmentation_s")
     candidates = group_candidates(ct.hu, nodule_mask, lungs.mask, ct, config.erosion_iterations, config.grouping,
-                                  workers=torch.get_num_threads(), max_shell_fill=config.max_shell_fill)
+                                  workers=torch.get_num_threads(), max_shell_fill=config.max_shell_fill,
+                                  min_diameter_mm=config.min_diameter_mm)
     lap("grouping_s")
     centers = np.rint(candidates[["index", "row", "col"]].to_numpy(np.float64)).astype(np.int64)
     batch = CUDA_CLASSIFICATION_BATCH if device.type == "cuda" else CPU_CLASSIFICATION_BATCH

@@ -49,7 +49,8 @@ def mine_ct(ct: Ct, model: torch.nn.Module, params: store.MiningParams, device: 
     batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     mask = segment_ct(ct.hu, lungs.mask, model, params.segmentation_threshold, batch, device)
     candidates = group_candidates(ct.hu, mask, lungs.mask, ct, params.erosion_iterations, params.grouping,
-                                  workers=torch.get_num_threads(), max_shell_fill=params.max_shell_fill)
+                                  workers=torch.get_num_threads(), max_shell_fill=params.max_shell_fill,
+                                  min_diameter_mm=params.min_diameter_mm)
     return candidates[["series_uid", "center_x", "center_y", "center_z", "diameter_mm", "voxel_count"]]
 
 

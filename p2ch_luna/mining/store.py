@@ -43,6 +43,7 @@ class MiningParams:
     erosion_iterations: int = DiagnoseConfig.erosion_iterations
     grouping: str = DiagnoseConfig.grouping
     max_shell_fill: float | None = DiagnoseConfig.max_shell_fill
+    min_diameter_mm: float = DiagnoseConfig.min_diameter_mm
     lung_margin_mm: float = DiagnoseConfig.lung_margin_mm
 
 

@@ -364,7 +364,7 @@ def test_validation_run_on_synthetic_data_completes(tiny_dataset: Path, untraine
     out = tmp_path / "out"
     code = diagnose_cli.main(["--validation", "--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
                           "--output", str(out), "--save-mask", "--segmentation-threshold", "0.9", "--amp",
-                              "--nodule-threshold", "0.2"])
+                              "--nodule-threshold", "0.2", "--min-diameter-mm", "0"])  # untrained: specks
     assert code == 0
     printed = capsys.readouterr().out
     validation = split_by_series(p.stem for p in tiny_dataset.glob("subset*/*.mhd"))[1]

@@ -59,3 +59,17 @@ def test_max_shell_fill_drops_the_peaks_along_a_vessel_and_keeps_the_nodule_on_i
     nearest = blobs.iloc[((blobs["index"] - 20) ** 2 + (blobs["col"] - 60) ** 2).argmin()]
     assert (nearest["index"], nearest["row"], nearest["col"]) == pytest.approx((20, 30, 60), abs=1.0)
     assert nearest["diameter_mm"] == pytest.approx(10.0, abs=1.5)
+
+
+@pytest.mark.parametrize("method", grouping.GROUPINGS)
+def test_min_diameter_drops_the_narrow_blob_and_keeps_the_wide_one(method: str) -> None:
+    mask = _ball((20, 20, 20), 1.5) | _ball((20, 30, 60), 5.0)
+    hu = np.where(mask, 40, -850).astype(np.int16)
+    ct = Ct(hu=hu, geometry=Geometry(np.zeros(3), np.ones(3), np.eye(3), SHAPE), series_uid="series")
+    region = np.ones(SHAPE, dtype=bool)
+    erosion = 0 if method == "components" else 1
+    everything = grouping.group_candidates(hu, mask, region, ct, erosion, method)
+    wide = grouping.group_candidates(hu, mask, region, ct, erosion, method, min_diameter_mm=5.0)
+    assert ((everything["col"] - 20).abs() < 2).any() and ((everything["col"] - 60).abs() < 2).any()
+    assert not ((wide["col"] - 20).abs() < 2).any() and ((wide["col"] - 60).abs() < 2).any()
+    assert (wide["diameter_mm"] >= 5.0).all()

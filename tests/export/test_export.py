@@ -162,7 +162,7 @@ def test_diagnose_on_onnx_gives_the_findings_of_torch(tiny_dataset: Path, untrai
         assert diagnose_cli.main(["--data-root", str(tiny_dataset), "--models-dir", str(untrained_models),
                                   "--cache-dir", str(tmp_path / "cache"), "--series-uid", uid, "--output", str(out),
                                   "--runtime", runtime, "--segmentation-threshold", "0.9",
-                                  "--nodule-threshold", "0.2"]) == 0
+                                  "--nodule-threshold", "0.2", "--min-diameter-mm", "0"]) == 0
         reports[out.name] = json.loads((out / REPORT_FILE).read_text())
     exports = sorted((tmp_path / "cache" / "onnx").glob("*.onnx"))
     assert [p.name.split("-")[0] for p in exports] == ["malignancy", "nodule", "segmentation"]
