@@ -8,9 +8,12 @@ so edge slices repeat. The label is the nodule mask of the centre slice.
 - Training (:class:`SegmentationTrainDataset`): the book's 64×64 crops at a
   random offset inside the 96×96 window centred on a nodule, plus a share of
   64×64 crops at random places of random slices, so the model also sees slices
-  without nodules. Each draw is a ``(nodule_index, crop_seed)`` pair made by
-  :class:`SegmentationTrainSampler` from ``(seed, epoch)``; ``nodule_index``
-  ``-1`` asks for a random crop. The dataset itself holds no random state, so
+  without nodules, plus a share of crops around ``candidates.csv`` negatives
+  (vessels, junctions, walls: what detectors mistake for nodules), so it also
+  learns to leave those out. Each draw is a ``(nodule_index, crop_seed)`` pair
+  made by :class:`SegmentationTrainSampler` from ``(seed, epoch)``;
+  ``nodule_index`` ``-1`` asks for a random crop, ``-2`` for a negative
+  candidate's crop. The dataset itself holds no random state, so
   DataLoader workers (persistent or not) give the same samples for a seed.
 - Validation (:class:`SegmentationValDataset`): full slices of validation
   series: every slice with a mask voxel plus a seeded sample of the others.
@@ -57,6 +60,12 @@ TRAIN_CROP = 64
 """Side of a training crop."""
 DEFAULT_RANDOM_CROP_FRACTION = 0.3
 """Share of training samples cut at random places instead of around a nodule."""
+DEFAULT_CANDIDATE_CROP_FRACTION = 0.0
+"""Share of training samples cut around a negative candidate (``candidates.csv`` class 0)."""
+RANDOM_CROP = -1
+"""``nodule_index`` of a draw that asks for a crop at a random place."""
+CANDIDATE_CROP = -2
+"""``nodule_index`` of a draw that asks for a crop around a random negative candidate."""
 DEFAULT_VAL_NEGATIVE_FRACTION = 0.05
 """Share of the validation series' slices without nodule voxels that are validated too."""
 _SEED_BOUND = 2**63
@@ -86,7 +95,8 @@ class SegmentationSeries:
     """
 
     def __init__(self, cache: ChunkCache, series_uids: Sequence[str], annotations: pd.DataFrame,
-                 mask_options: MaskOptions = MaskOptions(), progress: bool = True) -> None:
+                 mask_options: MaskOptions = MaskOptions(), progress: bool = True,
+                 negative_candidates: pd.DataFrame | None = None) -> None:
         self.cache = cache
         self.series_uids = list(series_uids)
         self.annotations = annotation_rows(annotations)
@@ -107,6 +117,19 @@ class SegmentationSeries:
             centers += [(uid, tuple(int(v) for v in point)) for point in irc[geometry.contains_irc(irc).reshape(-1)]]
         self.nodules: list[tuple[str, tuple[int, int, int]]] = centers
         """``(series_uid, center_irc)`` of every annotated nodule inside its CT."""
+        self.negatives: list[tuple[str, tuple[int, int, int]]] = (
+            [] if negative_candidates is None else self._centres_inside(negative_candidates))
+        """``(series_uid, center_irc)`` of the given negative candidates inside these series' CTs."""
+
+    def _centres_inside(self, table: pd.DataFrame) -> list[tuple[str, tuple[int, int, int]]]:
+        """``(series_uid, center_irc)`` of the rows of ``table`` (``series_uid, center_x/y/z``) inside their CT."""
+        centres = []
+        for uid, rows in table[table["series_uid"].isin(self.series_uids)].groupby("series_uid", sort=True):
+            geometry = self.cache.geometry(uid)
+            irc = geometry.xyz_to_irc(rows[["center_x", "center_y", "center_z"]].to_numpy(dtype=float))
+            irc = irc.reshape(-1, 3)
+            centres += [(uid, tuple(int(v) for v in point)) for point in irc[geometry.contains_irc(irc).reshape(-1)]]
+        return centres
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_masks": {}}
@@ -181,7 +204,8 @@ def crop_start(center: int, size: int, rng: np.random.Generator,
 
 
 class SegmentationTrainDataset(Dataset):
-    """Training crops; items are ``(nodule_index, crop_seed)`` pairs (``-1``: a random crop)."""
+    """Training crops; items are ``(nodule_index, crop_seed)`` pairs (:data:`RANDOM_CROP`: a random crop,
+    :data:`CANDIDATE_CROP`: around a random negative candidate)."""
 
     def __init__(self, series: SegmentationSeries, context: int = CONTEXT_SLICES, crop: int = TRAIN_CROP,
                  window: int = TRAIN_WINDOW) -> None:
@@ -228,6 +252,8 @@ class SegmentationTrainDataset(Dataset):
         rng = np.random.default_rng(crop_seed)
         if nodule_index >= 0:
             series_uid, center = self.series.nodules[nodule_index]
+        elif nodule_index == CANDIDATE_CROP:
+            series_uid, center = self.series.negatives[int(rng.integers(len(self.series.negatives)))]
         else:
             series_uid = self.series.series_uids[int(rng.integers(len(self.series.series_uids)))]
             center = tuple(int(rng.integers(n)) for n in self.series.shapes[series_uid])
@@ -241,26 +267,33 @@ class SegmentationTrainSampler(Sampler[tuple[int, int]]):
     """Each epoch's ``(nodule_index, crop_seed)`` draws, seeded by ``(seed, epoch)`` and sharded by rank.
 
     A ``random_crop_fraction`` of the draws are random crops (``nodule_index``
-    -1); the rest cycle through the shuffled nodules. ``epoch_size`` counts
-    draws over all ranks (default: enough for every nodule once) and is
-    rounded down to a multiple of ``world_size``.
+    :data:`RANDOM_CROP`), a ``candidate_crop_fraction`` are crops around negative
+    candidates (:data:`CANDIDATE_CROP`); the rest cycle through the shuffled
+    nodules. ``epoch_size`` counts draws over all ranks (default: enough for
+    every nodule once) and is rounded down to a multiple of ``world_size``.
     """
 
     def __init__(self, n_nodules: int, random_crop_fraction: float = DEFAULT_RANDOM_CROP_FRACTION,
-                 epoch_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= random_crop_fraction <= 1:
-            raise ValueError(f"random_crop_fraction must be in [0, 1], not {random_crop_fraction}")
-        if n_nodules == 0 and random_crop_fraction < 1:
+                 epoch_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 candidate_crop_fraction: float = DEFAULT_CANDIDATE_CROP_FRACTION) -> None:
+        for name, value in (("random_crop_fraction", random_crop_fraction),
+                            ("candidate_crop_fraction", candidate_crop_fraction),
+                            ("their sum", random_crop_fraction + candidate_crop_fraction)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], not {value}")
+        nodule_fraction = 1 - random_crop_fraction - candidate_crop_fraction
+        if n_nodules == 0 and nodule_fraction > 0:
             raise ValueError("the training series have no annotated nodules to centre crops on")
         if epoch_size is None:
-            if random_crop_fraction == 1:
-                raise ValueError("an epoch of only random crops needs an explicit epoch_size")
-            epoch_size = math.ceil(n_nodules / (1 - random_crop_fraction))
+            if nodule_fraction <= 0:
+                raise ValueError("an epoch without nodule crops needs an explicit epoch_size")
+            epoch_size = math.ceil(n_nodules / nodule_fraction)
         self.global_size = (int(epoch_size) // world_size) * world_size
         if self.global_size <= 0:
             raise ValueError(f"epoch size {epoch_size} is smaller than the {world_size} processes")
         self.n_nodules = n_nodules
         self.random_crop_fraction = random_crop_fraction
+        self.candidate_crop_fraction = candidate_crop_fraction
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -273,9 +306,12 @@ class SegmentationTrainSampler(Sampler[tuple[int, int]]):
         """This epoch's draws over all ranks."""
         rng = np.random.default_rng(epoch_seed(self.seed, self.epoch))
         n_random = int(round(self.random_crop_fraction * self.global_size))
-        nodules = np.resize(rng.permutation(self.n_nodules), self.global_size - n_random) if self.n_nodules else []
+        n_candidate = min(int(round(self.candidate_crop_fraction * self.global_size)), self.global_size - n_random)
+        n_nodule = self.global_size - n_random - n_candidate
+        nodules = np.resize(rng.permutation(self.n_nodules), n_nodule) if self.n_nodules else []
         items = rng.permutation(np.concatenate([np.asarray(nodules, dtype=np.int64),
-                                                np.full(n_random, -1, dtype=np.int64)]))
+                                                np.full(n_random, RANDOM_CROP, dtype=np.int64),
+                                                np.full(n_candidate, CANDIDATE_CROP, dtype=np.int64)]))
         seeds = rng.integers(0, _SEED_BOUND, size=self.global_size, dtype=np.int64)
         return list(zip(items.tolist(), seeds.tolist()))
 

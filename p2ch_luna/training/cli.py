@@ -64,6 +64,8 @@ from p2ch_luna.training.tasks import TASK_CLASSES, Task, get_task_class
 
 log = logging.getLogger(__name__)
 
+RECIPE_COMMAND = "all"
+"""``python -m p2ch_luna.training all``: :mod:`p2ch_luna.training.recipe`."""
 COMMENT_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 CUDA_LOADER_WORKERS = 8
 """Default ``--num-workers`` on CUDA: 8 workers fed the classifier faster than 16 on a 16-core GPU machine
@@ -75,6 +77,10 @@ def build_parser(selected_task: str | None = None) -> argparse.ArgumentParser:
     parser = make_parser("p2ch_luna.training", "Train the nodule or malignancy classifier or the segmenter.",
                          paths=False)
     subparsers = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    subparsers.add_parser(RECIPE_COMMAND, add_help=False,
+                          help="the whole recipe in order (cache, segmenter, nodule classifier on mined hard "
+                               "negatives, calibration, malignancy), resumable, with an optional --minutes "
+                               "budget: python -m p2ch_luna.training all --help")
     for name in TASK_CLASSES:
         sub = subparsers.add_parser(name, help=f"train the {name} model",
                                     formatter_class=HelpFormatter)
@@ -95,6 +101,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show full tracebacks on errors")
     run = parser.add_argument_group("run")
     run.add_argument("--epochs", type=int, default=1, help="number of epochs (in total, also with --resume)")
+    run.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                     help="wall-clock budget of the run: no epoch is begun that would end (as long as the longest "
+                          "so far, validation included) past M minutes from the start; at least one epoch runs, "
+                          "and the best and last checkpoints are those of the epochs done (default: no limit)")
     run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per batch, per process")
     run.add_argument("--num-workers", type=int, default=None,
                      help="DataLoader worker processes per training process (0: load in the training process, "
@@ -164,6 +174,8 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
+    if args.max_minutes is not None and not (args.max_minutes > 0 and math.isfinite(args.max_minutes)):
+        raise UsageError(f"--max-minutes must be a positive number, not {args.max_minutes}")
     num_workers = args.num_workers
     if num_workers is None:
         num_workers = default_num_workers(args.device, torch.cuda.is_available(), usable_cpu_count(),
@@ -189,6 +201,7 @@ def config_from_args(args: argparse.Namespace, task_class: type[Task]) -> TrainC
         task=args.task,
         paths=paths_from_args(args),
         epochs=args.epochs,
+        max_minutes=args.max_minutes,
         batch_size=args.batch_size,
         num_workers=num_workers,
         batch_ring=args.batch_ring,
@@ -238,7 +251,12 @@ def augment_from_args(args: argparse.Namespace, task_class: type[Task]) -> Augme
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    selected = next((token for token in arguments if token in TASK_CLASSES), None)
+    selected = next((token for token in arguments if token in (*TASK_CLASSES, RECIPE_COMMAND)), None)
+    if selected == RECIPE_COMMAND:
+        from p2ch_luna.training import recipe
+
+        arguments.remove(RECIPE_COMMAND)
+        return recipe.main(arguments, train=main)
     parser = build_parser(selected)
     return run_command(_body, parser, arguments)
 

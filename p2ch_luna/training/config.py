@@ -41,6 +41,9 @@ class TrainConfig:
     task: str
     paths: Paths
     epochs: int = 1
+    max_minutes: float | None = None
+    """``--max-minutes``: stop before an epoch that would end past this many minutes of the run (see
+    :func:`p2ch_luna.training.loop.next_epoch_fits`); None: run every epoch."""
     batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = 0
     batch_ring: bool | None = None

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 RUN_TIME_FORMAT = "%Y-%m-%d_%H.%M.%S"
 
-RESUME_OVERRIDES = ("epochs", "device", "num_workers", "batch_ring", "compile", "kernels", "paths", "resume")
+RESUME_OVERRIDES = ("epochs", "max_minutes", "device", "num_workers", "batch_ring", "compile", "kernels", "paths", "resume")
 """Config fields that ``--resume`` takes from the command line instead of the checkpoint."""
 
 CONFIG_SUFFIX = ".config.json"
@@ -99,8 +100,15 @@ def run_training(config: TrainConfig, show_progress: bool = True) -> TrainingRes
         shutdown_distributed()
 
 
+def next_epoch_fits(elapsed_s: float, longest_epoch_s: float, max_minutes: float | None) -> bool:
+    """Whether another epoch, as long as the longest so far (validation included), ends within ``max_minutes``
+    of the run's start, ``elapsed_s`` ago (always, without a limit)."""
+    return max_minutes is None or elapsed_s + longest_epoch_s <= 60.0 * max_minutes
+
+
 def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
            show_progress: bool) -> TrainingResult | None:
+    run_started = time.perf_counter()
     task_class = get_task_class(config.task)
     resumed = _load_resume(config) if config.resume else None
     if resumed is not None:
@@ -171,7 +179,9 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
         val_loader = task.val_loader()
         if resumed is not None:
             check_resumed_split(recorded_split(resumed, config.resume), task.series_split(), config.resume)
+        longest_epoch_s = 0.0
         for epoch in range(start_epoch, config.epochs + 1):
+            epoch_started = time.perf_counter()
             set_sampler_epoch(train_loader, epoch)
             task.set_epoch(epoch)
             generator = make_generator(config.seed, epoch, device, info.rank)
@@ -216,6 +226,12 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                 save_checkpoint(last_path, **saved)
                 checkpointed = True
             barrier()
+            longest_epoch_s = max(longest_epoch_s, time.perf_counter() - epoch_started)
+            fits = next_epoch_fits(time.perf_counter() - run_started, longest_epoch_s, config.max_minutes)
+            if epoch < config.epochs and not broadcast_object(fits):
+                log.info("E%d: stopping, %d epoch(s) early: another epoch (%.0f s) would end past --max-minutes %g",
+                         epoch, config.epochs - epoch, longest_epoch_s, config.max_minutes)
+                break
         calibrate_best_checkpoint(task, best_path, val_loader, device=device, amp=amp, writer=writers.get("val"),
                                   samples_seen=samples_seen)
     except BaseException as error:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from p2ch_luna.data.cache import ChunkCache
 from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations
 from p2ch_luna.data.segmentation import (
+    CANDIDATE_CROP,
+    RANDOM_CROP,
     SameShapeBatchSampler,
     SegmentationSeries,
     SegmentationTrainDataset,
@@ -108,6 +112,42 @@ def test_train_sampler_is_seeded_and_sharded() -> None:
         SegmentationTrainSampler(0, 0.3)
 
 
+def test_candidate_crops_are_drawn_in_their_share_and_leave_other_draws_unchanged() -> None:
+    plain = SegmentationTrainSampler(5, 0.3, epoch_size=20, seed=4)
+    assert list(plain) == list(SegmentationTrainSampler(5, 0.3, epoch_size=20, seed=4, candidate_crop_fraction=0.0))
+    mixed = list(SegmentationTrainSampler(5, 0.3, epoch_size=20, seed=4, candidate_crop_fraction=0.25))
+    kinds = [item for item, _ in mixed]
+    assert kinds.count(RANDOM_CROP) == 6 and kinds.count(CANDIDATE_CROP) == 5 and sum(k >= 0 for k in kinds) == 9
+    only_negatives = SegmentationTrainSampler(0, 0.5, epoch_size=10, candidate_crop_fraction=0.5)
+    assert sorted({item for item, _ in only_negatives}) == [CANDIDATE_CROP, RANDOM_CROP]
+    with pytest.raises(ValueError, match="their sum"):
+        SegmentationTrainSampler(5, 0.6, epoch_size=10, candidate_crop_fraction=0.5)
+
+
+def test_candidate_crops_hold_the_candidate(tiny_dataset: Path, tiny_series: SegmentationSeries) -> None:
+    cache = tiny_series.cache
+    uid = tiny_series.series_uids[0]
+    geometry = cache.geometry(uid)
+    centre_irc = np.array(geometry.shape_irc) // 2
+    centre_xyz = geometry.irc_to_xyz(centre_irc.reshape(1, 3)).reshape(3)
+    outside_xyz = geometry.irc_to_xyz((np.array(geometry.shape_irc) + 50).reshape(1, 3)).reshape(3)
+    table = pd.DataFrame({"series_uid": [uid, uid, "not-a-series"], "center_x": [centre_xyz[0], outside_xyz[0], 0.0],
+                          "center_y": [centre_xyz[1], outside_xyz[1], 0.0],
+                          "center_z": [centre_xyz[2], outside_xyz[2], 0.0]})
+    annotations = read_annotations(tiny_dataset / ANNOTATIONS_FILE)
+    series = SegmentationSeries(cache, tiny_series.series_uids, annotations, progress=False, negative_candidates=table)
+    assert series.negatives == [(uid, tuple(int(v) for v in centre_irc))]
+    dataset = SegmentationTrainDataset(series)
+    hu = cache.volume(uid)
+    for seed in range(5):
+        sample = dataset[(CANDIDATE_CROP, seed)]
+        assert sample["series_uid"] == uid and sample["slice_index"] == centre_irc[0]
+        window = hu[centre_irc[0], centre_irc[1] - 16 : centre_irc[1] + 17, centre_irc[2] - 16 : centre_irc[2] + 17]
+        found = [(r, c) for r in range(64 - 32) for c in range(64 - 32)
+                 if np.array_equal(sample["image"][3, r : r + 33, c : c + 33], window)]
+        assert found, "the candidate's neighbourhood is not inside its crop"
+
+
 def test_same_shape_batches() -> None:
     shapes = [(8, 8)] * 3 + [(6, 6)] * 2
     batches = list(SameShapeBatchSampler(range(5), shapes, batch_size=2))
@@ -155,7 +195,7 @@ def test_overlay_colours() -> None:
     np.testing.assert_allclose(image[1, 1], 0.0)
 
 
-def test_training_end_to_end(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_training_end_to_end(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     from p2ch_luna.models.catalog import find_latest_checkpoint
     from p2ch_luna.models.checkpoint import load_checkpoint
@@ -167,8 +207,11 @@ def test_training_end_to_end(tiny_dataset: Path, tmp_path: Path) -> None:
         "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"),
         "--epochs", "1", "--epoch-size", "8", "--batch-size", "4", "--ratio", "0", "--val-stride", "3",
         "--augmented", "--val-negative-fraction", "0.05", "--tb-images", "2", "--comment", "seg-test",
+        "--candidate-crop-fraction", "0.25",
     ])
     assert code == 0
+    negatives = re.search(r"(\d+) negative candidates", capsys.readouterr().err)
+    assert negatives and int(negatives.group(1)) > 0
     best = find_latest_checkpoint(tmp_path / "models", "segmentation")
     assert best is not None
     loaded = load_checkpoint(best, expected_task="segmentation")
@@ -191,6 +234,8 @@ def test_bad_segmentation_option_is_a_usage_error(tmp_path: Path) -> None:
     code = training.main(["segmentation", "--data-root", str(tmp_path), "--ratio", "0",
                           "--random-crop-fraction", "1.5"])
     assert code == 2
+    assert training.main(["segmentation", "--data-root", str(tmp_path), "--ratio", "0",
+                          "--random-crop-fraction", "0.5", "--candidate-crop-fraction", "0.5"]) == 2
 
 
 def test_batched_crops_are_the_single_crops(tiny_series: SegmentationSeries) -> None:

@@ -204,6 +204,11 @@ class ClassificationTask(Task):
         config, context = self.config, self.context
         hard = mined_negatives(dataset.table)
         fraction = self.options.hard_negative_fraction if hard.any() else 0.0
+        positives = int(dataset.labels.sum())
+        if config.ratio and (positives == 0 or positives == len(dataset.labels)):
+            raise DataError(f"{self.task_name} training: --balanced needs both classes, but the training series "
+                            f"of {config.paths.data_root} give {positives} positive and "
+                            f"{len(dataset.labels) - positives} negative sample(s)")
         sampler = BalancedSampler(dataset.labels, ratio=config.ratio, epoch_size=config.epoch_size,
                                   seed=config.seed, rank=context.rank, world_size=context.world_size,
                                   hard=hard, hard_fraction=fraction)

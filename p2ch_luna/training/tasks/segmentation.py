@@ -26,11 +26,18 @@ from torch.utils.data import DataLoader
 from p2ch_luna.data.augment import AugmentConfig, augment_batch_2d
 from p2ch_luna.data.cache import open_cache
 from p2ch_luna.data.folds import split_by_fold
-from p2ch_luna.data.luna import ANNOTATIONS_FILE, read_annotations, split_by_series
+from p2ch_luna.data.luna import (
+    ANNOTATIONS_FILE,
+    find_candidates_file,
+    read_annotations,
+    read_candidates,
+    split_by_series,
+)
 from p2ch_luna.data.masks import MASK_MODES, MASK_THRESHOLD_HU
 from p2ch_luna.data.sampling import ShardedSequentialSampler
 from p2ch_luna.data.segmentation import (
     CONTEXT_SLICES,
+    DEFAULT_CANDIDATE_CROP_FRACTION,
     DEFAULT_RANDOM_CROP_FRACTION,
     DEFAULT_VAL_NEGATIVE_FRACTION,
     MaskOptions,
@@ -74,6 +81,7 @@ class SegmentationOptions:
     mask_threshold_hu: float = MASK_THRESHOLD_HU
     fn_loss_weight: float = BOOK_FN_LOSS_WEIGHT
     random_crop_fraction: float = DEFAULT_RANDOM_CROP_FRACTION
+    candidate_crop_fraction: float = DEFAULT_CANDIDATE_CROP_FRACTION
     val_negative_fraction: float = DEFAULT_VAL_NEGATIVE_FRACTION
     context_slices: int = CONTEXT_SLICES
     image_count: int = DEFAULT_IMAGE_COUNT
@@ -122,6 +130,11 @@ class SegmentationTask(Task):
                            help="weight of the false-negative Dice term (the book's: 8)")
         group.add_argument("--random-crop-fraction", type=float, default=DEFAULT_RANDOM_CROP_FRACTION,
                            help="share of training crops taken at random places rather than around a nodule")
+        group.add_argument("--candidate-crop-fraction", type=float, default=DEFAULT_CANDIDATE_CROP_FRACTION,
+                           help="share of training crops centred on negative rows (class 0) of the data's "
+                                "candidates.csv: vessels, junctions and walls that look like nodules, so the "
+                                "segmenter learns to leave them out (measured: docs/benchmarks.md, "
+                                "'Segmenter crops on negative candidates')")
         group.add_argument("--val-negative-fraction", type=float, default=DEFAULT_VAL_NEGATIVE_FRACTION,
                            help="share of validation slices without nodules that are validated too")
         group.add_argument("--context-slices", type=int, default=CONTEXT_SLICES,
@@ -135,6 +148,9 @@ class SegmentationTask(Task):
     def options_from_args(cls, args: argparse.Namespace) -> SegmentationOptions:
         if not 0 <= args.random_crop_fraction < 1:
             raise UsageError(f"--random-crop-fraction must be in [0, 1), not {args.random_crop_fraction}")
+        if not 0 <= args.candidate_crop_fraction < 1 - args.random_crop_fraction:
+            raise UsageError(f"--candidate-crop-fraction must be in [0, 1 - --random-crop-fraction), "
+                             f"not {args.candidate_crop_fraction}")
         if not 0 <= args.val_negative_fraction <= 1:
             raise UsageError(f"--val-negative-fraction must be in [0, 1], not {args.val_negative_fraction}")
         if args.context_slices < 0 or args.tb_images < 0 or args.fn_loss_weight < 0:
@@ -144,6 +160,7 @@ class SegmentationTask(Task):
             mask_threshold_hu=args.mask_threshold_hu,
             fn_loss_weight=args.fn_loss_weight,
             random_crop_fraction=args.random_crop_fraction,
+            candidate_crop_fraction=args.candidate_crop_fraction,
             val_negative_fraction=args.val_negative_fraction,
             context_slices=args.context_slices,
             image_count=args.tb_images,
@@ -177,8 +194,12 @@ class SegmentationTask(Task):
             raise DataError(f"no {'validation' if validation else 'training'} series under {data_root} "
                             f"with --val-stride {self.config.val_stride}")
         mask_options = MaskOptions(self.options.mask_mode, self.options.mask_threshold_hu)
+        negatives = None
+        if not validation and self.options.candidate_crop_fraction > 0:
+            candidates = read_candidates(find_candidates_file(data_root))
+            negatives = candidates[~candidates["is_nodule"]]
         return SegmentationSeries(open_cache(self.config.paths), uids, self._annotations, mask_options,
-                                  progress=self.context.is_main)
+                                  progress=self.context.is_main, negative_candidates=negatives)
 
     def series_split(self) -> SeriesSplit | None:
         """The split of the series on disk (None before the loaders are built)."""
@@ -192,11 +213,16 @@ class SegmentationTask(Task):
         series = self._series(validation=False)
         if not series.nodules:
             raise DataError("the training series have no annotated nodules inside their CTs")
+        if self.options.candidate_crop_fraction > 0 and not series.negatives:
+            raise DataError(f"--candidate-crop-fraction {self.options.candidate_crop_fraction}: the candidates "
+                            f"file of {self.config.paths.require_data_root()} has no negative rows inside the "
+                            "training series' CTs")
         sampler = SegmentationTrainSampler(len(series.nodules), self.options.random_crop_fraction,
                                            self.config.epoch_size, self.config.seed,
-                                           self.context.rank, self.context.world_size)
-        log.info("segmentation training: %d series, %d nodules, %d crops per epoch",
-                 len(series.series_uids), len(series.nodules), sampler.global_size)
+                                           self.context.rank, self.context.world_size,
+                                           candidate_crop_fraction=self.options.candidate_crop_fraction)
+        log.info("segmentation training: %d series, %d nodules, %d negative candidates, %d crops per epoch",
+                 len(series.series_uids), len(series.nodules), len(series.negatives), sampler.global_size)
         return build_loader(SegmentationTrainDataset(series, self.options.context_slices), sampler, self.context,
                             ring=uses_batch_ring(self.config, self.context.device))
 
