@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 RUN_TIME_FORMAT = "%Y-%m-%d_%H.%M.%S"
 
-RESUME_OVERRIDES = ("epochs", "max_minutes", "device", "num_workers", "batch_ring", "compile", "kernels", "paths", "resume")
+RESUME_OVERRIDES = ("epochs", "max_minutes", "device", "num_workers", "batch_ring", "compile", "kernels", "paths",
+                    "resume")
 """Config fields that ``--resume`` takes from the command line instead of the checkpoint."""
 
 CONFIG_SUFFIX = ".config.json"
