@@ -243,10 +243,10 @@ def _diagnose(args: argparse.Namespace) -> int:
         raise UsageError(f"--runtime onnx runs float32 on the CPU: it does not go with "
                          f"{'--precision mixed (--amp)' if mixed else '--device ' + args.device}")
     warn_if_emulated(mixed, device)
+    check_kernels(args.kernels, device)
     amp = resolve_precision(args.precision, device, args.runtime)
     log.info("precision: %s%s", "mixed (bfloat16)" if amp and device.type == "cpu" else
              "mixed" if amp else "float32", " (--precision auto)" if args.precision == "auto" else "")
-    check_kernels(args.kernels, device)
     default_batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     config = DiagnoseConfig(
         segmentation_threshold=args.segmentation_threshold, erosion_iterations=args.erosion_iterations,
