@@ -69,10 +69,9 @@ PRECISIONS = ("auto", "float32", "mixed")
 
 def mixed_by_default(device_type: str, runtime: str, native_bfloat16: bool) -> bool:
     """What ``--precision auto`` picks: mixed precision (bfloat16) only where it was measured faster with
-    the same findings, i.e. PyTorch on a CPU with native bfloat16 (AVX-512 BF16 or AMX: diagnosis 1.6x
-    faster on the real CPTAC CT, the same findings; docs/benchmarks.md). Float32 elsewhere: a CPU that
-    would emulate bfloat16, ONNX Runtime (float32 only), and GPUs, where bf16 was not faster in the one
-    measured run."""
+    the same findings, i.e. PyTorch on a CPU with native bfloat16 (AVX-512 BF16 or AMX; docs/benchmarks.md,
+    "Quiet, alternated"). Float32 elsewhere: a CPU that would emulate bfloat16, ONNX Runtime (float32 only),
+    and GPUs, where bf16 was not measured faster."""
     return device_type == "cpu" and runtime == "torch" and native_bfloat16
 
 

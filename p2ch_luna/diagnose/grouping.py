@@ -43,9 +43,8 @@ GAUSSIAN_TRUNCATE = 4.0
 """Peak grouping: the ``FAINT_SMOOTHING_MM`` kernel reaches this many sigmas (scipy's default)."""
 MIN_CANDIDATE_DIAMETER_MM = 2.8
 """Diagnosis' default ``min_diameter_mm``: LUNA16 counts nodules of 3 mm and more, and the estimate moves
-in voxel steps (a 3.5 mm nodule implanted into a real CT measured 3.4 mm), so a little below 3 mm. It
-removes 39 % of the book's models' candidates on real CTs and none of the implanted 3.5-5 mm nodules they
-find (docs/benchmarks.md, 'Narrow candidates')."""
+in voxel steps, so a little below 3 mm (measured on real CTs with implanted small nodules:
+docs/benchmarks.md, 'Narrow candidates')."""
 MIN_PEAK_RADIUS_MM = 1.0
 """Peak grouping: a blob's centre must lie at least this far inside it (nodules are >= 3 mm across)."""
 PEAK_SEPARATION_MM = 3.0

@@ -49,8 +49,7 @@ BUDGET_EPOCHS = 200
 FIXED_EPOCHS = {"segmentation": 8, "nodule": 8, "malignancy": 4}
 """Epochs per stage without ``--minutes``."""
 CPU_CHUNK_SHAPE = (16, 24, 24)
-"""Classifier chunk on the CPU (the demo's: a 32x48x48 chunk trains about 8x slower); the book's 32x48x48
-on CUDA."""
+"""Classifier chunk on the CPU (the demo's; the book's 32x48x48 has 8x the voxels); the book's on CUDA."""
 CUDA_CHUNK_SHAPE = (32, 48, 48)
 
 

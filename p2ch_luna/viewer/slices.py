@@ -74,8 +74,7 @@ def codes_to_hu(codes: np.ndarray) -> np.ndarray:
 
 def encode_ct(ct: Ct, lung_mask: np.ndarray, nodule_mask: np.ndarray, workers: int | None = None) -> ViewerSlices:
     """Every axial slice of ``ct`` and of both masks as PNG bytes, encoded on ``workers`` threads (default: one
-    per CPU; zlib releases the GIL, so 2 threads take about half the time with the same bytes:
-    docs/benchmarks.md)."""
+    per CPU; zlib releases the GIL, so threads give the same bytes sooner: python -m bench.bench_viewer)."""
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         slices = list(pool.map(_slice_png, ct.hu))
         lung_masks = _mask_pngs(lung_mask, LUNG_COLOUR, pool)
