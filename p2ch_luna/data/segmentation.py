@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Iterator, Sequence, TypedDict
+from typing import Any, Iterator, Mapping, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -47,7 +47,7 @@ from p2ch_luna.data.masks import (
     unpack_mask,
 )
 from p2ch_luna.data.sampling import epoch_seed
-from p2ch_luna.geometry import chunk_bounds
+from p2ch_luna.geometry import Geometry, chunk_bounds
 from p2ch_luna.io.ct import HU_MIN
 
 log = logging.getLogger(__name__)
@@ -105,31 +105,17 @@ class SegmentationSeries:
         self._masks: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple[int, int, int]] = {}
         self.positive_slices: dict[str, np.ndarray] = {}
-        centers = []
+        geometries = {}
         for uid in tqdm(self.series_uids, desc="nodule masks", unit="series", disable=not progress):
-            geometry = cache.geometry(uid)
-            self.shapes[uid] = geometry.shape_irc
+            geometries[uid] = cache.geometry(uid)
+            self.shapes[uid] = geometries[uid].shape_irc
             self.positive_slices[uid] = np.asarray(cached_positive_slices(
                 cache, uid, self.annotations, mask_options.mode, mask_options.threshold_hu))
-            rows = self.annotations[self.annotations["series_uid"] == uid]
-            irc = geometry.xyz_to_irc(rows[["center_x", "center_y", "center_z"]].to_numpy(dtype=float))
-            irc = irc.reshape(-1, 3)
-            centers += [(uid, tuple(int(v) for v in point)) for point in irc[geometry.contains_irc(irc).reshape(-1)]]
-        self.nodules: list[tuple[str, tuple[int, int, int]]] = centers
+        self.nodules: list[tuple[str, tuple[int, int, int]]] = centres_inside(self.annotations, geometries)
         """``(series_uid, center_irc)`` of every annotated nodule inside its CT."""
         self.negatives: list[tuple[str, tuple[int, int, int]]] = (
-            [] if negative_candidates is None else self._centres_inside(negative_candidates))
+            [] if negative_candidates is None else centres_inside(negative_candidates, geometries))
         """``(series_uid, center_irc)`` of the given negative candidates inside these series' CTs."""
-
-    def _centres_inside(self, table: pd.DataFrame) -> list[tuple[str, tuple[int, int, int]]]:
-        """``(series_uid, center_irc)`` of the rows of ``table`` (``series_uid, center_x/y/z``) inside their CT."""
-        centres = []
-        for uid, rows in table[table["series_uid"].isin(self.series_uids)].groupby("series_uid", sort=True):
-            geometry = self.cache.geometry(uid)
-            irc = geometry.xyz_to_irc(rows[["center_x", "center_y", "center_z"]].to_numpy(dtype=float))
-            irc = irc.reshape(-1, 3)
-            centres += [(uid, tuple(int(v) for v in point)) for point in irc[geometry.contains_irc(irc).reshape(-1)]]
-        return centres
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_masks": {}}
@@ -154,6 +140,20 @@ class SegmentationSeries:
                                         self.mask_options.threshold_hu)
             self._masks[series_uid] = packed
         return packed
+
+
+def centres_inside(table: pd.DataFrame, geometries: Mapping[str, Geometry]) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(series_uid, center_irc)`` of the rows of ``table`` (``series_uid, center_x/y/z``) that lie inside their
+    CT, series in the order of ``geometries`` (series missing there are left out), rows in table order."""
+    groups = dict(iter(table.groupby("series_uid", sort=False)))
+    centres = []
+    for uid, geometry in geometries.items():
+        rows = groups.get(uid)
+        if rows is None:
+            continue
+        irc = geometry.xyz_to_irc(rows[["center_x", "center_y", "center_z"]].to_numpy(dtype=float)).reshape(-1, 3)
+        centres += [(uid, tuple(int(v) for v in point)) for point in irc[geometry.contains_irc(irc).reshape(-1)]]
+    return centres
 
 
 def context_indices(slice_index: int, n_slices: int, context: int = CONTEXT_SLICES) -> np.ndarray:
