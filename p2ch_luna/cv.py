@@ -16,7 +16,6 @@ with other settings into the same folder is refused (its folds would not be comp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import subprocess
@@ -34,6 +33,7 @@ from p2ch_luna.diagnose.report import FINDINGS_FILE
 from p2ch_luna.errors import LunaError, UsageError
 from p2ch_luna.io.atomic import atomic_write_text
 from p2ch_luna.io.ct import list_series_on_disk
+from p2ch_luna.io.run_state import read_run_state, write_run_state
 from p2ch_luna.metrics.froc import DEFAULT_BOOTSTRAP_SAMPLES
 from p2ch_luna.models.catalog import find_latest_checkpoint
 from p2ch_luna.paths import resolve_paths
@@ -149,28 +149,10 @@ def settings_from_args(args: argparse.Namespace, data_root: Path) -> CvSettings:
 
 
 def read_state(path: Path, settings: CvSettings) -> dict[str, Any]:
-    """The state of a former run with the same settings (its folds), or a fresh one; other settings: UsageError."""
-    wanted = json.loads(json.dumps(asdict(settings)))
-    if not path.is_file():
-        return {"version": STATE_VERSION, "settings": wanted, "folds": {}}
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"{path} is not a cv state ({error}); remove it to start over") from None
-    recorded = dict(state.get("settings") or {})
-    recorded.pop("folds", None)
-    current = {key: value for key, value in wanted.items() if key != "folds"}
-    if recorded != current:
-        changed = sorted(key for key in current if recorded.get(key) != current[key])
-        raise UsageError(f"{path} was written with other settings ({', '.join(changed)}): use another --work-dir "
-                         "or remove it to start over")
-    state["settings"] = wanted
-    state.setdefault("folds", {})
-    return state
-
-
-def write_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(state, indent=2) + "\n")
+    """The state of a former run with the same settings (its folds may differ), or a fresh one; other settings:
+    UsageError."""
+    return read_run_state(path, asdict(settings), kind="cv", entries="folds", folder_flag="--work-dir",
+                          version=STATE_VERSION, free_keys=("folds",))
 
 
 def fold_complete(record: dict[str, Any] | None) -> bool:
@@ -288,7 +270,7 @@ def run_cv(args: argparse.Namespace) -> int:
             continue
         record["complete"] = False
         run_fold(run_stage, settings, paths.cache_dir, work_dir, fold, record,
-                 lambda: write_state(state_path, state))
+                 lambda: write_run_state(state_path, state))
     output = work_dir / EVALUATION_FOLDER
     # In this process even under --launcher: scoring is one small job, not one per rank.
     StageRunner("")("evaluate the merged folds", "p2ch_luna.evaluate", evaluate.main,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from p2ch_luna import prepcache
 from p2ch_luna.cli import add_device_argument, make_parser, run_command
 from p2ch_luna.data.luna import ANNOTATIONS_FILE, MALIGNANCY_FILE, read_annotations, read_malignancy, split_by_series
 from p2ch_luna.errors import DataError, LunaError, UsageError
-from p2ch_luna.io.atomic import atomic_write_text
 from p2ch_luna.io.ct import list_series_on_disk
+from p2ch_luna.io.run_state import read_run_state, write_run_state
 from p2ch_luna.models.catalog import find_latest_checkpoint
 from p2ch_luna.paths import paths_from_args
 
@@ -121,19 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_state(path: Path, settings: RecipeSettings) -> dict[str, Any]:
     """The state of a former run with the same settings, or a fresh one; other settings: UsageError."""
-    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
-    if not path.is_file():
-        return {"version": STATE_VERSION, "settings": wanted, "stages": {}}
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"{path} is not a recipe state ({error}); remove it to start over") from None
-    if state.get("settings") != wanted:
-        changed = sorted(key for key in wanted if (state.get("settings") or {}).get(key) != wanted[key])
-        raise UsageError(f"{path} was written with other settings ({', '.join(changed)}): use another "
-                         "--models-dir or remove it to start over")
-    state.setdefault("stages", {})
-    return state
+    return read_run_state(path, dataclasses.asdict(settings), kind="recipe", entries="stages",
+                          folder_flag="--models-dir", version=STATE_VERSION)
 
 
 def main(argv: Sequence[str] | None, train: Callable[[Sequence[str]], int]) -> int:
@@ -210,7 +198,7 @@ def _run(args: argparse.Namespace, train: Callable[[Sequence[str]], int]) -> int
         checkpoint = best if best.is_file() else checkpoint
         done[stage] = str(checkpoint)
         state["stages"][stage] = done[stage]
-        atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+        write_run_state(state_path, state)
     log.info("recipe: done in %.1f min; diagnose with --models-dir %s", (time.perf_counter() - started) / 60,
              paths.models_dir)
     for stage, checkpoint in done.items():
