@@ -11,7 +11,7 @@ same sequence whatever the number of processes, which is what makes
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,18 @@ EPOCH_SEED_STRIDE = 1_000_003
 def epoch_seed(seed: int, epoch: int) -> int:
     """One integer seed for (``seed``, ``epoch``); used by samplers and augmentation."""
     return (int(seed) * EPOCH_SEED_STRIDE + int(epoch)) % 2**63
+
+
+def equal_bin_weights(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """One weight per value such that every bin of ``edges`` (``np.digitize``'s: below the first edge, between
+    neighbours, from the last one up) that holds values weighs the same in total; the weights sum to 1."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros(0)
+    bins = np.digitize(values, np.asarray(edges, dtype=np.float64))
+    counts = np.bincount(bins)
+    weights = 1.0 / counts[bins]
+    return weights / weights.sum()
 
 
 def shard_length(total: int, rank: int, world_size: int) -> int:
@@ -46,7 +58,9 @@ class BalancedSampler(Sampler[int]):
 
     ``hard`` marks some negatives as hard (mined from our own segmenter's candidates): with a ratio,
     ``hard_fraction`` of the negative slots are drawn from them (cycled as above) and the rest from the
-    other negatives, whatever their numbers; without one, every item is drawn alike.
+    other negatives, whatever their numbers; without one, every item is drawn alike. ``hard_weights`` (one
+    per item, read for the hard negatives) draws them with replacement in proportion to it instead of cycling
+    them (:func:`equal_bin_weights` of their diameters: every size drawn alike).
     """
 
     def __init__(
@@ -59,6 +73,7 @@ class BalancedSampler(Sampler[int]):
         world_size: int = 1,
         hard: np.ndarray | None = None,
         hard_fraction: float = 0.0,
+        hard_weights: np.ndarray | None = None,
     ) -> None:
         self.labels = np.asarray(labels, dtype=bool)
         hard = np.zeros(self.labels.size, dtype=bool) if hard is None else np.asarray(hard, dtype=bool)
@@ -77,6 +92,15 @@ class BalancedSampler(Sampler[int]):
             raise ValueError("hard_fraction > 0 needs hard negatives; none are marked")
         if self.hard_fraction < 1 and self.hard_indices.size and self.easy_indices.size == 0:
             self.hard_fraction = 1.0
+        self.hard_probabilities: np.ndarray | None = None
+        if hard_weights is not None and self.hard_indices.size:
+            weights = np.asarray(hard_weights, dtype=np.float64)
+            if weights.shape != self.labels.shape:
+                raise ValueError(f"hard_weights has {weights.size} values for {self.labels.size} items")
+            weights = weights[self.hard_indices]
+            if not (np.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0):
+                raise ValueError("hard_weights must be finite, >= 0 and not all 0 over the hard negatives")
+            self.hard_probabilities = weights / weights.sum()
         if ratio and (self.positive_indices.size == 0 or self.negative_indices.size == 0):
             raise ValueError(
                 f"a balanced epoch needs positives and negatives; have {self.positive_indices.size} "
@@ -110,7 +134,9 @@ class BalancedSampler(Sampler[int]):
         n_negative = self.global_size - n_positive
         if self.hard_fraction > 0:
             n_hard = int(round(self.hard_fraction * n_negative))
-            negatives = np.concatenate([_cycled_permutation(self.hard_indices, n_hard, rng),
+            hard = (_cycled_permutation(self.hard_indices, n_hard, rng) if self.hard_probabilities is None else
+                    rng.choice(self.hard_indices, size=n_hard, p=self.hard_probabilities))
+            negatives = np.concatenate([hard,
                                         _cycled_permutation(self.easy_indices, n_negative - n_hard, rng)])
             sequence[~is_positive_slot] = negatives[rng.permutation(n_negative)]
         else:

@@ -3,6 +3,7 @@ table, the command's errors, and nodule training drawing hard negatives from the
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from p2ch_luna.data.candidates import LABEL_COLUMN, MINED_SOURCE
-from p2ch_luna.data.sampling import BalancedSampler
+from p2ch_luna.data.sampling import BalancedSampler, equal_bin_weights
 from p2ch_luna.errors import DataError
 from p2ch_luna.evaluation.truth import Truth
 from p2ch_luna.mining import run as mining_run
@@ -22,7 +23,7 @@ from p2ch_luna.mining.labels import label_by_radius
 from p2ch_luna.paths import resolve_paths
 from p2ch_luna.training.config import TrainConfig
 from p2ch_luna.training.tasks import RunContext
-from p2ch_luna.training.tasks.classification import ClassificationOptions, NoduleTask
+from p2ch_luna.training.tasks.classification import HARD_NEGATIVE_SIZE_EDGES_MM, ClassificationOptions, NoduleTask
 
 
 def candidates(*points: tuple[str, float, float, float]) -> pd.DataFrame:
@@ -59,6 +60,36 @@ def test_sampler_draws_the_asked_share_of_negatives_from_the_hard_ones() -> None
                                                                   hard=hard, hard_fraction=0.0).global_indices())
     with pytest.raises(ValueError):
         BalancedSampler(labels, ratio=3, hard_fraction=0.5)
+
+
+def test_equal_bin_weights_give_every_occupied_bin_the_same_mass() -> None:
+    weights = equal_bin_weights(np.array([1.0, 2.0, 3.0, 5.0, 6.0, 30.0]), edges=(4.0, 8.0, 16.0))
+    assert np.allclose(weights, [1 / 9, 1 / 9, 1 / 9, 1 / 6, 1 / 6, 1 / 3])  # bins <4, 4-8, >=16; 8-16 empty
+    assert equal_bin_weights(np.zeros(0), edges=(4.0,)).size == 0
+
+
+def test_sampler_draws_hard_negatives_by_weight() -> None:
+    labels = np.array([True] * 10 + [False] * 90)
+    hard = np.zeros(100, dtype=bool)
+    hard[50:] = True  # 50 hard negatives: 49 specks and one large one
+    diameters = np.full(100, 3.0)
+    diameters[99] = 20.0
+    weights = np.zeros(100)
+    weights[hard] = equal_bin_weights(diameters[hard], edges=(4.0,))
+
+    def large_share(**kwargs: object) -> float:
+        drawn = BalancedSampler(labels, ratio=3, epoch_size=4000, seed=2, hard=hard, hard_fraction=1.0,
+                                **kwargs).global_indices()
+        negatives = drawn[~labels[drawn]]
+        assert hard[negatives].all() and len(negatives) == 3000
+        return float(np.mean(negatives == 99))
+
+    assert 0.45 < large_share(hard_weights=weights) < 0.55  # half the hard draws: its bin's mass
+    assert large_share() == pytest.approx(1 / 50, abs=0.005)  # cycled: as often as any other
+    with pytest.raises(ValueError, match="hard_weights"):
+        BalancedSampler(labels, ratio=3, hard=hard, hard_fraction=0.5, hard_weights=np.ones(3))
+    with pytest.raises(ValueError, match="hard_weights"):
+        BalancedSampler(labels, ratio=3, hard=hard, hard_fraction=0.5, hard_weights=np.zeros(100))
 
 
 @pytest.fixture()
@@ -168,3 +199,9 @@ def test_nodule_training_adds_mined_rows_to_training_only(mining_setup: tuple) -
     sampler = task.train_loader().sampler
     assert sampler.hard_fraction == 0.5 and sampler.hard_indices.size == int((~mined[LABEL_COLUMN]).sum())
 
+    hard_diameters = train.table["diameter_mm"].to_numpy()[sampler.hard_indices]
+    expected = equal_bin_weights(hard_diameters, HARD_NEGATIVE_SIZE_EDGES_MM)
+    assert np.allclose(sampler.hard_probabilities, expected)  # the default: every size drawn alike
+    natural = NoduleTask(RunContext(dataclasses.replace(
+        config, task_options=dataclasses.replace(options, hard_negative_sizes="natural")), torch.device("cpu")))
+    assert natural.train_loader().sampler.hard_probabilities is None

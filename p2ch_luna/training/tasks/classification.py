@@ -21,6 +21,10 @@ Nodule training can add the candidates our own segmenter makes on the training s
 (``--hard-negatives-from SEGMENTATION``, :mod:`p2ch_luna.mining`): those on a nodule as positives at the
 grouping's centres, the rest as hard negatives, of which the balanced sampler draws
 ``--hard-negative-fraction`` of its negatives (``python -m bench.bench_generalisation`` measures the effect).
+By default (``--hard-negative-sizes even``) each diameter bin of :data:`HARD_NEGATIVE_SIZE_EDGES_MM` is drawn
+alike: most mined candidates are vessel specks under 4 mm, and drawn as they come the classifier would
+rarely see the large, round, nodule-sized structures (the diaphragm's dome, the lung's apex) that rank
+above nodules in diagnosis (docs/benchmarks.md, 'Hard negatives of every size').
 
 Malignancy can fine-tune a nodule classifier (ours or the book's ``cls_*.state``),
 as the book's chapter 14: ``--finetune PATH --finetune-depth N`` loads it,
@@ -36,6 +40,7 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -56,7 +61,7 @@ from p2ch_luna.data.candidates import (
 )
 from p2ch_luna.data.folds import split_by_fold
 from p2ch_luna.data.luna import read_candidate_table
-from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler
+from p2ch_luna.data.sampling import BalancedSampler, ShardedSequentialSampler, equal_bin_weights
 from p2ch_luna.data.series_split import SeriesSplit
 from p2ch_luna.distributed import barrier
 from p2ch_luna.errors import DataError, UsageError
@@ -87,6 +92,10 @@ FEW_VALIDATION_POSITIVES = 10
 """Below this many validation positives a run says that its model selection is a small-sample guess."""
 DEFAULT_HARD_NEGATIVE_FRACTION = 0.5
 """Share of the negatives drawn from the mined candidates when ``--hard-negatives-from`` is given."""
+HARD_NEGATIVE_SIZES = ("even", "natural")
+HARD_NEGATIVE_SIZE_EDGES_MM = (4.0, 5.7, 8.0, 11.3, 16.0, 22.6)
+"""Diameter bins of ``--hard-negative-sizes even``: under 4 mm, then steps of sqrt(2) (LUNA16's nodules are
+3-30 mm)."""
 BOOK_NON_NODULES_PER_BENIGN = 1.0
 """The book's malignancy mix: as many non-nodule candidates as benign nodules in the benign class."""
 
@@ -101,6 +110,7 @@ class ClassificationOptions:
     non_nodules_per_benign: float = 0.0
     hard_negatives_from: Path | None = None
     hard_negative_fraction: float = DEFAULT_HARD_NEGATIVE_FRACTION
+    hard_negative_sizes: str = "even"
     calibrate: bool = True
     calibration_method: str = "platt"
 
@@ -209,9 +219,14 @@ class ClassificationTask(Task):
             raise DataError(f"{self.task_name} training: --balanced needs both classes, but the training series "
                             f"of {config.paths.data_root} give {positives} positive and "
                             f"{len(dataset.labels) - positives} negative sample(s)")
+        weights = None
+        if hard.any() and self.options.hard_negative_sizes == "even":
+            weights = np.zeros(len(hard))
+            weights[hard] = equal_bin_weights(dataset.table["diameter_mm"].to_numpy()[hard],
+                                              HARD_NEGATIVE_SIZE_EDGES_MM)
         sampler = BalancedSampler(dataset.labels, ratio=config.ratio, epoch_size=config.epoch_size,
                                   seed=config.seed, rank=context.rank, world_size=context.world_size,
-                                  hard=hard, hard_fraction=fraction)
+                                  hard=hard, hard_fraction=fraction, hard_weights=weights)
         return build_loader(dataset, sampler, context,
                             ring=uses_batch_ring(config, context.device))
 
@@ -291,6 +306,10 @@ class NoduleTask(ClassificationTask):
         parser.add_argument("--hard-negative-fraction", type=float, default=DEFAULT_HARD_NEGATIVE_FRACTION,
                             metavar="F", help="with --hard-negatives-from and --balanced/--ratio: the share of "
                                               "negatives drawn from the mined ones (the rest from candidates.csv)")
+        parser.add_argument("--hard-negative-sizes", choices=HARD_NEGATIVE_SIZES, default="even",
+                            help="how mined negatives are drawn: 'even' draws every diameter bin (under 4 mm, "
+                                 "then steps of sqrt(2) mm) alike, so the large nodule-like structures are seen "
+                                 "as often as the many vessel specks; 'natural' draws each candidate alike")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> ClassificationOptions:
@@ -300,7 +319,8 @@ class NoduleTask(ClassificationTask):
         if mined_from is not None and not mined_from.is_file():
             raise UsageError(f"--hard-negatives-from {mined_from}: no such segmentation checkpoint")
         return dataclasses.replace(super().options_from_args(args), hard_negatives_from=mined_from,
-                                   hard_negative_fraction=args.hard_negative_fraction)
+                                   hard_negative_fraction=args.hard_negative_fraction,
+                                   hard_negative_sizes=args.hard_negative_sizes)
 
     def candidate_table(self, candidates: pd.DataFrame) -> pd.DataFrame:
         return nodule_table(candidates)
