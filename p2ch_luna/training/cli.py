@@ -14,7 +14,7 @@ epoch. Multi-node runs use torchrun's own ``--nnodes``/``--rdzv-*`` flags.
 Outputs (rank 0 only), named by the run's start time and ``--comment``:
 
 - ``<models-dir>/<task>_<time>_<comment>.best.state``: highest validation score
-  (nodules: LUNA16 CPM of the validation candidates, ties by ROC AUC; malignancy: ROC AUC;
+  (nodules: LUNA16 CPM of the validation candidates, ties by ROC AUC, then the lower loss; malignancy: ROC AUC;
   segmentation: ``--score-metric``; the classifiers' also holds the temperature fitted on the
   validation set after training unless ``--no-calibrate``), and ``.last.state``
   (every epoch); ``.config.json``: the resolved configuration;

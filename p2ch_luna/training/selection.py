@@ -1,8 +1,13 @@
 """Choosing the best checkpoint: the validation figures that rank epochs, and the nodule task's FROC.
 
 A task names the metrics that rank its checkpoints, most important first (:meth:`Task.selection`): the nodule
-classifier ranks by the LUNA16 CPM of its validation candidates, ties broken by ROC AUC; the other tasks keep
-their single per-sample score. Higher is better and NaN counts as worst.
+classifier ranks by the LUNA16 CPM of its validation candidates, ties broken by ROC AUC, then by the validation
+loss; the other tasks keep their single per-sample score. Higher is better except for the metrics in
+:data:`LOWER_IS_BETTER`, and NaN counts as worst.
+
+Why the loss: a few validation series saturate CPM and AUC at 1.0 within a few epochs, and without it the first
+epoch to reach the ceiling was kept -- epoch 6 of 46 in a 15-minute recipe run, while the loss went on falling
+from 0.08 to 0.002 (docs/benchmarks.md, "Ties of a saturated validation set").
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ def sensitivity_key(fps_per_scan: float) -> str:
     return f"sens_at_{fps_per_scan:g}fp"
 
 
+LOWER_IS_BETTER = frozenset({"loss"})
+"""Metric keys ranked the other way round (smaller is better)."""
+
 FROC_KEYS: tuple[str, ...] = (CPM_KEY, *(sensitivity_key(point) for point in OPERATING_POINTS))
 """Every metric key :func:`froc_metrics` returns."""
 
@@ -43,8 +51,10 @@ class Scores:
         return cls(tuple(names), tuple(float(metrics.get(name, math.nan)) for name in names))
 
     def ranked(self) -> tuple[float, ...]:
-        """The values as compared: NaN replaced by -inf (worst)."""
-        return tuple(-math.inf if math.isnan(value) else value for value in self.values)
+        """The values as compared, larger better: those of :data:`LOWER_IS_BETTER` negated, NaN replaced by -inf
+        (worst)."""
+        return tuple(-math.inf if math.isnan(value) else -value if name in LOWER_IS_BETTER else value
+                     for name, value in zip(self.names, self.values))
 
     def describe(self) -> str:
         """``cpm 0.5000, roc_auc 0.9000`` for log lines."""

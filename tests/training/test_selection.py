@@ -33,6 +33,16 @@ def test_auc_breaks_a_cpm_tie_and_equal_is_not_better() -> None:
     assert not is_better(scores(0.5, 0.8), scores(0.5, 0.8))
 
 
+def test_the_lower_loss_breaks_a_tie_of_a_saturated_validation_set() -> None:
+    ranking = ("cpm", "roc_auc", "loss")
+    early, later = Scores(ranking, (1.0, 1.0, 0.08)), Scores(ranking, (1.0, 1.0, 0.002))
+    assert is_better(later, early)
+    assert not is_better(early, later)
+    assert is_better(Scores(ranking, (0.9, 1.0, 0.5)), Scores(ranking, (0.8, 1.0, 0.001)))  # CPM still first
+    assert is_better(Scores(ranking, (1.0, 1.0, 0.5)), Scores(ranking, (1.0, 1.0, math.nan)))  # NaN is worst
+    assert later.ranked() == (1.0, 1.0, -0.002)
+
+
 def test_nan_is_worst_and_anything_beats_no_best() -> None:
     assert is_better(scores(0.0, 0.5), scores(math.nan, 0.99))
     assert not is_better(scores(math.nan, 0.99), scores(0.0, 0.5))
@@ -89,15 +99,16 @@ def test_a_nodule_run_logs_froc_and_keeps_the_epoch_with_the_best_cpm(tiny_datas
     accumulator.Reload()
     cpm = [event.value for event in accumulator.Scalars("froc/cpm")]
     auc = [event.value for event in accumulator.Scalars("auc/roc")]
+    loss = [event.value for event in accumulator.Scalars("loss/all")]
     assert len(cpm) == 3 and len(accumulator.Scalars("froc/sens_at_1fp")) == 3
     assert all(0.0 <= value <= 1.0 for value in cpm)
 
     best = torch.load(only_file(out / "models", "*_froc.best.state"), weights_only=True)
-    ranked = max(range(3), key=lambda epoch: (cpm[epoch], auc[epoch]))
+    ranked = max(range(3), key=lambda epoch: (cpm[epoch], auc[epoch], -loss[epoch]))
     assert best["epoch"] == ranked + 1
     assert best["metrics"]["cpm"] == pytest.approx(cpm[ranked])
-    assert best["selection"] == ["cpm", "roc_auc"]
-    assert best["best_scores"] == pytest.approx([cpm[ranked], auc[ranked]])
+    assert best["selection"] == ["cpm", "roc_auc", "loss"]
+    assert best["best_scores"] == pytest.approx([cpm[ranked], auc[ranked], loss[ranked]], rel=1e-5)
     last = load_checkpoint(only_file(out / "models", "*_froc.last.state"))
     assert last.metrics["cpm"] == pytest.approx(cpm[-1]) and "sens_at_0.125fp" in last.metrics
 

@@ -6,7 +6,8 @@ float and augment them batched on the training device, and train the book's
 is the one with the highest **validation ROC AUC**: threshold-free, so it is not
 moved by the training ratio's effect on calibration (the book used F1 for
 nodules, AUC for malignancy). The best nodule checkpoint is the one with the highest
-**validation CPM** (LUNA16 FROC, what detection is judged on), ties broken by ROC AUC.
+**validation CPM** (LUNA16 FROC, what detection is judged on), ties broken by ROC AUC, then by the lower
+validation loss (see :mod:`p2ch_luna.training.selection`).
 
 The nodule FROC scores every validation row that was evaluated, grouped by series, against the
 annotations of the validation series (``annotations.csv``, and ``annotations_excluded.csv`` when present)
@@ -326,7 +327,7 @@ class NoduleTask(ClassificationTask):
         return nodule_table(candidates)
 
     def selection(self) -> tuple[str, ...]:
-        return (CPM_KEY, self.score_name)
+        return (CPM_KEY, self.score_name, "loss")
 
     def validation_metrics(self, outputs: Outputs) -> dict[str, float]:
         """CPM and FROC sensitivities of the evaluated validation rows (see the module's docstring)."""
