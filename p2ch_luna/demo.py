@@ -1,19 +1,20 @@
-"""The README's main job: synthetic data -> cache -> three models -> diagnosis -> scores.
+"""The README's main job: synthetic data -> the whole training recipe -> diagnosis -> scores.
 
 ``python -m p2ch_luna.demo`` runs every stage through the package's own
 commands (the same ``main`` functions as ``python -m p2ch_luna.<command>``):
 
 1. ``synth``: a synthetic LUNA16-format dataset (skipped when the same one exists);
-2. ``prepcache``: the CT cache;
-3. ``training nodule``: the nodule classifier, balanced and augmented;
-4. ``training segmentation``: the U-Net segmenter;
-5. ``training malignancy``: fine-tuned from the nodule classifier;
-6. ``diagnose --validation``: the held-out series, with the book's confusion
+2. ``training all``: the recipe of :mod:`p2ch_luna.training.recipe` -- the CT cache, the
+   U-Net segmenter, the nodule classifier on hard negatives mined from that segmenter's
+   candidates (calibrated on the validation series), the malignancy classifier fine-tuned
+   from it -- at the demo's samples per epoch (or within ``--minutes``);
+3. ``diagnose --validation``: the held-out series, with the book's confusion
    table and the LUNA16 FROC/CPM, reports and pictures in ``<work-dir>/diagnosis``.
 
 Everything lives under ``--work-dir`` (default ``data-unversioned/demo``), so the
-demo never touches a real LUNA16 folder, cache or model. The defaults are sized
-to finish in a few minutes on a 2-core CPU (figures: ``docs/benchmarks.md``).
+demo never touches a real LUNA16 folder, cache or model. Each run trains afresh (it
+starts a new recipe state in ``<work-dir>/models``). The defaults are sized to finish
+in a few minutes on a 2-core CPU (figures: ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from p2ch_luna import diagnose, prepcache, training
+from p2ch_luna import diagnose, training
 from p2ch_luna.cli import add_device_argument, make_parser, run_command
 from p2ch_luna.errors import LunaError
-from p2ch_luna.models.catalog import find_latest_checkpoint
 from p2ch_luna.paths import default_data_home
 from p2ch_luna.synth import generator as synth
 from p2ch_luna.synth.parameters import GENERATOR_VERSION
+from p2ch_luna.training.recipe import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,9 @@ class DemoConfig:
     seed: int
     shape: tuple[int, int]
     slices: tuple[int, int]
-    nodule_epochs: int
-    nodule_epoch_size: int
-    segmentation_epochs: int
-    segmentation_epoch_size: int
-    malignancy_epochs: int
-    malignancy_epoch_size: int
+    epoch_sizes: tuple[int, int, int]
+    minutes: float | None
     chunk_shape: tuple[int, int, int]
-    batch_size: int
     num_workers: int | None
     device: str
     amp: bool = False
@@ -64,14 +60,19 @@ class DemoConfig:
     def data_root(self) -> Path:
         return self.work_dir / "luna"
 
+    @property
+    def models_dir(self) -> Path:
+        return self.work_dir / "models"
+
     def folder_args(self) -> list[str]:
         return ["--data-root", str(self.data_root), "--cache-dir", str(self.work_dir / "cache"),
-                "--models-dir", str(self.work_dir / "models"), "--runs-dir", str(self.work_dir / "runs")]
+                "--models-dir", str(self.models_dir), "--runs-dir", str(self.work_dir / "runs")]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser("p2ch_luna.demo", "Generate synthetic CTs, train the three models briefly, "
-                         "diagnose the held-out series and score them.", paths=False)
+    parser = make_parser("p2ch_luna.demo", "Generate synthetic CTs, train the whole recipe briefly "
+                         "(python -m p2ch_luna.training all), diagnose the held-out series and score them.",
+                         paths=False)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="folder for the demo's data, cache, models, runs and diagnosis "
                              "(default: data-unversioned/demo)")
@@ -83,15 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--slices", type=int, nargs=2, default=[50, 80], metavar=("MIN", "MAX"),
                       help="range of slice counts")
     train = parser.add_argument_group("training")
-    train.add_argument("--nodule-epochs", type=int, default=6, help="nodule classifier epochs")
-    train.add_argument("--nodule-epoch-size", type=int, default=4000, help="nodule samples per epoch")
-    train.add_argument("--segmentation-epochs", type=int, default=4, help="segmenter epochs")
-    train.add_argument("--segmentation-epoch-size", type=int, default=1280, help="segmentation samples per epoch")
-    train.add_argument("--malignancy-epochs", type=int, default=4, help="malignancy classifier epochs")
-    train.add_argument("--malignancy-epoch-size", type=int, default=1000, help="malignancy samples per epoch")
+    train.add_argument("--epoch-sizes", type=int, nargs=3, default=[1280, 4000, 1000], metavar=("SEG", "NOD", "MAL"),
+                       help="samples per epoch of the segmenter, nodule and malignancy runs (the recipe's fixed "
+                            "epochs: see FIXED_EPOCHS in p2ch_luna/training/recipe.py)")
+    train.add_argument("--minutes", type=float, default=None, metavar="N",
+                       help="train within this wall-clock budget instead of the fixed epochs (training all "
+                            "--minutes)")
     train.add_argument("--chunk-shape", type=int, nargs=3, default=[16, 24, 24], metavar=("I", "R", "C"),
                        help="classifier chunk size in voxels (the book's is 32 48 48; smaller trains faster on a CPU)")
-    train.add_argument("--batch-size", type=int, default=32, help="classifier batch size")
     train.add_argument("--num-workers", type=int, default=None,
                        help="DataLoader worker processes (default: the training command's, 0 on the CPU)")
     add_device_argument(train)
@@ -105,12 +105,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     work_dir = (args.work_dir or default_data_home() / "demo").expanduser().resolve()
     return DemoConfig(
         work_dir=work_dir, series=args.series, seed=args.seed, shape=tuple(args.shape),
-        slices=tuple(args.slices), nodule_epochs=args.nodule_epochs,
-        nodule_epoch_size=args.nodule_epoch_size, segmentation_epochs=args.segmentation_epochs,
-        segmentation_epoch_size=args.segmentation_epoch_size, malignancy_epochs=args.malignancy_epochs,
-        malignancy_epoch_size=args.malignancy_epoch_size, chunk_shape=tuple(args.chunk_shape),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device, amp=args.amp,
+        slices=tuple(args.slices), epoch_sizes=tuple(args.epoch_sizes), minutes=args.minutes,
+        chunk_shape=tuple(args.chunk_shape), num_workers=args.num_workers, device=args.device, amp=args.amp,
     )
 
 
@@ -137,11 +133,14 @@ def _prepare_dataset(config: DemoConfig, timings: dict[str, float]) -> None:
     marker.write_text(json.dumps(wanted) + "\n")
 
 
-def _latest(config: DemoConfig, task: str) -> Path:
-    path = find_latest_checkpoint(config.work_dir / "models", task)
-    if path is None:
-        raise LunaError(f"demo: training {task} wrote no best checkpoint")
-    return path
+def _trained_models(config: DemoConfig) -> dict[str, str]:
+    """The checkpoints the recipe recorded, by stage."""
+    path = config.models_dir / STATE_FILE
+    stages = json.loads(path.read_text()).get("stages") or {}
+    missing = [stage for stage in ("segmentation", "nodule", "malignancy") if stage not in stages]
+    if missing:
+        raise LunaError(f"demo: {path} records no {', '.join(missing)} checkpoint")
+    return stages
 
 
 def run_demo(config: DemoConfig) -> dict[str, float]:
@@ -149,29 +148,21 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     folders = config.folder_args()
-    workers = [] if config.num_workers is None else ["--num-workers", str(config.num_workers)]
     amp = ["--amp"] if config.amp else []
-    common = ["--seed", str(config.seed), "--device", config.device, *amp, *workers, "--comment", "demo", *folders]
-    chunk = [str(n) for n in config.chunk_shape]
     _prepare_dataset(config, timings)
-    _stage("prepcache", prepcache.main, [*folders], timings)
-    _stage("train nodule", training.main, [
-        "nodule", *common, "--epochs", str(config.nodule_epochs), "--epoch-size", str(config.nodule_epoch_size),
-        "--batch-size", str(config.batch_size), "--balanced", "--augmented", "--optimizer", "adam",
-        "--lr", "0.001", "--chunk-shape", *chunk], timings)
-    _stage("train segmentation", training.main, [
-        "segmentation", *common, "--epochs", str(config.segmentation_epochs),
-        "--epoch-size", str(config.segmentation_epoch_size), "--batch-size", "16", "--augmented"], timings)
-    _stage("train malignancy", training.main, [
-        "malignancy", *common, "--epochs", str(config.malignancy_epochs),
-        "--epoch-size", str(config.malignancy_epoch_size), "--batch-size", str(config.batch_size),
-        "--balanced", "--augmented", "--finetune", str(_latest(config, "nodule")), "--finetune-depth", "2",
-        "--optimizer", "adam", "--lr", "0.001", "--chunk-shape", *chunk], timings)
+    # A new recipe state, so that the recipe trains afresh rather than keeping an earlier run's models
+    # (or refusing other sizes); the earlier checkpoints stay, named by their start time.
+    (config.models_dir / STATE_FILE).unlink(missing_ok=True)
+    budget = ["--minutes", f"{config.minutes:g}"] if config.minutes is not None else []
+    workers = [] if config.num_workers is None else ["--num-workers", str(config.num_workers)]
+    _stage("training all", training.main, [
+        "all", *folders, "--seed", str(config.seed), "--device", config.device, *amp, *workers, *budget,
+        "--epoch-sizes", *map(str, config.epoch_sizes), "--chunk-shape", *map(str, config.chunk_shape)], timings)
+    models = _trained_models(config)
     _stage("diagnose", diagnose.main, [
         "--validation", *folders, "--device", config.device, *amp, "--output", str(config.work_dir / "diagnosis"),
-        "--segmentation-path", str(_latest(config, "segmentation")),
-        "--classification-path", str(_latest(config, "nodule")),
-        "--malignancy-path", str(_latest(config, "malignancy"))], timings)
+        "--segmentation-path", models["segmentation"], "--classification-path", models["nodule"],
+        "--malignancy-path", models["malignancy"]], timings)
     timings["total"] = time.perf_counter() - started
     return timings
 

@@ -1,7 +1,7 @@
 """The whole recipe in one command: ``python -m p2ch_luna.training all``.
 
     python -m p2ch_luna.training all --data-root D --cache-dir C --models-dir M --runs-dir R
-        [--minutes N] [--num-workers W] [--device DEV] [--seed S]
+        [--minutes N] [--num-workers W] [--device DEV] [--seed S] [--amp]
 
 Stages, in order, each through the package's own commands: ``prepcache`` (the CT cache), the U-Net
 segmenter, the nodule classifier (hard negatives mined from that segmenter's own candidates on the
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-shape", type=int, nargs=3, default=None, metavar=("I", "R", "C"),
                         help="classifier chunk in voxels (default: 16 24 24 on the CPU, the book's 32 48 48 on "
                              "CUDA)")
+    parser.add_argument("--amp", action="store_true",
+                        help="train every stage in mixed precision (bfloat16 on the CPU and recent GPUs); not "
+                             "part of the settings a rerun must share")
     add_device_argument(parser)
     return parser
 
@@ -166,7 +169,7 @@ def _run(args: argparse.Namespace, train: Callable[[Sequence[str]], int]) -> int
         limit = minutes[stage]
         epochs = FIXED_EPOCHS[stage] if limit is None else BUDGET_EPOCHS
         return [stage, *folders, *workers, "--seed", str(args.seed), "--device", args.device, "--comment", "recipe",
-                "--epochs", str(epochs), "--epoch-size", str(sizes[stage]),
+                "--epochs", str(epochs), "--epoch-size", str(sizes[stage]), *(["--amp"] if args.amp else []),
                 *([] if limit is None else ["--max-minutes", f"{limit:.3f}"])]
 
     chunk_args = ["--chunk-shape", *map(str, chunk)]
