@@ -3,8 +3,9 @@
 Test sets (made here, into a temporary folder, the same for every model set):
 
 - held-out: the validation series of ``--data-root`` (the training data's own regime; skipped without it);
-- shifted: the generator with other parameters than the demo's (``--shifted-shape``, ``--shifted-slices``,
-  ``--shifted-seed``): other field of view, slice counts and patients;
+- shifted: the generator's ``shifted`` regime (:mod:`p2ch_luna.synth.regime`: thicker slices, more noise and blur,
+  another HU calibration, vessel calibre and nodule mix) at another size (``--shifted-shape``, ``--shifted-slices``)
+  and seed (``--shifted-seed``): other scanners and patients;
 - implanted: copies of the real CPTAC CT (``--cptac``) with nodules implanted into its lungs
   (``python -m p2ch_luna.implant``, one seed per copy): real anatomy, known answer;
 - cptac: the real CPTAC CT itself (no annotations): how many findings a real scan gets.
@@ -19,24 +20,17 @@ CT, and the annotated nodules that are findings. A model set is ``NAME=SEGMENTAT
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from p2ch_luna import diagnose
-from p2ch_luna.synth import implant
-from p2ch_luna.synth.generator import generate_dataset
+from p2ch_luna.evaluation.summary import summarise_report
+from p2ch_luna.generalisation import diagnose_quietly, make_implanted_set, make_shifted_set
+from p2ch_luna.synth.regime import REGIMES, SHIFTED, regime_named
 
 DEFAULT_CPTAC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cptac-chest-ct"
-IMPLANT_DIAMETERS = ("6", "10", "14")
-IMPLANT_PLACEMENTS = ("isolated", "pleural", "vascular")
 
 
 def model_set(text: str) -> tuple[str, Path, Path]:
@@ -45,30 +39,6 @@ def model_set(text: str) -> tuple[str, Path, Path]:
     if not (name and segmentation and nodule):
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=SEGMENTATION,NODULE")
     return name, Path(segmentation), Path(nodule)
-
-
-def summary(report_path: Path, threshold: float) -> dict[str, float | int | str]:
-    """The figures of one diagnosis report."""
-    report = json.loads(report_path.read_text())
-    series = report["series"]
-    candidates = [len(entry["candidates"]) for entry in series]
-    findings = [sum(c["nodule_probability"] >= threshold for c in entry["candidates"]) for entry in series]
-    nodules = [n for entry in series for n in (entry.get("nodules") or [])]
-    froc = report.get("froc") or {}
-    cpm = froc.get("cpm")
-    return {
-        "cpm": "-" if cpm is None else f"{cpm:.3f} ({froc['ci_low']:.2f}-{froc['ci_high']:.2f})",
-        "candidates_per_ct": float(np.mean(candidates)), "findings_per_ct": float(np.mean(findings)),
-        "nodules_found": f"{sum(n['finding'] > 0 for n in nodules)}/{len(nodules)}" if nodules else "-",
-    }
-
-
-def run_diagnosis(arguments: list[str], output: Path) -> Path:
-    with contextlib.redirect_stdout(io.StringIO()):  # the per-series report: the table below sums it up
-        code = diagnose.main([*arguments, "--output", str(output), "--log-level", "WARNING"])
-    if code != 0:
-        raise SystemExit(f"diagnose {' '.join(arguments)} failed with exit code {code}")
-    return output / "report.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shifted-shape", type=int, nargs=2, default=[224, 224])
     parser.add_argument("--shifted-slices", type=int, nargs=2, default=[60, 90])
     parser.add_argument("--shifted-seed", type=int, default=99)
+    parser.add_argument("--shifted-regime", choices=list(REGIMES), default=SHIFTED.name,
+                        help="generator regime of the shifted set (default: shifted)")
     parser.add_argument("--threshold", type=float, default=0.5, help="nodule probability of a finding")
     parser.add_argument("--diagnose-args", default="", metavar="ARGS",
                         help="more diagnose options for every run, e.g. '--max-shell-fill 0.3'")
@@ -90,23 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_generalisation_") as tmp:
         work = Path(tmp)
-        shifted = work / "shifted"
-        generate_dataset(shifted, series=args.shifted_series, seed=args.shifted_seed,
-                         shape=tuple(args.shifted_shape), slices=tuple(args.shifted_slices), progress=False)
+        shifted = make_shifted_set(work / "shifted", args.shifted_series, args.shifted_seed,
+                                   tuple(args.shifted_shape), tuple(args.shifted_slices),
+                                   regime_named(args.shifted_regime))
         sets: dict[str, list[str]] = {"shifted": ["--data-root", str(shifted), "--cache-dir", str(work / "cache"),
                                                   "--validation", "--include-train"]}
         if args.data_root is not None:
             cache = ["--cache-dir", str(args.cache_dir)] if args.cache_dir else ["--cache-dir", str(work / "cache")]
             sets = {"held-out": ["--data-root", str(args.data_root), *cache, "--validation"], **sets}
         if args.cptac.is_dir():
-            implanted = work / "implanted"
-            for seed in range(1, args.implanted_copies + 1):
-                with contextlib.redirect_stdout(io.StringIO()):
-                    code = implant.main([str(args.cptac), str(implanted), "--diameters", *IMPLANT_DIAMETERS,
-                                         "--placement", *IMPLANT_PLACEMENTS, "--seed", str(seed),
-                                         "--log-level", "WARNING"])
-                if code != 0:
-                    raise SystemExit(f"implant failed with exit code {code}")
+            implanted = make_implanted_set(args.cptac, work / "implanted", args.implanted_copies)
             sets["implanted"] = ["--data-root", str(implanted), "--cache-dir", str(work / "cache"), "--validation",
                                  "--include-train"]
             sets["cptac"] = ["--ct", str(args.cptac)]
@@ -116,14 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                       *args.diagnose_args.split()]
             for set_name, arguments in sets.items():
                 started = time.perf_counter()
-                report = run_diagnosis([*arguments, *models], work / f"{name}_{set_name}")
-                rows.append({"models": name, "set": set_name, **summary(report, args.threshold),
+                report = diagnose_quietly([*arguments, *models], work / f"{name}_{set_name}")
+                rows.append({"models": name, "set": set_name, "summary": summarise_report(report, args.threshold),
                              "seconds": time.perf_counter() - started})
     print(f"{'models':<10} {'set':<10} {'CPM (95% CI)':<20} {'cand./CT':>9} {'findings/CT':>12} "
           f"{'nodules found':>14} {'s':>6}")
     for row in rows:
-        print(f"{row['models']:<10} {row['set']:<10} {row['cpm']:<20} {row['candidates_per_ct']:>9.0f} "
-              f"{row['findings_per_ct']:>12.1f} {row['nodules_found']:>14} {row['seconds']:>6.0f}")
+        figures = row["summary"]
+        print(f"{row['models']:<10} {row['set']:<10} {figures.cpm_text():<20} {figures.candidates_per_ct:>9.0f} "
+              f"{figures.findings_per_ct:>12.1f} {figures.found_text():>14} {row['seconds']:>6.0f}")
     return 0
 
 

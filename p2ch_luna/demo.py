@@ -9,7 +9,11 @@ commands (the same ``main`` functions as ``python -m p2ch_luna.<command>``):
    candidates (calibrated on the validation series), the malignancy classifier fine-tuned
    from it -- at the demo's samples per epoch (or within ``--minutes``);
 3. ``diagnose --validation``: the held-out series, with the book's confusion
-   table and the LUNA16 FROC/CPM, reports and pictures in ``<work-dir>/diagnosis``.
+   table and the LUNA16 FROC/CPM, reports and pictures in ``<work-dir>/diagnosis``;
+4. generalisation (:mod:`p2ch_luna.generalisation`): the same models on data training never saw --
+   ``--shifted-series`` series of the generator's ``shifted`` regime and, with ``--real-ct``, copies of
+   a real CT with nodules implanted and the real CT itself -- summed up in a table at the end
+   (reports in ``<work-dir>/generalisation/<set>``).
 
 Everything lives under ``--work-dir`` (default ``data-unversioned/demo``), so the
 demo never touches a real LUNA16 folder, cache or model. Each run trains afresh (it
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +35,9 @@ from typing import Callable, Sequence
 
 from p2ch_luna import diagnose, training
 from p2ch_luna.cli import add_device_argument, make_parser, run_command
-from p2ch_luna.errors import LunaError
+from p2ch_luna.errors import LunaError, UsageError
+from p2ch_luna.evaluation.summary import ReportSummary, summarise_report, summary_table
+from p2ch_luna.generalisation import diagnose_quietly, make_implanted_set, make_shifted_set
 from p2ch_luna.paths import default_data_home
 from p2ch_luna.synth import generator as synth
 from p2ch_luna.synth.parameters import GENERATOR_VERSION
@@ -55,6 +62,9 @@ class DemoConfig:
     num_workers: int | None
     device: str
     amp: bool = False
+    shifted_series: int = 0
+    real_ct: Path | None = None
+    implanted_copies: int = 2
 
     @property
     def data_root(self) -> Path:
@@ -98,15 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action="store_true",
                        help="train and diagnose in mixed precision (bfloat16 on the CPU and recent GPUs): "
                             "faster on a CPU with AMX, slower on one that emulates bfloat16")
+    unseen = parser.add_argument_group("generalisation (data training never saw)")
+    unseen.add_argument("--shifted-series", type=int, default=8,
+                        help="synthetic series of the generator's 'shifted' regime to diagnose (thicker slices, "
+                             "more noise and blur, another HU calibration, vessel calibre and nodule mix; 0: none)")
+    unseen.add_argument("--real-ct", type=Path, default=None, metavar="PATH",
+                        help="a real chest CT (DICOM series folder, .mhd or NIfTI): diagnose it as it is (how many "
+                             "findings a real scan gets) and --implanted-copies copies with nodules implanted into "
+                             "its lungs (scored)")
+    unseen.add_argument("--implanted-copies", type=int, default=2,
+                        help="copies of --real-ct, each with a 6, 10 and 14 mm nodule (isolated, pleural, vascular)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     work_dir = (args.work_dir or default_data_home() / "demo").expanduser().resolve()
+    if args.shifted_series < 0 or args.implanted_copies < 1:
+        raise UsageError("--shifted-series must be >= 0 and --implanted-copies >= 1")
+    if args.real_ct is not None and not args.real_ct.exists():
+        raise UsageError(f"--real-ct {args.real_ct}: no such file or folder")
     return DemoConfig(
         work_dir=work_dir, series=args.series, seed=args.seed, shape=tuple(args.shape),
         slices=tuple(args.slices), epoch_sizes=tuple(args.epoch_sizes), minutes=args.minutes,
         chunk_shape=tuple(args.chunk_shape), num_workers=args.num_workers, device=args.device, amp=args.amp,
+        shifted_series=args.shifted_series, implanted_copies=args.implanted_copies,
+        real_ct=args.real_ct.expanduser().resolve() if args.real_ct is not None else None,
     )
 
 
@@ -163,8 +189,44 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
         "--validation", *folders, "--device", config.device, *amp, "--output", str(config.work_dir / "diagnosis"),
         "--segmentation-path", models["segmentation"], "--classification-path", models["nodule"],
         "--malignancy-path", models["malignancy"]], timings)
+    _stage("generalisation", lambda _: _generalisation(config, models, amp), [], timings)
     timings["total"] = time.perf_counter() - started
     return timings
+
+
+def _generalisation(config: DemoConfig, models: dict[str, str], amp: list[str]) -> int:
+    """Diagnose the sets training never saw (shifted regime; a real CT, implanted and as it is) into
+    ``<work-dir>/generalisation/<set>``."""
+    out = config.work_dir / "generalisation"
+    scratch = config.work_dir / "unseen"
+    shutil.rmtree(scratch, ignore_errors=True)  # made afresh each run (seconds): nothing stale is scored
+    cache = ["--cache-dir", str(scratch / "cache")]
+    sets: dict[str, list[str]] = {}
+    if config.shifted_series:
+        shifted = make_shifted_set(scratch / "shifted", config.shifted_series, config.seed, config.shape,
+                                   config.slices)
+        sets["shifted"] = ["--data-root", str(shifted), *cache, "--validation", "--include-train"]
+    if config.real_ct is not None:
+        implanted = make_implanted_set(config.real_ct, scratch / "implanted", config.implanted_copies)
+        sets["implanted"] = ["--data-root", str(implanted), *cache, "--validation", "--include-train"]
+        sets["real CT"] = ["--ct", str(config.real_ct)]
+    trained = ["--segmentation-path", models["segmentation"], "--classification-path", models["nodule"],
+               "--malignancy-path", models["malignancy"], "--device", config.device, *amp]
+    for name, arguments in sets.items():
+        log.info("demo: generalisation: %s", name)
+        diagnose_quietly([*arguments, *trained], out / name.replace(" ", "-"))
+    return 0
+
+
+def generalisation_rows(config: DemoConfig) -> list[tuple[str, ReportSummary]]:
+    """The held-out series' figures, then each generalisation set's that this run diagnosed."""
+    rows = [("held-out", summarise_report(config.work_dir / "diagnosis" / "report.json"))]
+    names = ["shifted"] if config.shifted_series else []
+    names += ["implanted", "real CT"] if config.real_ct is not None else []
+    for name in names:
+        rows.append((name, summarise_report(config.work_dir / "generalisation" / name.replace(" ", "-")
+                                            / "report.json")))
+    return rows
 
 
 def _body(args: argparse.Namespace) -> int:
@@ -173,13 +235,16 @@ def _body(args: argparse.Namespace) -> int:
     (config.work_dir / "demo-config.json").write_text(
         json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, indent=2) + "\n")
     timings = run_demo(config)
-    report = json.loads((config.work_dir / "diagnosis" / "report.json").read_text())
-    froc = report.get("froc") or {}
+    rows = generalisation_rows(config)
     print()
     print("demo: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
-    if froc:
-        print(f"demo: CPM {froc.get('cpm', float('nan')):.3f} on the held-out series; "
-              f"outputs in {config.work_dir / 'diagnosis'}")
+    print("demo: the trained models on the held-out series and on data training never saw "
+          "(findings: nodule probability >= 0.5):")
+    print("\n".join(summary_table(rows)))
+    held_out = rows[0][1]
+    if held_out.cpm is not None:
+        print(f"demo: CPM {held_out.cpm:.3f} on the held-out series; outputs in {config.work_dir / 'diagnosis'} "
+              f"and {config.work_dir / 'generalisation'}")
     return 0
 
 

@@ -10,15 +10,22 @@ import torch
 
 from p2ch_luna import demo
 from p2ch_luna.precision import resolve_precision
+from tests.locations import SHARED_DATA
+
+CPTAC = SHARED_DATA / "cptac-chest-ct"
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_a_scored_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["--work-dir", str(tmp_path), "--series", "12", "--shape", "96", "96", "--slices", "30", "40",
             "--epoch-sizes", "32", "64", "32", "--minutes", "1", "--log-level", "WARNING"]
-    assert demo.main(argv) == 0
+    assert demo.main([*argv, "--shifted-series", "2"]) == 0
     output = capsys.readouterr().out
     assert "demo: synthetic data" in output and "CPM" in output
+    table = {line.split()[0] for line in output.splitlines() if line.startswith("  ")}
+    assert {"set", "held-out", "shifted"} <= table and "implanted" not in table, output
+    shifted = json.loads((tmp_path / "generalisation" / "shifted" / "report.json").read_text())
+    assert len(shifted["series"]) == 2 and shifted["froc"] is not None
     report = json.loads((tmp_path / "diagnosis" / "report.json").read_text())
     assert report["froc"] is not None and 0.0 <= report["froc"]["cpm"] <= 1.0
     assert {model["task"] for model in report["models"].values()} == {"nodule", "segmentation", "malignancy"}
@@ -31,11 +38,19 @@ def test_demo_runs_every_stage_and_writes_a_scored_report(tmp_path: Path, capsys
     marker = tmp_path / "luna" / demo.DATASET_MARKER
     written = marker.stat().st_mtime_ns
     argv[argv.index("--minutes") + 1] = "0.8"
-    assert demo.main([*argv, "--amp"]) == 0
+    real_ct = ["--real-ct", str(CPTAC), "--implanted-copies", "1"] if CPTAC.is_dir() else []
+    assert demo.main([*argv, "--amp", "--shifted-series", "0", *real_ct]) == 0
     assert marker.stat().st_mtime_ns == written
     assert json.loads((tmp_path / "diagnosis" / "report.json").read_text())["config"]["amp"] is True
     for task in ("nodule", "segmentation", "malignancy"):
         newest = max((tmp_path / "models").glob(f"{task}_*.config.json"))
         assert json.loads(newest.read_text())["amp"] is True, newest
-    timings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("demo: ") and "total" in line]
+    output = capsys.readouterr().out
+    timings = [line for line in output.splitlines() if line.startswith("demo: ") and "total" in line]
     assert len(timings) == 1 and "synthetic data" not in timings[0] and "diagnose" in timings[0]
+    table = [line.split() for line in output.splitlines() if line.startswith("  ")]
+    assert "shifted" not in {row[0] for row in table}
+    if real_ct:  # the real CT, implanted (3 known nodules) and as it is (no annotations: no CPM)
+        implanted = json.loads((tmp_path / "generalisation" / "implanted" / "report.json").read_text())
+        assert sum(len(entry["nodules"]) for entry in implanted["series"]) == 3
+        assert ["real", "CT", "-"] == next(row for row in table if row[0] == "real")[:3]

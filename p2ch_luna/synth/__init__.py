@@ -48,6 +48,10 @@ of view so that small test images still hold a whole chest):
   vessels enter the lung from the hilum, the pleura/chest wall and random lung
   points (none within 3 mm of a nodule).
 
+``--regime shifted`` draws every series from other ranges (slice thickness up to 3 mm, noise, blur, HU
+calibration, vessel calibre, nodule mix), a test regime the default-trained models never see; ``--regime wide``
+spans both, for domain randomisation (:mod:`p2ch_luna.synth.regime`).
+
 All world coordinates are ``origin + direction @ (spacing * [col, row, index])``,
 exactly what SimpleITK's ``TransformContinuousIndexToPhysicalPoint`` gives.
 

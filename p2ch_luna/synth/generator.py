@@ -18,7 +18,15 @@ from p2ch_luna.cli import make_parser, run_command
 from p2ch_luna.errors import UsageError
 from p2ch_luna.paths import paths_from_args
 from p2ch_luna.synth.parameters import DEFAULT_SHAPE, DEFAULT_SLICES, DEFAULT_SUBSETS
-from p2ch_luna.synth.series import SyntheticSeries, make_series, make_series_uid, series_flip, series_rng
+from p2ch_luna.synth.regime import DEFAULT, REGIMES, Regime, regime_named
+from p2ch_luna.synth.series import (
+    SyntheticSeries,
+    make_series,
+    make_series_uid,
+    regime_key,
+    series_flip,
+    series_rng,
+)
 from p2ch_luna.synth.writer import SeriesInfo, write_dataset
 
 log = logging.getLogger(__name__)
@@ -27,8 +35,11 @@ log = logging.getLogger(__name__)
 
 def generate_dataset(out_dir: str | os.PathLike, series: int = 10, seed: int = 0, subsets: int = DEFAULT_SUBSETS,
                      shape: tuple[int, int] = DEFAULT_SHAPE, slices: tuple[int, int] = DEFAULT_SLICES,
-                     overwrite: bool = False, progress: bool = True) -> list[SeriesInfo]:
+                     overwrite: bool = False, progress: bool = True, regime: Regime = DEFAULT) -> list[SeriesInfo]:
     """Generate a synthetic LUNA16 folder; deterministic for given arguments.
+
+    ``regime`` gives the ranges the series are drawn from (:mod:`p2ch_luna.synth.regime`): ``default``, a
+    ``shifted`` test regime, or ``wide`` domain randomisation.
 
     Refuses a folder that already holds LUNA16 files unless ``overwrite``, which
     first removes the ``.mhd``/``.raw`` files in its ``subset*/`` folders.
@@ -46,7 +57,7 @@ def generate_dataset(out_dir: str | os.PathLike, series: int = 10, seed: int = 0
     for path in existing:
         if path.suffix in (".mhd", ".raw"):
             path.unlink()
-    uid_rng = np.random.default_rng([seed, series, 0x5E41E5])
+    uid_rng = np.random.default_rng([seed, series, 0x5E41E5, *regime_key(regime)])
     uids: list[str] = []
     while len(uids) < series:
         uid = make_series_uid(uid_rng)
@@ -55,12 +66,13 @@ def generate_dataset(out_dir: str | os.PathLike, series: int = 10, seed: int = 0
 
     def generate() -> Iterator[tuple[str, SyntheticSeries]]:
         for i in tqdm(range(series), desc="synth", unit="series", disable=not progress):
-            rng = series_rng(seed, i)
+            rng = series_rng(seed, i, regime)
             n_slices = int(rng.integers(low, high + 1))
-            yield uids[i], make_series(rng, shape, n_slices, flip=series_flip(i))
+            yield uids[i], make_series(rng, shape, n_slices, flip=series_flip(i), regime=regime)
 
     infos = write_dataset(root, generate(), subsets)
-    log.info("wrote %d series with %d nodules to %s", len(infos), sum(len(i.nodules) for i in infos), root)
+    log.info("wrote %d series (%s regime) with %d nodules to %s", len(infos), regime.name,
+             sum(len(i.nodules) for i in infos), root)
     return infos
 
 
@@ -86,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="in-plane size of each slice")
     parser.add_argument("--slices", type=int, nargs=2, default=list(DEFAULT_SLICES), metavar=("MIN", "MAX"),
                         help="range of the number of slices per series")
+    parser.add_argument("--regime", choices=list(REGIMES), default=DEFAULT.name,
+                        help="ranges the series are drawn from: 'default' (the demo's), 'shifted' (a test regime "
+                             "training on default never sees: thicker slices, more noise and blur, other HU "
+                             "calibration, vessel calibre and nodule mix) or 'wide' (domain randomisation over "
+                             "both); see p2ch_luna/synth/regime.py")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
     return parser
 
@@ -97,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _body(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else paths_from_args(args).data_root
     infos = generate_dataset(out_dir, series=args.series, seed=args.seed, subsets=args.subsets,
-                             shape=tuple(args.shape), slices=tuple(args.slices), overwrite=args.overwrite)
+                             shape=tuple(args.shape), slices=tuple(args.slices), overwrite=args.overwrite,
+                             regime=regime_named(args.regime))
     nodules = sum(len(info.nodules) for info in infos)
     candidates = sum(len(info.candidates) for info in infos)
     print(f"wrote {len(infos)} series, {nodules} nodules, {candidates} candidates to {out_dir}")

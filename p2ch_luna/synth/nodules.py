@@ -22,20 +22,16 @@ from p2ch_luna.synth.drawing import (
 )
 from p2ch_luna.synth.parameters import (
     EDGE_MM,
-    GROUND_GLASS_FRACTION,
     GROUND_GLASS_MIN_MM,
     HU_GROUND_GLASS,
-    HU_SOLID,
     MALIGNANCY_MIDPOINT_MM,
     MALIGNANCY_SCALE_MM,
     MALIGNANT_SCORE,
     MALIGNANT_VOTES,
     NODULE_DIAMETER_MM,
     NODULE_GAP_MM,
-    NODULE_LOCATION_WEIGHTS,
     NODULE_LOCATIONS,
     NODULE_LOG_SD,
-    NODULE_MEDIAN_MM,
     PLACEMENT_TRIES,
     READER_COUNT_WEIGHTS,
     READER_COUNTS,
@@ -43,6 +39,7 @@ from p2ch_luna.synth.parameters import (
     SCORE_SD,
 )
 from p2ch_luna.synth.records import SyntheticCandidate, SyntheticNodule
+from p2ch_luna.synth.regime import DEFAULT, Regime
 from p2ch_luna.synth.vessels import Vessels
 
 log = logging.getLogger(__name__)
@@ -80,13 +77,13 @@ def ball_fraction_in_lung(frame: Frame, lung: np.ndarray, center: np.ndarray, ra
 
 
 def place_nodules(rng: np.random.Generator, frame: Frame, lung: np.ndarray, anatomy: dict,
-                   vessels: Vessels, count: int) -> list[NoduleDraft]:
+                   vessels: Vessels, count: int, regime: Regime = DEFAULT) -> list[NoduleDraft]:
     anatomy["boundary"] = boundary_indices(lung)
     placed: list[NoduleDraft] = []
     usable_vessels = np.flatnonzero((vessels.radii > 0.6) & (vessels.radii < 3.5))
     for _ in range(count):
-        diameter = float(np.clip(rng.lognormal(np.log(NODULE_MEDIAN_MM), NODULE_LOG_SD), *NODULE_DIAMETER_MM))
-        location = str(rng.choice(NODULE_LOCATIONS, p=NODULE_LOCATION_WEIGHTS))
+        diameter = float(np.clip(rng.lognormal(np.log(regime.nodule_median_mm), NODULE_LOG_SD), *NODULE_DIAMETER_MM))
+        location = str(rng.choice(NODULE_LOCATIONS, p=regime.location_weights))
         center = None
         while center is None and diameter >= NODULE_DIAMETER_MM[0]:
             center = find_nodule_center(rng, frame, lung, anatomy, vessels, usable_vessels, placed,
@@ -96,7 +93,7 @@ def place_nodules(rng: np.random.Generator, frame: Frame, lung: np.ndarray, anat
         if center is None:
             log.debug("dropped a nodule that does not fit the lungs")
             continue
-        placed.append(nodule_draft(rng, center, diameter, location))
+        placed.append(nodule_draft(rng, center, diameter, location, regime))
     return placed
 
 
@@ -134,9 +131,10 @@ def find_nodule_center(rng: np.random.Generator, frame: Frame, lung: np.ndarray,
     return None
 
 
-def nodule_draft(rng: np.random.Generator, center: np.ndarray, diameter: float, location: str) -> NoduleDraft:
+def nodule_draft(rng: np.random.Generator, center: np.ndarray, diameter: float, location: str,
+                 regime: Regime = DEFAULT) -> NoduleDraft:
     malignant = bool(rng.random() < 1 / (1 + np.exp(-(diameter - MALIGNANCY_MIDPOINT_MM) / MALIGNANCY_SCALE_MM)))
-    ground_glass = diameter >= GROUND_GLASS_MIN_MM and rng.random() < GROUND_GLASS_FRACTION
+    ground_glass = diameter >= GROUND_GLASS_MIN_MM and rng.random() < regime.ground_glass_fraction
     if malignant:
         lobulation = rng.uniform(0.12, 0.28)
         spicules = 0 if rng.random() < 0.3 else int(rng.integers(4, 11))
@@ -145,7 +143,7 @@ def nodule_draft(rng: np.random.Generator, center: np.ndarray, diameter: float, 
         spicules = int(rng.integers(1, 4)) if rng.random() < 0.1 else 0
     lobes = int(rng.integers(2, 5))
     weights = rng.uniform(0.3, 1.0, lobes)
-    hu_range = HU_GROUND_GLASS if ground_glass else HU_SOLID
+    hu_range = HU_GROUND_GLASS if ground_glass else regime.solid_hu
     return NoduleDraft(
         center_mm=center, diameter_mm=diameter, texture="ground_glass" if ground_glass else "solid",
         location=location, latent_malignant=malignant, lobulation=float(lobulation),

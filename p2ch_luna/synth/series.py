@@ -21,21 +21,18 @@ from p2ch_luna.synth.parameters import (
     FLIP_EVERY,
     FLIPPED_DIRECTIONS,
     HU_INT16_RANGE,
-    HU_VESSEL,
     IN_PLANE_SPACING_MM,
     MIN_SHAPE,
     MIN_SLICES,
     NODULE_COUNT_WEIGHTS,
     NOISE_POOL_PAD,
     NOISE_POOL_SLICES,
-    NOISE_SD_BEFORE_BLUR,
     OUTSIDE_FOV_HU,
-    SLICE_SPACING_WEIGHTS,
-    SLICE_SPACINGS_MM,
     UID_DIGITS,
     UID_PREFIX,
 )
 from p2ch_luna.synth.records import SyntheticCandidate, SyntheticNodule
+from p2ch_luna.synth.regime import DEFAULT, Regime, draw
 from p2ch_luna.synth.vessels import grow_vessels
 
 
@@ -51,12 +48,14 @@ class SyntheticSeries:
 
 
 def make_series(rng: np.random.Generator, shape: tuple[int, int] = DEFAULT_SHAPE, n_slices: int = 130,
-                flip: tuple[int, int, int] | None = None, n_nodules: int | None = None) -> SyntheticSeries:
+                flip: tuple[int, int, int] | None = None, n_nodules: int | None = None,
+                regime: Regime = DEFAULT) -> SyntheticSeries:
     """Generate one synthetic chest CT in memory.
 
     ``flip`` gives the axis signs (x, y, z) of the stored direction matrix
     (default identity); ``n_nodules`` overrides the random count (0-4). A
     nodule that does not fit the lungs is dropped, so fewer may come back.
+    ``regime`` gives the scanner's and patient's ranges (:mod:`p2ch_luna.synth.regime`).
     """
     rows, cols = (int(v) for v in shape)
     if min(rows, cols) < MIN_SHAPE or n_slices < MIN_SLICES:
@@ -66,15 +65,15 @@ def make_series(rng: np.random.Generator, shape: tuple[int, int] = DEFAULT_SHAPE
     if signs.shape != (3,) or not np.all(np.abs(signs) == 1):
         raise UsageError(f"flip must be three signs (+1/-1), got {flip}")
     in_plane = float(np.round(rng.uniform(*IN_PLANE_SPACING_MM), 6))
-    slice_mm = float(rng.choice(SLICE_SPACINGS_MM, p=SLICE_SPACING_WEIGHTS))
+    slice_mm = float(rng.choice(regime.slice_spacings_mm, p=regime.slice_spacing_weights))
     spacing = np.array([slice_mm, in_plane, in_plane])
     extent = spacing * np.array([n_slices, rows, cols])
     frame = Frame((n_slices, rows, cols), spacing, np.array([0.5 * slice_mm, *(0.5 * in_plane - extent[1:] / 2)]))
 
     hu, lung, anatomy = draw_anatomy(rng, frame)
     vessel_occupancy = np.zeros(frame.shape, dtype=np.float32)
-    vessels = grow_vessels(rng, frame, lung, anatomy, vessel_occupancy)
-    vessel_hu = np.float32(rng.uniform(*HU_VESSEL))
+    vessels = grow_vessels(rng, frame, lung, anatomy, vessel_occupancy, draw(rng, regime.vessel_radius_scale))
+    vessel_hu = np.float32(rng.uniform(*regime.vessel_hu))
     for k in range(frame.shape[0]):  # slice by slice: cache friendly, no full-size temporaries
         occupancy = vessel_occupancy[k]
         occupancy *= lung[k]
@@ -82,12 +81,14 @@ def make_series(rng: np.random.Generator, shape: tuple[int, int] = DEFAULT_SHAPE
     del vessel_occupancy
 
     count = int(rng.choice(len(NODULE_COUNT_WEIGHTS), p=NODULE_COUNT_WEIGHTS)) if n_nodules is None else n_nodules
-    nodules_mm = place_nodules(rng, frame, lung, anatomy, vessels, count)
+    nodules_mm = place_nodules(rng, frame, lung, anatomy, vessels, count, regime)
     for nodule in nodules_mm:
         draw_nodule(rng, frame, hu, lung, nodule)
 
-    add_noise(rng, hu)
-    ndimage.gaussian_filter(hu, BLUR_SIGMA_IRC, output=hu, truncate=2.5)
+    calibrate(rng, hu, regime)
+    add_noise(rng, hu, regime.noise_sd)
+    blur = np.array(BLUR_SIGMA_IRC) * draw(rng, regime.blur_scale)
+    ndimage.gaussian_filter(hu, tuple(blur), output=hu, truncate=2.5)
     outside_fov = ~anatomy["fov"]
     outside_hu = float(rng.choice(OUTSIDE_FOV_HU))
     hu_int = np.empty(frame.shape, dtype=np.int16)
@@ -125,14 +126,27 @@ def make_series(rng: np.random.Generator, shape: tuple[int, int] = DEFAULT_SHAPE
     return SyntheticSeries(hu_int, geometry, tuple(nodules), tuple(candidates[i] for i in order), lung)
 
 
-def add_noise(rng: np.random.Generator, hu: np.ndarray) -> None:
+def calibrate(rng: np.random.Generator, hu: np.ndarray, regime: Regime) -> None:
+    """The regime's scanner calibration, in place: ``HU -> -1000 + gain * (HU + 1000) + offset`` (air stays
+    near -1000 when the offset is small; soft tissue moves most). Nothing is drawn for the identity."""
+    gain, offset = draw(rng, regime.hu_gain), draw(rng, regime.hu_offset)
+    if gain == 1.0 and offset == 0.0:
+        return
+    for plane in hu:  # slice by slice: no full-size temporaries
+        plane += 1000.0
+        plane *= np.float32(gain)
+        plane += np.float32(offset - 1000.0)
+
+
+def add_noise(rng: np.random.Generator, hu: np.ndarray,
+              sd_range: tuple[float, float] = DEFAULT.noise_sd) -> None:
     """Add white Gaussian noise (correlated later by the blur) to ``hu`` in place.
 
     Each slice takes a randomly shifted window of a small pool of noise slices:
     far cheaper than drawing one normal number per voxel, and no visible pattern.
     """
     n_slices, rows, cols = hu.shape
-    sd = np.float32(rng.uniform(*NOISE_SD_BEFORE_BLUR))
+    sd = np.float32(rng.uniform(*sd_range))
     pool = rng.standard_normal((NOISE_POOL_SLICES, rows + NOISE_POOL_PAD, cols + NOISE_POOL_PAD),
                                dtype=np.float32) * sd
     picks = rng.integers(0, NOISE_POOL_SLICES, n_slices)
@@ -149,9 +163,15 @@ def make_series_uid(rng: np.random.Generator) -> str:
     return UID_PREFIX + "".join(str(d) for d in digits)
 
 
-def series_rng(seed: int, index: int) -> np.random.Generator:
-    """The generator of series ``index``: independent of how many series are made."""
-    return np.random.default_rng([seed, index])
+def series_rng(seed: int, index: int, regime: Regime = DEFAULT) -> np.random.Generator:
+    """The generator of series ``index``: independent of how many series are made; another regime's series of
+    the same seed are other patients (its name is mixed in), the default regime's are as they always were."""
+    return np.random.default_rng([seed, index, *regime_key(regime)])
+
+
+def regime_key(regime: Regime) -> tuple[int, ...]:
+    """Extra seed words of a regime: none for the default one."""
+    return () if regime.name == DEFAULT.name else tuple(regime.name.encode())
 
 
 def series_flip(index: int) -> tuple[int, int, int] | None:

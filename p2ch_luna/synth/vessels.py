@@ -20,8 +20,8 @@ class Vessels:
 
 
 def grow_vessels(rng: np.random.Generator, frame: Frame, lung: np.ndarray, anatomy: dict,
-                  occupancy: np.ndarray) -> Vessels:
-    """Grow and draw branching, tapering vessel trees from each hilum."""
+                  occupancy: np.ndarray, radius_scale: float = 1.0) -> Vessels:
+    """Grow and draw branching, tapering vessel trees from each hilum (root radius times ``radius_scale``)."""
     min_radius = max(0.35, 0.35 * float(frame.spacing[1]))
     z_extent = frame.shape[0] * frame.spacing[0]
     starts, ends, radii, junctions = [], [], [], []
@@ -31,7 +31,7 @@ def grow_vessels(rng: np.random.Generator, frame: Frame, lung: np.ndarray, anato
         cx, cy = side["center"]
         lateral = np.sign(cx) if cx != 0 else 1.0
         hilum = np.array([z_extent * (side["base"] + 0.5 * (0.93 - side["base"])), cy, cx - lateral * 0.6 * ax])
-        root_radius = float(np.clip(rng.uniform(3.0, 4.5), 0.8, 0.16 * ax))
+        root_radius = float(np.clip(rng.uniform(3.0, 4.5) * radius_scale, 0.8, 0.16 * ax))
         length_scale = float(np.clip(ax / 55.0, 0.25, 1.0))
         root_dirs = [(1, 0, 0), (-1, 0, 0), (0, 0, lateral), (0, -1, 0.5 * lateral), (0, 1, 0.5 * lateral),
                      (0.7, 0, lateral), (-0.7, 0, lateral), (-0.7, 1, 0.3 * lateral)]
