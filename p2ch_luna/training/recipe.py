@@ -15,6 +15,10 @@ other settings into the same folder is refused. With ``--minutes N`` the stages 
 budget: what is left after the cache is split by :data:`BUDGET_SHARES`, each training run gets its share
 as ``--max-minutes`` (with epochs enough to fill it), and the log says how it was split. Without it,
 epochs are fixed and samples per epoch scale with the data (:func:`epoch_sizes`).
+
+``--book`` runs the book's recipe through the same stages, as the baseline ``bench/bench_recipes.py``
+measures ours against: its nodule classifier sees ``candidates.csv`` negatives only (no mining), is
+chosen by validation ROC AUC alone and keeps its raw softmax (no calibration).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class RecipeSettings:
     device: str
     chunk_shape: tuple[int, int, int]
     epoch_sizes: tuple[int, int, int] | None
+    book: bool = False
 
 
 def epoch_sizes(n_nodules: int) -> dict[str, int]:
@@ -114,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-shape", type=int, nargs=3, default=None, metavar=("I", "R", "C"),
                         help="classifier chunk in voxels (default: 16 24 24 on the CPU, the book's 32 48 48 on "
                              "CUDA)")
+    parser.add_argument("--book", action="store_true",
+                        help="the book's recipe through the same stages, as a baseline (bench/bench_recipes.py): "
+                             "the nodule classifier trains on candidates.csv negatives only (no mining), is "
+                             "chosen by validation ROC AUC and not calibrated")
     parser.add_argument("--amp", action="store_true",
                         help="train every stage in mixed precision (bfloat16 on the CPU and recent GPUs); not "
                              "part of the settings a rerun must share")
@@ -122,9 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_state(path: Path, settings: RecipeSettings) -> dict[str, Any]:
-    """The state of a former run with the same settings, or a fresh one; other settings: UsageError."""
-    return read_run_state(path, dataclasses.asdict(settings), kind="recipe", entries="stages",
-                          folder_flag="--models-dir", version=STATE_VERSION)
+    """The state of a former run with the same settings, or a fresh one; other settings: UsageError. ``book``
+    is recorded only when set, so states written before it existed still match our recipe."""
+    recorded = dataclasses.asdict(settings)
+    if not settings.book:
+        del recorded["book"]
+    return read_run_state(path, recorded, kind="recipe", entries="stages", folder_flag="--models-dir",
+                          version=STATE_VERSION)
 
 
 def main(argv: Sequence[str] | None, train: Callable[[Sequence[str]], int]) -> int:
@@ -145,7 +158,7 @@ def _run(args: argparse.Namespace, train: Callable[[Sequence[str]], int]) -> int
     on_cuda = args.device.startswith("cuda") or (args.device == "auto" and _cuda_available())
     chunk = tuple(args.chunk_shape or (CUDA_CHUNK_SHAPE if on_cuda else CPU_CHUNK_SHAPE))
     settings = RecipeSettings(str(data_root.resolve()), args.minutes, args.seed, args.device, chunk,
-                              tuple(args.epoch_sizes) if args.epoch_sizes else None)
+                              tuple(args.epoch_sizes) if args.epoch_sizes else None, args.book)
     paths.models_dir.mkdir(parents=True, exist_ok=True)
     state_path = paths.models_dir / STATE_FILE
     state = read_state(state_path, settings)
@@ -165,19 +178,22 @@ def _run(args: argparse.Namespace, train: Callable[[Sequence[str]], int]) -> int
                  ", ".join(f"{stage} {value:.1f} min" for stage, value in minutes.items()))
     log.info("recipe: samples per epoch %s", ", ".join(f"{stage} {size}" for stage, size in sizes.items()))
 
+    comment = "book-recipe" if args.book else "recipe"
+
     def common(stage: str) -> list[str]:
         limit = minutes[stage]
         epochs = FIXED_EPOCHS[stage] if limit is None else BUDGET_EPOCHS
-        return [stage, *folders, *workers, "--seed", str(args.seed), "--device", args.device, "--comment", "recipe",
+        return [stage, *folders, *workers, "--seed", str(args.seed), "--device", args.device, "--comment", comment,
                 "--epochs", str(epochs), "--epoch-size", str(sizes[stage]), *(["--amp"] if args.amp else []),
                 *([] if limit is None else ["--max-minutes", f"{limit:.3f}"])]
 
     chunk_args = ["--chunk-shape", *map(str, chunk)]
+    negatives = (lambda done: ["--no-calibrate", "--select-by", "roc_auc"]) if args.book else (
+        lambda done: ["--hard-negatives-from", done["segmentation"]])
     plans: dict[str, Callable[[dict[str, str]], list[str] | None]] = {
         "segmentation": lambda done: [*common("segmentation"), "--batch-size", "16", "--augmented"],
         "nodule": lambda done: [*common("nodule"), "--batch-size", "32", "--balanced", "--augmented",
-                                "--optimizer", "adam", "--lr", "0.001", *chunk_args,
-                                "--hard-negatives-from", done["segmentation"]],
+                                "--optimizer", "adam", "--lr", "0.001", *chunk_args, *negatives(done)],
         "malignancy": lambda done: None if malignancy_skip_reason(data_root) else [
             *common("malignancy"), "--batch-size", "32", "--balanced", "--augmented", "--optimizer", "adam",
             "--lr", "0.001", *chunk_args, "--finetune", done["nodule"], "--finetune-depth", "2"],

@@ -64,6 +64,20 @@ def test_the_recipe_trains_every_stage_in_budget_and_a_rerun_skips_them(
     assert capsys.readouterr().err.count("already trained") == len(trained)
     assert training.main(_argv(tiny_dataset, tmp_path, "--minutes", "1.0", "--seed", "3")) == 2
     assert "other settings (seed)" in capsys.readouterr().err
+    assert training.main(_argv(tiny_dataset, tmp_path, "--minutes", "1.0", "--book")) == 2
+    assert "other settings (book)" in capsys.readouterr().err
+
+
+def test_the_book_recipe_trains_on_candidates_csv_chosen_by_roc_auc_uncalibrated(
+        tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert training.main(_argv(tiny_dataset, tmp_path, "--minutes", "0.5", "--book")) == 0
+    err = capsys.readouterr().err
+    state = json.loads((tmp_path / "models" / recipe.STATE_FILE).read_text())
+    assert state["settings"]["book"] is True and "book-recipe" in Path(state["stages"]["nodule"]).name
+    options = json.loads(Path(state["stages"]["nodule"].replace(".best.state", ".config.json")).read_text())[
+        "task_options"]
+    assert (options["hard_negatives_from"], options["select_by"], options["calibrate"]) == (None, "roc_auc", False)
+    assert "mined " not in err and "new best: roc_auc" in err and "new best: cpm" not in err
 
 
 def test_a_folder_without_annotations_stops_with_one_line(tiny_dataset: Path, tmp_path: Path,

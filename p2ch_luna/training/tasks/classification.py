@@ -101,6 +101,10 @@ BOOK_NON_NODULES_PER_BENIGN = 1.0
 """The book's malignancy mix: as many non-nodule candidates as benign nodules in the benign class."""
 
 
+SELECT_BY = ("cpm", "roc_auc")
+"""Choices of the nodule task's ``--select-by``."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassificationOptions:
     """Options of both classification tasks; the fine-tuning ones apply to malignancy only."""
@@ -112,6 +116,7 @@ class ClassificationOptions:
     hard_negatives_from: Path | None = None
     hard_negative_fraction: float = DEFAULT_HARD_NEGATIVE_FRACTION
     hard_negative_sizes: str = "even"
+    select_by: str = "cpm"
     calibrate: bool = True
     calibration_method: str = "platt"
 
@@ -311,6 +316,10 @@ class NoduleTask(ClassificationTask):
                             help="how mined negatives are drawn: 'even' draws every diameter bin (under 4 mm, "
                                  "then steps of sqrt(2) mm) alike, so the large nodule-like structures are seen "
                                  "as often as the many vessel specks; 'natural' draws each candidate alike")
+        parser.add_argument("--select-by", choices=SELECT_BY, default="cpm",
+                            help="what picks the best checkpoint: 'cpm' the LUNA16 CPM of the validation "
+                                 "candidates, ties by ROC AUC, then the lower loss; 'roc_auc' the book's per-candidate "
+                                 "ROC AUC alone (the baseline of bench/bench_recipes.py)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> ClassificationOptions:
@@ -321,12 +330,14 @@ class NoduleTask(ClassificationTask):
             raise UsageError(f"--hard-negatives-from {mined_from}: no such segmentation checkpoint")
         return dataclasses.replace(super().options_from_args(args), hard_negatives_from=mined_from,
                                    hard_negative_fraction=args.hard_negative_fraction,
-                                   hard_negative_sizes=args.hard_negative_sizes)
+                                   hard_negative_sizes=args.hard_negative_sizes, select_by=args.select_by)
 
     def candidate_table(self, candidates: pd.DataFrame) -> pd.DataFrame:
         return nodule_table(candidates)
 
     def selection(self) -> tuple[str, ...]:
+        if self.options.select_by == "roc_auc":
+            return (self.score_name,)
         return (CPM_KEY, self.score_name, "loss")
 
     def validation_metrics(self, outputs: Outputs) -> dict[str, float]:
