@@ -45,6 +45,10 @@ from p2ch_luna.training.recipe import STATE_FILE
 
 log = logging.getLogger(__name__)
 
+GENERALISATION_DIR = "generalisation"
+GENERALISATION_SETS = ("shifted", "implanted", "real CT")
+"""The sets of :func:`_generalisation`, in the table's order."""
+
 DATASET_MARKER = "demo-dataset.json"
 """Records the synth arguments next to the generated data, to reuse or regenerate it."""
 
@@ -197,9 +201,10 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
 def _generalisation(config: DemoConfig, models: dict[str, str], amp: list[str]) -> int:
     """Diagnose the sets training never saw (shifted regime; a real CT, implanted and as it is) into
     ``<work-dir>/generalisation/<set>``."""
-    out = config.work_dir / "generalisation"
+    out = config.work_dir / GENERALISATION_DIR
     scratch = config.work_dir / "unseen"
-    shutil.rmtree(scratch, ignore_errors=True)  # made afresh each run (seconds): nothing stale is scored
+    for folder in (scratch, out):  # made afresh each run (seconds): nothing stale is scored or shown
+        shutil.rmtree(folder, ignore_errors=True)
     cache = ["--cache-dir", str(scratch / "cache")]
     sets: dict[str, list[str]] = {}
     if config.shifted_series:
@@ -207,25 +212,32 @@ def _generalisation(config: DemoConfig, models: dict[str, str], amp: list[str]) 
                                    config.slices)
         sets["shifted"] = ["--data-root", str(shifted), *cache, "--validation", "--include-train"]
     if config.real_ct is not None:
-        implanted = make_implanted_set(config.real_ct, scratch / "implanted", config.implanted_copies)
-        sets["implanted"] = ["--data-root", str(implanted), *cache, "--validation", "--include-train"]
+        try:
+            implanted = make_implanted_set(config.real_ct, scratch / "implanted", config.implanted_copies)
+            sets["implanted"] = ["--data-root", str(implanted), *cache, "--validation", "--include-train"]
+        except LunaError as error:  # e.g. lungs too small for a 14 mm nodule: the rest of the table still comes
+            log.warning("demo: no implanted set: %s", error)
         sets["real CT"] = ["--ct", str(config.real_ct)]
     trained = ["--segmentation-path", models["segmentation"], "--classification-path", models["nodule"],
                "--malignancy-path", models["malignancy"], "--device", config.device, *amp]
     for name, arguments in sets.items():
         log.info("demo: generalisation: %s", name)
-        diagnose_quietly([*arguments, *trained], out / name.replace(" ", "-"))
+        diagnose_quietly([*arguments, *trained], out / set_folder(name))
     return 0
+
+
+def set_folder(name: str) -> str:
+    """The folder of a generalisation set's reports (``real CT`` -> ``real-CT``)."""
+    return name.replace(" ", "-")
 
 
 def generalisation_rows(config: DemoConfig) -> list[tuple[str, ReportSummary]]:
     """The held-out series' figures, then each generalisation set's that this run diagnosed."""
     rows = [("held-out", summarise_report(config.work_dir / "diagnosis" / "report.json"))]
-    names = ["shifted"] if config.shifted_series else []
-    names += ["implanted", "real CT"] if config.real_ct is not None else []
-    for name in names:
-        rows.append((name, summarise_report(config.work_dir / "generalisation" / name.replace(" ", "-")
-                                            / "report.json")))
+    for name in GENERALISATION_SETS:
+        report = config.work_dir / GENERALISATION_DIR / set_folder(name) / "report.json"
+        if report.is_file():
+            rows.append((name, summarise_report(report)))
     return rows
 
 
@@ -244,7 +256,7 @@ def _body(args: argparse.Namespace) -> int:
     held_out = rows[0][1]
     if held_out.cpm is not None:
         print(f"demo: CPM {held_out.cpm:.3f} on the held-out series; outputs in {config.work_dir / 'diagnosis'} "
-              f"and {config.work_dir / 'generalisation'}")
+              f"and {config.work_dir / GENERALISATION_DIR}")
     return 0
 
 
