@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,14 +23,9 @@ from bench import bench_generalisation
 from p2ch_luna import training
 from p2ch_luna.synth.generator import generate_dataset
 from p2ch_luna.synth.regime import DEFAULT, REGIMES, regime_named
+from p2ch_luna.training.recipe import recorded_checkpoints
 
 RECIPES = {"ours": [], "book": ["--book"]}
-
-
-def trained_models(models_dir: Path) -> tuple[str, str]:
-    """The segmentation and nodule checkpoints a finished recipe recorded."""
-    stages = json.loads((models_dir / "recipe-state.json").read_text())["stages"]
-    return stages["segmentation"], stages["nodule"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               *RECIPES[name]])
         if code != 0:
             raise SystemExit(f"training all ({name}) failed with exit code {code}")
-        segmentation, nodule = trained_models(folder / "models")
-        model_sets += ["--models", f"{name}={segmentation},{nodule}"]
+        models = recorded_checkpoints(folder / "models", ("segmentation", "nodule"))
+        model_sets += ["--models", f"{name}={models['segmentation']},{models['nodule']}"]
     return bench_generalisation.main([*model_sets, "--data-root", str(train), "--cache-dir", str(work / "cache"),
                                       *rest])
 

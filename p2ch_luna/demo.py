@@ -41,7 +41,7 @@ from p2ch_luna.generalisation import diagnose_quietly, make_implanted_set, make_
 from p2ch_luna.paths import default_data_home
 from p2ch_luna.synth import generator as synth
 from p2ch_luna.synth.parameters import GENERATOR_VERSION
-from p2ch_luna.training.recipe import STATE_FILE
+from p2ch_luna.training.recipe import STATE_FILE, recorded_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +163,6 @@ def _prepare_dataset(config: DemoConfig, timings: dict[str, float]) -> None:
     marker.write_text(json.dumps(wanted) + "\n")
 
 
-def _trained_models(config: DemoConfig) -> dict[str, str]:
-    """The checkpoints the recipe recorded, by stage."""
-    path = config.models_dir / STATE_FILE
-    stages = json.loads(path.read_text()).get("stages") or {}
-    missing = [stage for stage in ("segmentation", "nodule", "malignancy") if stage not in stages]
-    if missing:
-        raise LunaError(f"demo: {path} records no {', '.join(missing)} checkpoint")
-    return stages
-
-
 def run_demo(config: DemoConfig) -> dict[str, float]:
     """Run every stage; returns the seconds each took."""
     timings: dict[str, float] = {}
@@ -188,7 +178,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     _stage("training all", training.main, [
         "all", *folders, "--seed", str(config.seed), "--device", config.device, *amp, *workers, *budget,
         "--epoch-sizes", *map(str, config.epoch_sizes), "--chunk-shape", *map(str, config.chunk_shape)], timings)
-    models = _trained_models(config)
+    models = recorded_checkpoints(config.models_dir)
     _stage("diagnose", diagnose.main, [
         "--validation", *folders, "--device", config.device, *amp, "--output", str(config.work_dir / "diagnosis"),
         "--segmentation-path", models["segmentation"], "--classification-path", models["nodule"],

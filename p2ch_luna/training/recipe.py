@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ FIXED_EPOCHS = {"segmentation": 8, "nodule": 8, "malignancy": 4}
 CPU_CHUNK_SHAPE = (16, 24, 24)
 """Classifier chunk on the CPU (the demo's; the book's 32x48x48 has 8x the voxels); the book's on CUDA."""
 CUDA_CHUNK_SHAPE = (32, 48, 48)
+BOOK_NODULE_ARGS = ("--no-calibrate", "--select-by", "roc_auc")
+"""The nodule stage under ``--book`` (in place of ``--hard-negatives-from``): the book's selection, no calibration."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,17 @@ def read_state(path: Path, settings: RecipeSettings) -> dict[str, Any]:
                           version=STATE_VERSION)
 
 
+def recorded_checkpoints(models_dir: Path, required: Sequence[str] = STAGES) -> dict[str, str]:
+    """The best checkpoint of each stage a recipe run recorded in ``models_dir``, by stage; LunaError naming the
+    state file when one of ``required`` is missing."""
+    path = models_dir / STATE_FILE
+    stages = json.loads(path.read_text()).get("stages") or {}
+    missing = [stage for stage in required if stage not in stages]
+    if missing:
+        raise LunaError(f"{path} records no {', '.join(missing)} checkpoint")
+    return stages
+
+
 def main(argv: Sequence[str] | None, train: Callable[[Sequence[str]], int]) -> int:
     """Run the recipe; ``train`` is ``python -m p2ch_luna.training``'s ``main``, which each stage calls."""
     return run_command(lambda args: _run(args, train), build_parser(), argv)
@@ -188,12 +202,11 @@ def _run(args: argparse.Namespace, train: Callable[[Sequence[str]], int]) -> int
                 *([] if limit is None else ["--max-minutes", f"{limit:.3f}"])]
 
     chunk_args = ["--chunk-shape", *map(str, chunk)]
-    negatives = (lambda done: ["--no-calibrate", "--select-by", "roc_auc"]) if args.book else (
-        lambda done: ["--hard-negatives-from", done["segmentation"]])
     plans: dict[str, Callable[[dict[str, str]], list[str] | None]] = {
         "segmentation": lambda done: [*common("segmentation"), "--batch-size", "16", "--augmented"],
         "nodule": lambda done: [*common("nodule"), "--batch-size", "32", "--balanced", "--augmented",
-                                "--optimizer", "adam", "--lr", "0.001", *chunk_args, *negatives(done)],
+                                "--optimizer", "adam", "--lr", "0.001", *chunk_args,
+                                *(BOOK_NODULE_ARGS if args.book else ["--hard-negatives-from", done["segmentation"]])],
         "malignancy": lambda done: None if malignancy_skip_reason(data_root) else [
             *common("malignancy"), "--batch-size", "32", "--balanced", "--augmented", "--optimizer", "adam",
             "--lr", "0.001", *chunk_args, "--finetune", done["nodule"], "--finetune-depth", "2"],
