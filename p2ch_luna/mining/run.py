@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -44,11 +45,21 @@ class MinedTable:
 
 def mine_ct(ct: Ct, model: torch.nn.Module, params: store.MiningParams, device: torch.device) -> pd.DataFrame:
     """The candidates diagnosis would classify in ``ct`` (before classification and its suppression)."""
+    return candidates_in_lungs(ct, lung_mask(ct, params), model, params, device)
+
+
+def lung_mask(ct: Ct, params: store.MiningParams) -> np.ndarray:
+    """The diagnosis' lung region of ``ct`` (boolean, the CT's shape), with ``params``' margin."""
     spacing = tuple(float(v) for v in ct.geometry.spacing_irc)
-    lungs = find_lungs(ct.hu, spacing, margin_mm=params.lung_margin_mm)
+    return find_lungs(ct.hu, spacing, margin_mm=params.lung_margin_mm).mask
+
+
+def candidates_in_lungs(ct: Ct, lungs: np.ndarray, model: torch.nn.Module, params: store.MiningParams,
+                        device: torch.device) -> pd.DataFrame:
+    """:func:`mine_ct` with the lung region ``lungs`` already found (the model in eval mode, gradients off)."""
     batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
-    mask = segment_ct(ct.hu, lungs.mask, model, params.segmentation_threshold, batch, device)
-    candidates = group_candidates(ct.hu, mask, lungs.mask, ct, params.erosion_iterations, params.grouping,
+    mask = segment_ct(ct.hu, lungs, model, params.segmentation_threshold, batch, device)
+    candidates = group_candidates(ct.hu, mask, lungs, ct, params.erosion_iterations, params.grouping,
                                   workers=torch.get_num_threads(), max_shell_fill=params.max_shell_fill,
                                   min_diameter_mm=params.min_diameter_mm)
     return candidates[["series_uid", "center_x", "center_y", "center_z", "diameter_mm", "voxel_count"]]

@@ -199,6 +199,7 @@ def _train(config: TrainConfig, info: DistributedInfo, device: torch.device,
                 val = evaluate(task, eval_model, val_loader, epoch=epoch, device=device, generator=generator,
                                amp=amp, show_progress=show_progress and info.is_main)
                 val.metrics.update(task.validation_metrics(val.outputs))
+                val.metrics.update(broadcast_object(task.model_metrics(model) if info.is_main else None))
                 val_metrics = val.metrics
                 _report(task, writers, "val", epoch, val, samples_seen)
                 scores = Scores.from_metrics(val.metrics, task.selection())

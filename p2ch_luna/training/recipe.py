@@ -4,7 +4,8 @@
         [--minutes N] [--num-workers W] [--device DEV] [--seed S] [--amp]
 
 Stages, in order, each through the package's own commands: ``prepcache`` (the CT cache), the U-Net
-segmenter, the nodule classifier (hard negatives mined from that segmenter's own candidates on the
+segmenter (its best epoch chosen by the candidates diagnosis makes of whole validation CTs: nodules found, then
+fewer candidates per CT), the nodule classifier (hard negatives mined from that segmenter's own candidates on the
 training series, mixed with ``candidates.csv``'s; Platt-calibrated on validation after training), then
 the malignancy classifier fine-tuned from it (skipped, with a log line, when the data has no
 ``annotations_with_malignancy.csv``). ``diagnose --models-dir M`` then picks the models up.
@@ -18,7 +19,8 @@ epochs are fixed and samples per epoch scale with the data (:func:`epoch_sizes`)
 
 ``--book`` runs the book's recipe through the same stages, as the baseline ``bench/bench_recipes.py``
 measures ours against: its nodule classifier sees ``candidates.csv`` negatives only (no mining), is
-chosen by validation ROC AUC alone and keeps its raw softmax (no calibration).
+chosen by validation ROC AUC alone and keeps its raw softmax (no calibration); its segmenter is chosen by pixel
+recall.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ FIXED_EPOCHS = {"segmentation": 8, "nodule": 8, "malignancy": 4}
 CPU_CHUNK_SHAPE = (16, 24, 24)
 """Classifier chunk on the CPU (the demo's; the book's 32x48x48 has 8x the voxels); the book's on CUDA."""
 CUDA_CHUNK_SHAPE = (32, 48, 48)
+BOOK_SEGMENTATION_ARGS = ("--score-metric", "recall")
+"""The segmentation stage under ``--book``: the book's pixel-recall selection (ours: ``--score-metric candidates``,
+the candidates diagnosis would make of whole validation CTs)."""
 BOOK_NODULE_ARGS = ("--no-calibrate", "--select-by", "roc_auc")
 """The nodule stage under ``--book`` (in place of ``--hard-negatives-from``): the book's selection, no calibration."""
 
@@ -203,7 +208,8 @@ def _run(args: argparse.Namespace, train: Callable[[Sequence[str]], int]) -> int
 
     chunk_args = ["--chunk-shape", *map(str, chunk)]
     plans: dict[str, Callable[[dict[str, str]], list[str] | None]] = {
-        "segmentation": lambda done: [*common("segmentation"), "--batch-size", "16", "--augmented"],
+        "segmentation": lambda done: [*common("segmentation"), "--batch-size", "16", "--augmented",
+                                      *(BOOK_SEGMENTATION_ARGS if args.book else ("--score-metric", "candidates"))],
         "nodule": lambda done: [*common("nodule"), "--batch-size", "32", "--balanced", "--augmented",
                                 "--optimizer", "adam", "--lr", "0.001", *chunk_args,
                                 *(BOOK_NODULE_ARGS if args.book else ["--hard-negatives-from", done["segmentation"]])],

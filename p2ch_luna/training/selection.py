@@ -2,7 +2,9 @@
 
 A task names the metrics that rank its checkpoints, most important first (:meth:`Task.selection`): the nodule
 classifier ranks by the LUNA16 CPM of its validation candidates, ties broken by ROC AUC, then by the validation
-loss; the other tasks keep their single per-sample score. Higher is better except for the metrics in
+loss; the segmenter, with ``--score-metric candidates``, by the share of validation nodules that
+diagnosis' grouping makes a candidate of, ties broken by fewer candidates per CT, then by pixel recall; the other
+tasks keep their single per-sample score. Higher is better except for the metrics in
 :data:`LOWER_IS_BETTER`, and NaN counts as worst.
 
 Why the loss: a few validation series saturate CPM and AUC at 1.0 within a few epochs, and without it the first
@@ -30,7 +32,10 @@ def sensitivity_key(fps_per_scan: float) -> str:
     return f"sens_at_{fps_per_scan:g}fp"
 
 
-LOWER_IS_BETTER = frozenset({"loss"})
+CANDIDATES_PER_CT_KEY = "candidates_per_ct"
+"""Metric key of the candidates per validation CT that diagnosis' grouping makes of a segmenter's mask."""
+
+LOWER_IS_BETTER = frozenset({"loss", CANDIDATES_PER_CT_KEY})
 """Metric keys ranked the other way round (smaller is better)."""
 
 FROC_KEYS: tuple[str, ...] = (CPM_KEY, *(sensitivity_key(point) for point in OPERATING_POINTS))

@@ -52,6 +52,10 @@ def test_the_recipe_trains_every_stage_in_budget_and_a_rerun_skips_them(
     nodule_config = json.loads(Path(state["stages"]["nodule"].replace(".best.state", ".config.json")).read_text())
     assert nodule_config["max_minutes"] == pytest.approx(0.55 * 1.0, rel=0.1)
     assert nodule_config["task_options"]["hard_negatives_from"] == state["stages"]["segmentation"]
+    segmentation_config = json.loads(Path(state["stages"]["segmentation"].replace(".best.state", ".config.json"))
+                                     .read_text())
+    assert segmentation_config["task_options"]["score_metric"] == "candidates"
+    assert "new best: candidate_recall" in captured.err
     if "malignancy" in state["stages"]:
         malignancy_config = json.loads(Path(state["stages"]["malignancy"].replace(".best.state", ".config.json"))
                                        .read_text())
@@ -77,6 +81,8 @@ def test_the_book_recipe_trains_on_candidates_csv_chosen_by_roc_auc_uncalibrated
     options = json.loads(Path(state["stages"]["nodule"].replace(".best.state", ".config.json")).read_text())[
         "task_options"]
     assert (options["hard_negatives_from"], options["select_by"], options["calibrate"]) == (None, "roc_auc", False)
+    segmentation = json.loads(Path(state["stages"]["segmentation"].replace(".best.state", ".config.json")).read_text())
+    assert segmentation["task_options"]["score_metric"] == "recall"
     assert "mined " not in err and "new best: roc_auc" in err and "new best: cpm" not in err
 
 

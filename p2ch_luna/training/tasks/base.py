@@ -16,7 +16,8 @@ Life of a run, as the engine drives it::
             loss_per_sample, outputs = task.compute_loss(model, batch, augment=True, generator=g)
         metrics = task.epoch_metrics(concatenated outputs)      # pure
         task.log_extra(writer, "trn", epoch, outputs, samples_seen)   # rank 0 only
-        ... same for validation with augment=False, plus task.validation_metrics(outputs);
+        ... same for validation with augment=False, plus task.validation_metrics(outputs)
+        and task.model_metrics(model);
         the metrics named by task.selection() pick the best checkpoint
 
 Batches are dicts, never positional tuples: tensors (``image``, ``label``,
@@ -184,6 +185,12 @@ class Task(abc.ABC):
     def validation_metrics(self, outputs: Outputs) -> dict[str, float]:
         """Metrics only a validation epoch has, from its concatenated outputs (every rank's), added to
         :meth:`epoch_metrics`'s before they are reported (the nodule task's FROC); none by default."""
+        return {}
+
+    def model_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics measured by running ``model`` (the plain module, on the run's device) on data of
+        the task's own choosing rather than from the validation batches -- the segmenter's candidates on whole
+        validation CTs; run by the main process only and shared with the others. None by default."""
         return {}
 
     def tensorboard_scalars(self, metrics: Mapping[str, float]) -> dict[str, float]:

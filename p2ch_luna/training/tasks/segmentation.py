@@ -5,9 +5,11 @@ engine. Loss: the book's soft Dice loss plus ``--fn-loss-weight`` times the
 Dice loss restricted to nodule pixels (:func:`p2ch_luna.training.losses.segmentation_loss`).
 Pixel counts use probability > 0.5. The best checkpoint is picked by
 validation pixel recall by default, as in the book (``--score-metric dice``
-picks by Dice instead). Each validation epoch writes a few slices to
-TensorBoard as images: CT in grey, true positives green, false negatives
-orange, false positives red.
+picks by Dice instead; ``--score-metric candidates``, the recipe's, by what
+diagnosis' grouping makes of whole validation CTs: nodules found, then fewer
+candidates per CT, :mod:`p2ch_luna.training.tasks.candidate_validation`).
+Each validation epoch writes a few slices to TensorBoard as images: CT in
+grey, true positives green, false negatives orange, false positives red.
 """
 
 from __future__ import annotations
@@ -55,7 +57,13 @@ from p2ch_luna.metrics.segmentation import segmentation_metrics
 from p2ch_luna.models.checkpoint import BOOK_SEGMENTATION_KWARGS
 from p2ch_luna.models.registry import build_model
 from p2ch_luna.training.losses import BOOK_FN_LOSS_WEIGHT, dice_loss, segmentation_loss
+from p2ch_luna.training.selection import CANDIDATES_PER_CT_KEY
 from p2ch_luna.training.tasks.base import Batch, ModelSpec, Outputs, RunContext, Task, build_loader, uses_batch_ring
+from p2ch_luna.training.tasks.candidate_validation import (
+    CANDIDATE_RECALL_KEY,
+    DEFAULT_MAX_SERIES,
+    CandidateValidation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ PREDICTION_THRESHOLD = 0.5
 """A pixel is predicted nodule when its probability exceeds this."""
 DEFAULT_IMAGE_COUNT = 6
 """Validation slices written to TensorBoard each epoch."""
-SCORE_METRICS = ("recall", "dice")
+SCORE_METRICS = ("recall", "dice", "candidates")
 OVERLAY_COLORS = {
     "tp": (0.0, 1.0, 0.0),
     "fn": (1.0, 0.5, 0.0),
@@ -86,6 +94,7 @@ class SegmentationOptions:
     context_slices: int = CONTEXT_SLICES
     image_count: int = DEFAULT_IMAGE_COUNT
     score_metric: str = "recall"
+    candidate_val_series: int = DEFAULT_MAX_SERIES
 
 
 def overlay_image(ct_slice: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -105,12 +114,15 @@ class SegmentationTask(Task):
     score_name: ClassVar[str] = "recall"
     default_model: ClassVar[str] = "unet"
     default_optimizer: ClassVar[str] = "adam"
-    summary_keys: ClassVar[tuple[str, ...]] = ("loss", "dice", "precision", "recall")
+    summary_keys: ClassVar[tuple[str, ...]] = ("loss", "dice", "precision", "recall", CANDIDATE_RECALL_KEY,
+                                               CANDIDATES_PER_CT_KEY)
 
     def __init__(self, context: RunContext) -> None:
         super().__init__(context)
         self.options: SegmentationOptions = self.config.task_options or SegmentationOptions()
-        self.score_name = self.options.score_metric
+        self.score_name = (CANDIDATE_RECALL_KEY if self.options.score_metric == "candidates" else
+                           self.options.score_metric)
+        self._candidate_validation: CandidateValidation | None = None
         self._splits: tuple[list[str], list[str]] | None = None
         self._annotations: pd.DataFrame | None = None
         self._display: set[tuple[str, int]] = set()
@@ -142,7 +154,14 @@ class SegmentationTask(Task):
         group.add_argument("--tb-images", type=int, default=DEFAULT_IMAGE_COUNT,
                            help="validation slices shown in TensorBoard")
         group.add_argument("--score-metric", choices=SCORE_METRICS, default="recall",
-                           help="validation metric that picks the best checkpoint (the book's: recall)")
+                           help="validation metric that picks the best checkpoint: pixel recall (the book's), "
+                                "Dice, or candidates: diagnosis' lungs, segmentation and grouping run on whole "
+                                "validation CTs each validation epoch, and the checkpoint whose candidates hit the "
+                                "most annotated nodules wins, ties broken by fewer candidates per CT (pixel recall "
+                                "rewards flooding; docs/benchmarks.md, 'Segmenter chosen by its candidates')")
+        group.add_argument("--candidate-val-series", type=int, default=DEFAULT_MAX_SERIES, metavar="N",
+                           help="validation CTs that --score-metric candidates segments per validation epoch "
+                                "(those with annotated nodules first)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> SegmentationOptions:
@@ -153,6 +172,8 @@ class SegmentationTask(Task):
                              f"not {args.candidate_crop_fraction}")
         if not 0 <= args.val_negative_fraction <= 1:
             raise UsageError(f"--val-negative-fraction must be in [0, 1], not {args.val_negative_fraction}")
+        if args.candidate_val_series < 1:
+            raise UsageError(f"--candidate-val-series must be >= 1, not {args.candidate_val_series}")
         if args.context_slices < 0 or args.tb_images < 0 or args.fn_loss_weight < 0:
             raise UsageError("--context-slices, --tb-images and --fn-loss-weight must be >= 0")
         return SegmentationOptions(
@@ -165,6 +186,7 @@ class SegmentationTask(Task):
             context_slices=args.context_slices,
             image_count=args.tb_images,
             score_metric=args.score_metric,
+            candidate_val_series=args.candidate_val_series,
         )
 
     @classmethod
@@ -286,9 +308,29 @@ class SegmentationTask(Task):
         metrics.update(segmentation_metrics(tp, fp, fn))
         return metrics
 
+    def selection(self) -> tuple[str, ...]:
+        if self.options.score_metric == "candidates":
+            return (CANDIDATE_RECALL_KEY, CANDIDATES_PER_CT_KEY, "recall")
+        return (self.score_name,)
+
+    def model_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Under ``--score-metric candidates``: candidate recall and candidates per CT on whole validation CTs."""
+        if self.options.score_metric != "candidates":
+            return {}
+        if self._candidate_validation is None:
+            if self._splits is None:
+                raise RuntimeError("model_metrics before val_loader")
+            self._candidate_validation = CandidateValidation(self.config.paths.require_data_root(), self._splits[1],
+                                                             self.options.candidate_val_series)
+        return self._candidate_validation.metrics(model, self.context.device)
+
     def tensorboard_scalars(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """The book's tags: ``loss/all``, ``percent_all/{tp,fn,fp}``, ``pr/{precision,recall}``; plus Dice."""
+        """The book's tags: ``loss/all``, ``percent_all/{tp,fn,fp}``, ``pr/{precision,recall}``; plus Dice, and
+        ``candidates/{recall,per_ct}`` under ``--score-metric candidates``."""
+        candidates = {f"candidates/{name}": metrics[key] for name, key in
+                      (("recall", CANDIDATE_RECALL_KEY), ("per_ct", CANDIDATES_PER_CT_KEY)) if key in metrics}
         return {
+            **candidates,
             "loss/all": metrics["loss"],
             "loss/dice": metrics["dice_loss"],
             "percent_all/tp": 100 * metrics["tp_rate"],
