@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,17 @@ from p2ch_luna import evaluate
 from p2ch_luna.evaluation.figures import plot_froc
 from p2ch_luna.evaluation.text import format_confusion_table
 from p2ch_luna.metrics import froc as froc_module
-from p2ch_luna.metrics.classification import classification_metrics, precision_recall_curve, roc_auc, roc_curve
+from p2ch_luna.metrics.classification import (
+    average_ranks,
+    classification_metrics,
+    precision_recall_curve,
+    roc_auc,
+    roc_curve,
+)
 from p2ch_luna.metrics.confusion import confusion_table
 from p2ch_luna.metrics.froc import OPERATING_POINTS, froc, match_detections, match_nodules
 from p2ch_luna.metrics.segmentation import dice_score, segmentation_metrics
+from tests.locations import REPO
 
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 DETECTION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
@@ -62,6 +71,18 @@ def test_roc_auc_ties_count_half():
     scores = np.array([0.5, 0.5, 0.8, 0.2])
     # Pairs: (0.5 vs 0.5) = 1/2, (0.5 vs 0.2) = 1, (0.8 vs both) = 2  ->  3.5 / 4.
     assert roc_auc(labels, scores) == pytest.approx(0.875)
+
+
+def test_average_ranks_are_scipys_and_diagnosis_does_not_import_scipy_stats():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    for size, levels in ((1, 2), (7, 2), (200, 5), (500, 10**6)):
+        values = rng.integers(0, levels, size).astype(np.float64)
+        np.testing.assert_array_equal(average_ranks(values), rankdata(values, method="average"))
+    code = "import sys, p2ch_luna.diagnose.cli; print('scipy.stats' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_roc_curve_and_area_match_auc():
