@@ -49,8 +49,8 @@ def classification_metrics(
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks of ``values`` (1-D, no NaN), tied values sharing the mean of their ranks: what
-    ``scipy.stats.rankdata(values, method="average")`` gives, without importing ``scipy.stats`` (0.3 s of
-    diagnosis' start-up, docs/benchmarks.md)."""
+    ``scipy.stats.rankdata(values, method="average")`` gives, without importing ``scipy.stats`` (a share of
+    diagnosis' start-up: docs/benchmarks.md, "Start-up without scipy.stats")."""
     order = np.argsort(values, kind="stable")
     ordered = values[order]
     starts = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1))

@@ -56,7 +56,8 @@ def lung_mask(ct: Ct, params: store.MiningParams) -> np.ndarray:
 
 def candidates_in_lungs(ct: Ct, lungs: np.ndarray, model: torch.nn.Module, params: store.MiningParams,
                         device: torch.device) -> pd.DataFrame:
-    """:func:`mine_ct` with the lung region ``lungs`` already found (the model in eval mode, gradients off)."""
+    """:func:`mine_ct` with the lung region ``lungs`` already found; the caller puts ``model`` in eval mode and
+    turns gradients off (``torch.inference_mode``)."""
     batch = CUDA_SEGMENTATION_BATCH if device.type == "cuda" else CPU_SEGMENTATION_BATCH
     mask = segment_ct(ct.hu, lungs, model, params.segmentation_threshold, batch, device)
     candidates = group_candidates(ct.hu, mask, lungs, ct, params.erosion_iterations, params.grouping,

@@ -1,7 +1,7 @@
 """The segmenter judged by what diagnosis hands the classifier (``training segmentation --score-metric candidates``).
 
-Pixel recall, the book's selection, rewards a segmenter that floods: the first epoch, which marks half the lungs,
-wins it, and diagnosis then groups thousands of candidates per CT. This validation runs diagnosis' own lungs →
+Pixel recall, the book's selection, rewards a segmenter for marking more, however many candidates diagnosis then
+groups from its mask; it kept the first epoch in the recipe runs measured. This validation runs diagnosis' own lungs →
 segmentation → grouping (the mining code, :func:`p2ch_luna.mining.run.candidates_in_lungs`) on whole validation
 CTs each validation epoch and reports ``candidate_recall`` (annotated nodules that at least one candidate hits by
 the LUNA16 radius rule) and ``candidates_per_ct``. The best checkpoint is the one with the highest candidate
@@ -36,14 +36,13 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_RECALL_KEY = "candidate_recall"
 DEFAULT_MAX_SERIES = 4
-"""Validation CTs segmented per validation epoch (about 5-8 s each for 512 x 512 x 120 on 2 CPU cores)."""
+"""Validation CTs segmented per validation epoch (their cost per epoch: docs/benchmarks.md, "Segmenter chosen by
+its candidates")."""
 
 
 def chosen_series(series_uids: Sequence[str], truth: Truth, max_series: int) -> list[str]:
     """Up to ``max_series`` of ``series_uids``: those with annotated nodules first, each group in UID order."""
-    ordered = sorted(series_uids)
-    with_nodules = [uid for uid in ordered if truth.has_series(uid)]
-    return (with_nodules + [uid for uid in ordered if uid not in set(with_nodules)])[:max_series]
+    return sorted(series_uids, key=lambda uid: (not truth.has_series(uid), uid))[:max_series]
 
 
 class CandidateValidation:
